@@ -1,0 +1,671 @@
+"""train_ensemble.py: fast training of M-member deep ensembles, from independent (β=0) to joint (β=1).
+
+    python train_ensemble.py --beta 1 --members 3          # CIFAR-10, three members, joint training
+
+All M members train in one vectorized "wide" network: every layer holds the members' weights stacked
+along its first axis and runs as one grouped convolution / batched matmul, so one forward pass gives
+every member's logits. The objective (SPEC.md) is
+
+    Σ_j (1 − β)·CE(y, p_j) + β·M·CE(y, p̄)
+
+which at β = 0 gives each member exactly the gradient it would get training alone (tested), and at
+β = 1 is the ensemble's own loss ("joint training", Jeffares et al. 2023, arXiv 2301.11323).
+
+The default recipe is airbench94 (Jordan 2024, arXiv 2404.00498). Measured figures: README.md.
+"""
+
+#############################################
+#              Hyperparameters              #
+#############################################
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# One recipe per architecture. SGD hyperparameters are decoupled as in airbench: `lr` is the step per
+# 1024 examples (loss summed over the batch, divided by the Nesterov gain 1 + 1/(1 − momentum)), and
+# `weight_decay` is the fraction of the weights removed per 1024 examples, independent of `lr`.
+RECIPES = {
+    'airbench': dict(
+        epochs=9.9,             # airbench94's schedule: 9.9 epochs reach 94.0% on CIFAR-10
+        batch_size=1024,
+        lr=11.5,                # per 1024 examples
+        momentum=0.85,          # Nesterov
+        weight_decay=0.0153,    # per 1024 examples
+        label_smoothing=0.2,
+        bias_scaler=64.0,       # BatchNorm biases learn 64x faster (no weight decay boost)
+        lookahead=True,         # Lookahead-style weight averaging from epoch 3, every 5 steps
+        whiten_bias_epochs=3,   # the whitening conv's bias trains for 3 epochs, then freezes
+    ),
+    'resnet18': dict(
+        epochs=16, batch_size=512, lr=8.0, momentum=0.9, weight_decay=0.005, label_smoothing=0.1,
+        bias_scaler=1.0, lookahead=False, whiten_bias_epochs=0,
+    ),
+    'mlp': dict(
+        epochs=8, batch_size=256, lr=4.0, momentum=0.9, weight_decay=0.005, label_smoothing=0.0,
+        bias_scaler=1.0, lookahead=False, whiten_bias_epochs=0,
+    ),
+}
+ADAM_LR = 1e-3                  # plain Adam(W) learning rate when --optimizer adam and no --lr
+LOOKAHEAD = dict(start_epoch=3, every=5, decay_base=0.95, decay_pow=3.0)
+LR_SCHEDULE = dict(start=0.2, peak=0.23, end=0.07)  # fraction of lr at step 0, peak position, end
+BN_MOMENTUM = 0.4               # airbench's BatchNorm keeps 60% of the old running statistics
+TEMPERATURE = 1 / 9             # airbench scales its logits by a fixed 1/9
+TRANSLATE = 2                   # random-crop padding (pixels, reflect) when augmenting
+EVAL_BATCH = 2000
+
+FORMAT = 'deep-ensembles/1'     # safetensors metadata 'format' of every checkpoint this toolkit writes
+
+
+class EnsembleError(Exception):
+    """A user-facing error: the command line prints its message on one line and exits non-zero."""
+
+
+#############################################
+#                 Data                      #
+#############################################
+
+DATASETS = ('cifar10', 'cifar100', 'fashion-mnist', 'mnist', 'synthetic')
+DEBIAN_FASHION_MNIST = Path('/usr/share/datasets/fashion-mnist')
+
+
+@dataclass
+class Data:
+    """A dataset held as uint8 NCHW images and int64 labels (on any device)."""
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    x_val: Optional[torch.Tensor] = None
+    y_val: Optional[torch.Tensor] = None
+
+    def split(self, name):
+        if name not in ('train', 'val', 'test'):
+            raise EnsembleError(f"unknown split '{name}': use train, val or test")
+        x, y = getattr(self, f'x_{name}'), getattr(self, f'y_{name}')
+        if x is None:
+            raise EnsembleError(f"this data has no '{name}' split (train with --val-size N to hold one out)")
+        return x, y
+
+    def to(self, device):
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for k, v in moved.items():
+            if isinstance(v, torch.Tensor):
+                moved[k] = v.to(device)
+        return Data(**moved)
+
+
+def _read_idx_gz(path):
+    import gzip
+    with gzip.open(path, 'rb') as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _as_nchw(x):
+    x = np.asarray(x)
+    if x.dtype != np.uint8:
+        raise EnsembleError(f'images must be uint8, got {x.dtype}')
+    if x.ndim == 3:                                    # (N, H, W) grayscale
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.transpose(0, 3, 1, 2)                    # NHWC -> NCHW
+    if x.ndim != 4:
+        raise EnsembleError(f'images must be (N, H, W), NHWC or NCHW, got shape {x.shape}')
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _synthetic(seed, n_train=50000, n_test=10000, num_classes=10):
+    """CIFAR-shaped, learnable, deterministic: each class is a smooth random colour pattern; an image
+    is its class pattern, a weaker distractor pattern from another class, a random shift and noise."""
+    g = torch.Generator().manual_seed(seed)
+    templates = F.interpolate(torch.randn(num_classes, 3, 8, 8, generator=g), size=32, mode='bicubic')
+
+    def make(n):
+        y = torch.randint(num_classes, (n,), generator=g)
+        distractor = (y + torch.randint(1, num_classes, (n,), generator=g)) % num_classes
+        xs = []
+        for i in range(0, n, 5000):
+            yi, di = y[i:i + 5000], distractor[i:i + 5000]
+            img = templates[yi] + 0.7 * templates[di] + 1.2 * torch.randn(len(yi), 3, 32, 32, generator=g)
+            shift = torch.randint(-3, 4, (2,), generator=g).tolist()
+            img = torch.roll(img, shifts=shift, dims=(2, 3))
+            xs.append((128 + 40 * img).clamp(0, 255).to(torch.uint8))
+        return torch.cat(xs), y
+
+    x_train, y_train = make(n_train)
+    x_test, y_test = make(n_test)
+    return x_train, y_train, x_test, y_test, num_classes
+
+
+def _download(name, data_dir):
+    """torchvision download, cached as a uint8 safetensors file in data_dir."""
+    from safetensors.torch import load_file, save_file
+    cache = Path(data_dir) / f'{name}.safetensors'
+    if cache.exists():
+        t = load_file(cache)
+        return t['x_train'], t['y_train'], t['x_test'], t['y_test']
+    tried = [f'{cache}']
+    if name == 'fashion-mnist' and DEBIAN_FASHION_MNIST.exists():
+        d = DEBIAN_FASHION_MNIST
+        return (_as_nchw(_read_idx_gz(d / 'train-images-idx3-ubyte.gz')),
+                torch.from_numpy(_read_idx_gz(d / 'train-labels-idx1-ubyte.gz').astype(np.int64)),
+                _as_nchw(_read_idx_gz(d / 't10k-images-idx3-ubyte.gz')),
+                torch.from_numpy(_read_idx_gz(d / 't10k-labels-idx1-ubyte.gz').astype(np.int64)))
+    if name == 'fashion-mnist':
+        tried.append(f'{DEBIAN_FASHION_MNIST} (Debian package dataset-fashion-mnist)')
+    try:
+        import torchvision
+        cls = {'cifar10': torchvision.datasets.CIFAR10, 'cifar100': torchvision.datasets.CIFAR100,
+               'fashion-mnist': torchvision.datasets.FashionMNIST, 'mnist': torchvision.datasets.MNIST}[name]
+        sets = [cls(str(data_dir), train=train, download=True) for train in (True, False)]
+    except Exception as e:  # noqa: BLE001 - any failure here means "could not get the data"
+        tried.append(f'a torchvision download into {data_dir}/ ({type(e).__name__}: {str(e).splitlines()[0][:120]})')
+        hint = ("sudo apt-get install dataset-fashion-mnist, or " if name == 'fashion-mnist' else '')
+        raise EnsembleError(f"could not load dataset '{name}': tried {'; '.join(tried)}. "
+                            f"Fix: {hint}download it on a machine with internet into --data-dir "
+                            f"(currently {data_dir}), or pass a .npz file") from None
+    x = [_as_nchw(np.asarray(s.data)) for s in sets]
+    y = [torch.as_tensor(np.asarray(s.targets), dtype=torch.int64) for s in sets]
+    t = dict(x_train=x[0], y_train=y[0], x_test=x[1], y_test=y[1])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(cache, lambda tmp: save_file(t, tmp))
+    return x[0], y[0], x[1], y[1]
+
+
+def _balanced_order(y, seed):
+    """A fixed permutation of the indices that interleaves the classes (class-balanced prefixes)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(y), generator=g)
+    rank = torch.empty(len(y), dtype=torch.int64)
+    for c in torch.unique(y):
+        members = perm[y[perm] == c]
+        rank[members] = torch.arange(len(members))
+    # Sort by (rank within class, position in perm): every prefix holds the classes in proportion.
+    pos = torch.empty(len(y), dtype=torch.int64)
+    pos[perm] = torch.arange(len(y))
+    return torch.from_numpy(np.lexsort((pos.numpy(), rank.numpy())))
+
+
+def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None, device='cpu'):
+    """Load a dataset as uint8 NCHW tensors on `device`.
+
+    name: a name from DATASETS or a path to a .npz file. `seed` only affects `synthetic` data.
+    val_size: hold out that many training images (a fixed, class-balanced choice) as a validation split.
+    shard: (i, n) keeps the i-th of n disjoint class-balanced parts of the training set.
+    subset: keep at most that many training and test images (class-balanced).
+    """
+    if str(name).endswith('.npz'):
+        path = Path(name)
+        if not path.exists():
+            raise EnsembleError(f'dataset file {path} does not exist')
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                x_train, x_test = _as_nchw(f['x_train']), _as_nchw(f['x_test'])
+                y_train = torch.as_tensor(f['y_train'].astype(np.int64))
+                y_test = torch.as_tensor(f['y_test'].astype(np.int64))
+        except (KeyError, ValueError, OSError) as e:
+            raise EnsembleError(f'cannot read {path}: needs arrays x_train, y_train, x_test, y_test ({e})') from None
+        num_classes = int(max(y_train.max(), y_test.max())) + 1
+    elif name == 'synthetic':
+        x_train, y_train, x_test, y_test, num_classes = _synthetic(seed)
+    elif name in DATASETS:
+        x_train, y_train, x_test, y_test = _download(name, data_dir)
+        num_classes = 100 if name == 'cifar100' else 10
+    else:
+        raise EnsembleError(f"unknown dataset '{name}': use one of {', '.join(DATASETS)} or a path to a .npz file")
+
+    order = _balanced_order(y_train, seed=12345)   # fixed, so every run holds out the same images
+    x_val = y_val = None
+    if val_size:
+        if not 0 < val_size < len(y_train):
+            raise EnsembleError(f'--val-size must be between 1 and {len(y_train) - 1}, got {val_size}')
+        val_idx, order = order[:val_size], order[val_size:]
+        x_val, y_val = x_train[val_idx], y_train[val_idx]
+        order = order[_balanced_order(y_train[order], seed=12345)]
+    if shard is not None:
+        i, n = shard
+        if not 0 <= i < n:
+            raise EnsembleError(f'--shard i/n needs 0 <= i < n, got {i}/{n}')
+        order = order[i::n]   # class-balanced prefix order makes round-robin parts class-balanced
+    if subset:
+        order = order[:subset]
+        test_order = _balanced_order(y_test, seed=12345)[:subset]
+        x_test, y_test = x_test[test_order], y_test[test_order]
+    x_train, y_train = x_train[order], y_train[order]
+    return Data(str(name), x_train, y_train, x_test, y_test, num_classes, x_val, y_val).to(device)
+
+
+def augment_batch(x, generator, translate=TRANSLATE):
+    """Random translation by up to `translate` pixels (reflect padding) on a whole batch, on its device."""
+    if translate <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (translate,) * 4, mode='reflect')
+    shifts = torch.randint(0, 2 * translate + 1, (2, n), generator=generator, device=generator.device)
+    shifts = shifts.to(x.device)
+    rows = torch.empty(n, x.size(1), h, w + 2 * translate, dtype=x.dtype, device=x.device)
+    for s in range(2 * translate + 1):   # two passes of 2t+1 masked copies beat a gather on GPUs
+        m = shifts[0] == s
+        rows[m] = padded[m, :, s:s + h, :]
+    out = torch.empty_like(x)
+    for s in range(2 * translate + 1):
+        m = shifts[1] == s
+        out[m] = rows[m, :, :, s:s + w]
+    return out
+
+
+#############################################
+#            Network Components             #
+#############################################
+# Every layer is written for M members at once. Its parameters are the members' parameters stacked
+# along the first axis: a conv weight is (M·C_out, C_in, k, k), a BatchNorm holds M·C channels, a
+# linear weight is (M·out, in). A layer whose input is the shared image (the first one) is an ordinary
+# conv/linear with M times the outputs; later layers are grouped (groups = M). With M = 1 every class
+# below is an ordinary nn.Conv2d / nn.BatchNorm2d / nn.Linear, which is what load_member returns and
+# what rebasin.py traces.
+
+class Normalize(nn.Module):
+    """Per-channel standardization of [0, 1] images: checkpoints take raw images and need nothing else."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
+        self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+class Conv(nn.Conv2d):
+    def __init__(self, c_in, c_out, kernel_size=3, members=1, shared_input=False, padding='same',
+                 bias=False, stride=1):
+        groups = 1 if shared_input else members
+        super().__init__(c_in * groups, c_out * members, kernel_size, stride=stride, padding=padding,
+                         bias=bias, groups=groups)
+
+
+class DiracConv(Conv):
+    """airbench's conv: identity-initialized in its first C_in outputs (an implicit residual)."""
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        if self.bias is not None:
+            self.bias.data.zero_()
+        w = self.weight.data
+        if self.groups == 1 and w.size(0) == self.out_channels:   # init runs per member (M = 1)
+            nn.init.dirac_(w[:min(w.size(0), w.size(1))])
+
+
+class BatchNorm(nn.BatchNorm2d):
+    """airbench's BatchNorm: no learned scale, high momentum, tiny eps."""
+
+    def __init__(self, channels, members=1):
+        super().__init__(channels * members, eps=1e-12, momentum=BN_MOMENTUM)
+        self.weight.requires_grad = False
+
+
+class Linear(nn.Linear):
+    def __init__(self, d_in, d_out, members=1, shared_input=False, bias=True):
+        super().__init__(d_in, d_out * members, bias=bias)
+        self.members = 1 if shared_input else members
+        self.d_out = d_out
+
+    def forward(self, x):
+        if self.members == 1:
+            return F.linear(x, self.weight, self.bias)
+        m = self.members
+        y = torch.einsum('bmi,moi->bmo', x.view(x.size(0), m, -1), self.weight.view(m, self.d_out, -1))
+        y = y.reshape(x.size(0), -1)
+        return y if self.bias is None else y + self.bias
+
+
+class Mul(nn.Module):
+    def __init__(self, scale):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class ConvGroup(nn.Module):
+    def __init__(self, c_in, c_out, kernel_size, members):
+        super().__init__()
+        self.conv1 = DiracConv(c_in, c_out, kernel_size, members)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = BatchNorm(c_out, members)
+        self.conv2 = DiracConv(c_out, c_out, kernel_size, members)
+        self.norm2 = BatchNorm(c_out, members)
+        self.activ = nn.GELU()
+
+    def forward(self, x):
+        x = self.activ(self.norm1(self.pool(self.conv1(x))))
+        return self.activ(self.norm2(self.conv2(x)))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride, members):
+        super().__init__()
+        self.conv1 = Conv(c_in, c_out, 3, members, stride=stride, padding=1)
+        self.bn1 = nn.BatchNorm2d(c_out * members)
+        self.conv2 = Conv(c_out, c_out, 3, members, padding=1)
+        self.bn2 = nn.BatchNorm2d(c_out * members)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(Conv(c_in, c_out, 1, members, stride=stride, padding=0),
+                                          nn.BatchNorm2d(c_out * members))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+#############################################
+#            Network Definition             #
+#############################################
+
+def build_model(spec, members=1):
+    """The network a model spec describes, with `members` members side by side.
+
+    spec: dict with arch ('airbench' | 'resnet18' | 'mlp'), in_channels, image_size, num_classes,
+    width, kernel_size, hidden (list of ints, mlp only), mean, std. Input: float images in [0, 1],
+    (B, C, H, W). Output: (B, members·num_classes) logits, member-major; member_logits splits them.
+    """
+    arch, c, k, m = spec['arch'], spec['in_channels'], spec['num_classes'], members
+    scale = lambda n: max(1, round(n * spec.get('width', 1.0)))  # noqa: E731
+    layers = [Normalize(spec['mean'], spec['std'])]
+    if arch == 'airbench':
+        widths = [scale(64), scale(256), scale(256)]
+        whiten_width = 2 * c * 2 * 2
+        layers += [Conv(c, whiten_width, 2, m, shared_input=True, padding=0, bias=True), nn.GELU()]
+        for c_in, c_out in zip([whiten_width] + widths[:-1], widths):
+            layers.append(ConvGroup(c_in, c_out, spec.get('kernel_size', 3), m))
+        layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), Linear(widths[-1], k, m, bias=False), Mul(TEMPERATURE)]
+    elif arch == 'resnet18':
+        widths = [scale(64), scale(128), scale(256), scale(512)]
+        layers += [Conv(c, widths[0], 3, m, shared_input=True, padding=1), nn.BatchNorm2d(widths[0] * m), nn.ReLU()]
+        c_in = widths[0]
+        for i, c_out in enumerate(widths):
+            for stride in ((1 if i == 0 else 2), 1):
+                layers.append(BasicBlock(c_in, c_out, stride, m))
+                c_in = c_out
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), Linear(c_in, k, m)]
+    elif arch == 'mlp':
+        d_in = c * spec['image_size'] ** 2
+        layers.append(nn.Flatten())
+        for i, h in enumerate(spec['hidden']):
+            layers += [Linear(d_in, h, m, shared_input=(i == 0)), nn.ReLU()]
+            d_in = h
+        layers.append(Linear(d_in, k, m, shared_input=not spec['hidden']))
+    else:
+        raise EnsembleError(f"unknown architecture '{arch}': use airbench, resnet18 or mlp")
+    return nn.Sequential(*layers)
+
+
+def member_logits(net, x, members):
+    """(M, B, K) logits of every member for a batch of images."""
+    out = net(x)
+    return out.view(out.size(0), members, -1).transpose(0, 1)
+
+
+def split_members(wide_state, member_state):
+    """The wide state dict cut into M single-member state dicts. A tensor shaped like the single member's
+    is shared by all members (input normalization, BatchNorm step counts); the others are chunked."""
+    members = None
+    for key, t in wide_state.items():
+        if t.shape != member_state[key].shape:
+            members = t.shape[0] // member_state[key].shape[0]
+            break
+    members = members or 1
+    return [{key: (t if t.shape == member_state[key].shape else t.chunk(members)[j]).clone()
+             for key, t in wide_state.items()} for j in range(members)]
+
+
+def stack_members(states, wide_state):
+    """The inverse of split_members: M single-member state dicts as one wide state dict."""
+    return {key: (states[0][key] if t.shape == states[0][key].shape else torch.cat([s[key] for s in states]))
+            for key, t in wide_state.items()}
+
+
+#############################################
+#            Initialization                 #
+#############################################
+
+def whitening_weights(x_float, kernel_size=2, eps=5e-4):
+    """airbench's frozen first layer: the eigenvectors of the 2x2 patch covariance, scaled to whiten,
+    and their negations (so the GELU after it passes both signs)."""
+    c = x_float.size(1)
+    patches = x_float.unfold(2, kernel_size, 1).unfold(3, kernel_size, 1)
+    patches = patches.transpose(1, 3).reshape(-1, c * kernel_size ** 2).double()
+    cov = patches.T @ patches / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+    eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.T.flip(0)
+    w = (eigenvectors / torch.sqrt(eigenvalues.clamp_min(0) + eps)[:, None]).view(-1, c, kernel_size, kernel_size)
+    return torch.cat([w, -w]).float()
+
+
+def init_member(spec, seed, x_train=None):
+    """One member, initialized from its own seed (and, for airbench, the whitening of the data)."""
+    torch.manual_seed(seed)
+    net = build_model(spec, members=1)
+    if spec['arch'] == 'airbench':
+        first = net[1]
+        first.weight.requires_grad = False
+        with torch.no_grad():
+            sample = x_train[:5000].float().cpu() / 255
+            first.weight.copy_(whitening_weights(net[0](sample)))
+    return net
+
+
+#############################################
+#          The ensemble objective           #
+#############################################
+
+def combine(logits, combiner):
+    """Log-probabilities of the ensemble from (M, B, K) member logits.
+    prob: log of the mean probability; logit: log-softmax of the mean logit."""
+    if combiner == 'prob':
+        return torch.logsumexp(F.log_softmax(logits, -1), dim=0) - math.log(logits.size(0))
+    if combiner == 'logit':
+        return F.log_softmax(logits.mean(0), -1)
+    raise EnsembleError(f"unknown combiner '{combiner}': use prob or logit")
+
+
+ensemble_logits = combine  # the name other scripts reach for
+
+
+def cross_entropy(log_probs, y, label_smoothing=0.0):
+    """Per-example cross-entropy of log-probabilities (..., B, K) against labels, with label smoothing."""
+    nll = -log_probs.gather(-1, y.expand(log_probs.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    if label_smoothing == 0:
+        return nll
+    return (1 - label_smoothing) * nll - label_smoothing * log_probs.mean(-1)
+
+
+def ensemble_terms(logits, y, combiner, label_smoothing=0.0):
+    """Member CE (M, B), ensemble CE (B,) and DIV = mean member CE − ensemble CE (B,)."""
+    member_ce = cross_entropy(F.log_softmax(logits.float(), -1), y, label_smoothing)
+    ensemble_ce = cross_entropy(combine(logits.float(), combiner), y, label_smoothing)
+    return member_ce, ensemble_ce, member_ce.mean(0) - ensemble_ce
+
+
+def ensemble_objective(logits, y, beta, combiner, label_smoothing=0.0, weights=None):
+    """Σ_j (1 − β)·CE_j + β·M·CE(p̄), summed over the batch, and the terms it is made of.
+
+    weights: (M, B) per-member example weights (bagging's bootstrap counts); the ensemble term is
+    weighted by their mean over members.
+    """
+    member_ce, ensemble_ce, div = ensemble_terms(logits, y, combiner, label_smoothing)
+    m = logits.size(0)
+    if weights is None:
+        per_example = (1 - beta) * member_ce.sum(0) + beta * m * ensemble_ce
+    else:
+        per_example = (1 - beta) * (weights * member_ce).sum(0) + beta * m * weights.mean(0) * ensemble_ce
+    return per_example.sum(), (member_ce, ensemble_ce, div)
+
+
+#############################################
+#               Checkpoints                 #
+#############################################
+# safetensors only (no pickle). Every write goes to a temporary file in the same directory and is
+# renamed into place, so a killed run never leaves a half-written file.
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename tmp_path to path."""
+    path = Path(path)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + '\n'))
+
+
+def save_member(path, state, spec, **meta):
+    """Write one member's state dict with the model spec in the safetensors metadata."""
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().to('cpu', torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+               for k, v in state.items()}
+    metadata = {'format': FORMAT, 'model': json.dumps(spec), **{k: json.dumps(v) for k, v in meta.items()}}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_checkpoint(path):
+    """(tensors, metadata) of a safetensors file, with a clear error for a missing or corrupt one."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise EnsembleError(f'checkpoint {path} does not exist')
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise EnsembleError(f'checkpoint {path} is not a readable safetensors file ({e})') from None
+    return tensors, metadata
+
+
+def load_member_state(path):
+    """(spec, state_dict, metadata) of a member checkpoint."""
+    state, metadata = read_checkpoint(path)
+    if 'model' not in metadata:
+        raise EnsembleError(f"{path} has no 'model' metadata: not a member checkpoint of this toolkit")
+    meta = {k: json.loads(v) for k, v in metadata.items() if k != 'format'}
+    return meta.pop('model'), state, meta
+
+
+def load_member(path, device='cpu'):
+    """Rebuild the exact nn.Module stored in a member_<i>.safetensors file (in eval mode)."""
+    spec, state, _ = load_member_state(path)
+    net = build_model(spec)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise EnsembleError(f'{path} does not match its own model spec: {str(e).splitlines()[0]}') from None
+    return net.to(device).eval()
+
+
+def member_paths(path):
+    """The member files a path stands for: a member file itself, or every member_<i> of a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob('member_*.safetensors'), key=lambda p: int(p.stem.split('_')[1]))
+        if not found:
+            raise EnsembleError(f'{path} holds no member_<i>.safetensors files')
+        return found
+    if path.suffix == '.safetensors' or path.exists():
+        return [path]
+    raise EnsembleError(f'{path} is neither a run directory nor a member checkpoint')
+
+
+def load_run(run_dir, device='cpu'):
+    """(config, members) of a run directory: its config.json (or {}) and its members as modules."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise EnsembleError(f'run directory {run_dir} does not exist')
+    config_path = run_dir / 'config.json'
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    return config, [load_member(p, device) for p in member_paths(run_dir)]
+
+
+#############################################
+#               Evaluation                  #
+#############################################
+
+def to_float_images(x_uint8, dtype=torch.float32):
+    return x_uint8.to(dtype) / 255
+
+
+def tta_views(x):
+    """airbench's six test-time views as (weight, images): mirror, each with no shift and ±1 pixel."""
+    padded = F.pad(x, (1,) * 4, mode='reflect')
+    h, w = x.shape[-2:]
+    shifted = [padded[..., 0:h, 0:w], padded[..., 2:h + 2, 2:w + 2]]
+    views = [(0.25, x), (0.25, x.flip(-1))]
+    views += [(0.125, v) for s in shifted for v in (s, s.flip(-1))]
+    return views
+
+
+@torch.no_grad()
+def predict_logits(nets, x_uint8, members=None, tta=False, batch_size=EVAL_BATCH, progress=None):
+    """(M, N, K) float32 logits of every member on uint8 images, batched, in eval mode.
+
+    nets: a wide network (then `members` is its M) or a list of single-member networks.
+    """
+    nets = nets if isinstance(nets, (list, tuple)) else [nets]
+    device = next(nets[0].parameters()).device
+    amp = device.type == 'cuda'
+    out = []
+    for i in range(0, len(x_uint8), batch_size):
+        x = to_float_images(x_uint8[i:i + batch_size].to(device))
+        batch = []
+        for net in nets:
+            net.eval()
+            m = members if members else 1
+            with torch.autocast('cuda', torch.bfloat16, enabled=amp):
+                views = tta_views(x) if tta else [(1.0, x)]
+                z = sum(w * member_logits(net, v, m).float() for w, v in views)
+            batch.append(z)
+        out.append(torch.cat(batch))
+        if progress is not None:
+            progress(len(x))
+    return torch.cat(out, dim=1)
+
+
+def ensemble_metrics(logits, y, combiner):
+    """Loss, accuracy and DIV of the ensemble and each member from (M, N, K) logits (no smoothing)."""
+    member_ce, ensemble_ce, div = ensemble_terms(logits, y, combiner)
+    ensemble_pred = combine(logits, combiner).argmax(-1)
+    return dict(
+        loss=ensemble_ce.mean().item(),
+        acc=(ensemble_pred == y).float().mean().item(),
+        member_loss=member_ce.mean(1).tolist(),
+        member_acc=(logits.argmax(-1) == y).float().mean(1).tolist(),
+        div=div.mean().item(),
+    )
+
+
+def evaluate(nets, x_uint8, y, combiner='prob', members=None, tta=False):
+    """ensemble_metrics of a wide network or a list of members on uint8 images."""
+    logits = predict_logits(nets, x_uint8, members, tta)
+    return ensemble_metrics(logits, y.to(logits.device), combiner)
