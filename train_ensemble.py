@@ -18,6 +18,7 @@ The default recipe is airbench94 (Jordan 2024, arXiv 2404.00498). Measured figur
 #              Hyperparameters              #
 #############################################
 
+import functools
 import json
 import math
 import os
@@ -113,7 +114,7 @@ def _read_idx_gz(path):
         raw = f.read()
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
 
 
 def _as_nchw(x):
@@ -129,11 +130,13 @@ def _as_nchw(x):
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
+@functools.lru_cache(maxsize=2)   # tests and sweeps ask for the same seed again and again
 def _synthetic(seed, n_train=50000, n_test=10000, num_classes=10):
     """CIFAR-shaped, learnable, deterministic: each class is a smooth random colour pattern; an image
-    is its class pattern, a weaker distractor pattern from another class, a random shift and noise."""
+    is its class pattern, a weaker distractor pattern from another class, and pixel noise."""
     g = torch.Generator().manual_seed(seed)
-    templates = F.interpolate(torch.randn(num_classes, 3, 8, 8, generator=g), size=32, mode='bicubic')
+    # Class patterns are faint (~0.3 of the noise per pixel): the task needs the whole image, not one pixel.
+    templates = 0.3 * F.interpolate(torch.randn(num_classes, 3, 8, 8, generator=g), size=32, mode='bicubic')
 
     def make(n):
         y = torch.randint(num_classes, (n,), generator=g)
@@ -141,9 +144,7 @@ def _synthetic(seed, n_train=50000, n_test=10000, num_classes=10):
         xs = []
         for i in range(0, n, 5000):
             yi, di = y[i:i + 5000], distractor[i:i + 5000]
-            img = templates[yi] + 0.7 * templates[di] + 1.2 * torch.randn(len(yi), 3, 32, 32, generator=g)
-            shift = torch.randint(-3, 4, (2,), generator=g).tolist()
-            img = torch.roll(img, shifts=shift, dims=(2, 3))
+            img = templates[yi] + 0.7 * templates[di] + torch.randn(len(yi), 3, 32, 32, generator=g)
             xs.append((128 + 40 * img).clamp(0, 255).to(torch.uint8))
         return torch.cat(xs), y
 
@@ -187,18 +188,20 @@ def _download(name, data_dir):
     return x[0], y[0], x[1], y[1]
 
 
-def _balanced_order(y, seed):
-    """A fixed permutation of the indices that interleaves the classes (class-balanced prefixes)."""
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(y), generator=g)
+def _class_ranks(y):
+    """Each example's rank among the examples of its class, in the given order."""
     rank = torch.empty(len(y), dtype=torch.int64)
     for c in torch.unique(y):
-        members = perm[y[perm] == c]
-        rank[members] = torch.arange(len(members))
-    # Sort by (rank within class, position in perm): every prefix holds the classes in proportion.
-    pos = torch.empty(len(y), dtype=torch.int64)
-    pos[perm] = torch.arange(len(y))
-    return torch.from_numpy(np.lexsort((pos.numpy(), rank.numpy())))
+        where = (y == c).nonzero().squeeze(1)
+        rank[where] = torch.arange(len(where))
+    return rank
+
+
+def _balanced_order(y, seed):
+    """A fixed permutation that interleaves the classes, so that every prefix is class-balanced."""
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    rank = _class_ranks(y[perm])
+    return perm[torch.from_numpy(np.lexsort((y[perm].numpy(), rank.numpy())))]
 
 
 def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None, device='cpu'):
@@ -221,8 +224,9 @@ def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None
         except (KeyError, ValueError, OSError) as e:
             raise EnsembleError(f'cannot read {path}: needs arrays x_train, y_train, x_test, y_test ({e})') from None
         num_classes = int(max(y_train.max(), y_test.max())) + 1
-    elif name == 'synthetic':
-        x_train, y_train, x_test, y_test, num_classes = _synthetic(seed)
+    elif name == 'synthetic':   # i.i.d. examples: a subset can simply be generated smaller
+        sizes = dict(n_train=min(50000, subset), n_test=min(10000, subset)) if subset and not (val_size or shard) else {}
+        x_train, y_train, x_test, y_test, num_classes = _synthetic(seed, **sizes)
     elif name in DATASETS:
         x_train, y_train, x_test, y_test = _download(name, data_dir)
         num_classes = 100 if name == 'cifar100' else 10
@@ -236,18 +240,29 @@ def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None
             raise EnsembleError(f'--val-size must be between 1 and {len(y_train) - 1}, got {val_size}')
         val_idx, order = order[:val_size], order[val_size:]
         x_val, y_val = x_train[val_idx], y_train[val_idx]
-        order = order[_balanced_order(y_train[order], seed=12345)]
     if shard is not None:
         i, n = shard
         if not 0 <= i < n:
             raise EnsembleError(f'--shard i/n needs 0 <= i < n, got {i}/{n}')
-        order = order[i::n]   # class-balanced prefix order makes round-robin parts class-balanced
+        order = order[_class_ranks(y_train[order]) % n == i]   # each class dealt round-robin
     if subset:
         order = order[:subset]
         test_order = _balanced_order(y_test, seed=12345)[:subset]
         x_test, y_test = x_test[test_order], y_test[test_order]
     x_train, y_train = x_train[order], y_train[order]
     return Data(str(name), x_train, y_train, x_test, y_test, num_classes, x_val, y_val).to(device)
+
+
+def load_run_data(config, device='cpu', **overrides):
+    """The data a run was trained on, from its config (config.json or a Config); overrides win."""
+    config = {**(asdict(config) if isinstance(config, Config) else config), **overrides}
+    if not config.get('dataset'):
+        raise EnsembleError('no dataset is known for this model: pass --dataset')
+    shard = config.get('shard')
+    seed = config.get('data_seed')
+    return load_data(config['dataset'], config.get('data_dir', 'data'), seed=config.get('seed', 0) if seed is None else seed,
+                     val_size=config.get('val_size', 0), shard=parse_shard(shard) if shard else None,
+                     subset=config.get('subset'), device=device)
 
 
 def augment_batch(x, generator, translate=TRANSLATE):
@@ -284,8 +299,8 @@ class Normalize(nn.Module):
 
     def __init__(self, mean, std):
         super().__init__()
-        self.register_buffer('mean', torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1))
-        self.register_buffer('std', torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
+        self.register_buffer('mean', torch.tensor(mean).view(-1, 1, 1))
+        self.register_buffer('std', torch.tensor(std).view(-1, 1, 1))
 
     def forward(self, x):
         return (x - self.mean) / self.std
@@ -392,7 +407,9 @@ def build_model(spec, members=1):
     if arch == 'airbench':
         widths = [scale(64), scale(256), scale(256)]
         whiten_width = 2 * c * 2 * 2
-        layers += [Conv(c, whiten_width, 2, m, shared_input=True, padding=0, bias=True), nn.GELU()]
+        whiten = Conv(c, whiten_width, 2, m, shared_input=True, padding=0, bias=True)
+        whiten.weight.requires_grad = False   # computed from the data (init_member), never trained
+        layers += [whiten, nn.GELU()]
         for c_in, c_out in zip([whiten_width] + widths[:-1], widths):
             layers.append(ConvGroup(c_in, c_out, spec.get('kernel_size', 3), m))
         layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), Linear(widths[-1], k, m, bias=False), Mul(TEMPERATURE)]
@@ -464,11 +481,9 @@ def init_member(spec, seed, x_train=None):
     torch.manual_seed(seed)
     net = build_model(spec, members=1)
     if spec['arch'] == 'airbench':
-        first = net[1]
-        first.weight.requires_grad = False
         with torch.no_grad():
-            sample = x_train[:5000].float().cpu() / 255
-            first.weight.copy_(whitening_weights(net[0](sample)))
+            sample = to_float_images(x_train[:5000].cpu())
+            net[1].weight.copy_(whitening_weights(net[0](sample)))
     return net
 
 
@@ -499,8 +514,9 @@ def cross_entropy(log_probs, y, label_smoothing=0.0):
 
 def ensemble_terms(logits, y, combiner, label_smoothing=0.0):
     """Member CE (M, B), ensemble CE (B,) and DIV = mean member CE − ensemble CE (B,)."""
-    member_ce = cross_entropy(F.log_softmax(logits.float(), -1), y, label_smoothing)
-    ensemble_ce = cross_entropy(combine(logits.float(), combiner), y, label_smoothing)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))   # bf16 in, fp32 (or fp64) math
+    member_ce = cross_entropy(F.log_softmax(logits, -1), y, label_smoothing)
+    ensemble_ce = cross_entropy(combine(logits, combiner), y, label_smoothing)
     return member_ce, ensemble_ce, member_ce.mean(0) - ensemble_ce
 
 
@@ -544,8 +560,7 @@ def write_json(path, obj):
 def save_member(path, state, spec, **meta):
     """Write one member's state dict with the model spec in the safetensors metadata."""
     from safetensors.torch import save_file
-    tensors = {k: v.detach().to('cpu', torch.float32 if v.is_floating_point() else v.dtype).contiguous()
-               for k, v in state.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = {'format': FORMAT, 'model': json.dumps(spec), **{k: json.dumps(v) for k, v in meta.items()}}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -612,8 +627,9 @@ def load_run(run_dir, device='cpu'):
 #               Evaluation                  #
 #############################################
 
-def to_float_images(x_uint8, dtype=torch.float32):
-    return x_uint8.to(dtype) / 255
+def to_float_images(x_uint8, dtype=None):
+    """uint8 images as floats in [0, 1] (default dtype unless told otherwise)."""
+    return x_uint8.to(dtype or torch.get_default_dtype()) / 255
 
 
 def tta_views(x):
@@ -669,3 +685,481 @@ def evaluate(nets, x_uint8, y, combiner='prob', members=None, tta=False):
     """ensemble_metrics of a wide network or a list of members on uint8 images."""
     logits = predict_logits(nets, x_uint8, members, tta)
     return ensemble_metrics(logits, y.to(logits.device), combiner)
+
+
+#############################################
+#                Training                   #
+#############################################
+
+@dataclass
+class Config:
+    """Every option of a run. None means "the recipe's default for this architecture and dataset"."""
+    dataset: str = 'cifar10'
+    data_dir: str = 'data'
+    arch: str = 'airbench'
+    width: float = 1.0
+    kernel_size: int = 3
+    hidden: list = field(default_factory=lambda: [1024])
+    members: int = 1
+    beta: float = 0.0
+    combine: str = 'prob'
+    bagging: bool = False
+    allow_unstable: bool = False
+    param: str = 'standard'
+    epochs: Optional[float] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    momentum: Optional[float] = None
+    weight_decay: Optional[float] = None
+    label_smoothing: Optional[float] = None
+    optimizer: str = 'sgd'
+    lookahead: Optional[bool] = None
+    bias_scaler: Optional[float] = None
+    whiten_bias_epochs: Optional[int] = None
+    augment: Optional[bool] = None
+    tta: Optional[bool] = None
+    val_size: int = 0
+    shard: Optional[str] = None
+    subset: Optional[int] = None
+    seed: int = 0
+    data_seed: Optional[int] = None
+    device: str = 'auto'
+    compile: bool = False
+    out: Optional[str] = None
+    init: Optional[str] = None
+
+
+def resolve_config(cfg, data=None):
+    """Check the options and fill every None from the recipe; raises EnsembleError on bad input."""
+    if cfg.members < 1:
+        raise EnsembleError(f'--members must be at least 1, got {cfg.members}')
+    if cfg.beta > 1 and not cfg.allow_unstable:
+        raise EnsembleError(f'--beta {cfg.beta} > 1 makes the objective unbounded below: the members can '
+                            'grow DIV without limit (Jeffares et al. 2023, Thm 5.1; the Hessian at any '
+                            'stationary point is indefinite). Pass --allow-unstable to run it anyway')
+    if cfg.arch not in RECIPES:
+        raise EnsembleError(f"unknown architecture '{cfg.arch}': use {', '.join(RECIPES)}")
+    if cfg.combine not in ('prob', 'logit'):
+        raise EnsembleError(f"unknown combiner '{cfg.combine}': use prob or logit")
+    if cfg.param not in ('standard', 'spectral'):
+        raise EnsembleError(f"unknown parametrization '{cfg.param}': use standard or spectral")
+    if cfg.optimizer not in ('sgd', 'adam'):
+        raise EnsembleError(f"unknown optimizer '{cfg.optimizer}': use sgd or adam")
+    if not (str(cfg.dataset).endswith('.npz') or cfg.dataset in DATASETS):
+        raise EnsembleError(f"unknown dataset '{cfg.dataset}': use one of {', '.join(DATASETS)} or a .npz file")
+    if cfg.shard is not None:
+        parse_shard(cfg.shard)
+    recipe = RECIPES[cfg.arch]
+    resolved = {k: (recipe[k] if getattr(cfg, k) is None and k in recipe else getattr(cfg, k))
+                for k in asdict(cfg)}
+    if cfg.optimizer == 'adam':
+        resolved['lr'] = ADAM_LR if cfg.lr is None else cfg.lr
+        resolved['weight_decay'] = 0.0 if cfg.weight_decay is None else cfg.weight_decay
+    if resolved['data_seed'] is None:
+        resolved['data_seed'] = cfg.seed
+    if resolved['augment'] is None:   # flips and shifts suit natural images, not digits or clothes
+        resolved['augment'] = (data.x_train.size(1) == 3) if data is not None else cfg.dataset not in ('mnist', 'fashion-mnist')
+    if resolved['tta'] is None:
+        resolved['tta'] = resolved['augment']
+    if resolved['epochs'] <= 0 or resolved['batch_size'] < 1:
+        raise EnsembleError('--epochs must be positive and --batch-size at least 1')
+    if resolved['out'] is None:
+        name = Path(str(cfg.dataset)).stem
+        tags = f"_bag" * cfg.bagging + (f'_shard{cfg.shard.replace("/", "of")}' if cfg.shard else '')
+        resolved['out'] = f'runs/{name}_{cfg.arch}_m{cfg.members}_beta{cfg.beta:g}_{cfg.combine}{tags}_s{cfg.seed}'
+    return Config(**resolved)
+
+
+def parse_shard(text):
+    try:
+        i, n = (int(v) for v in str(text).split('/'))
+    except ValueError:
+        raise EnsembleError(f"--shard must look like i/n (e.g. 0/4), got '{text}'") from None
+    if not 0 <= i < n:
+        raise EnsembleError(f'--shard i/n needs 0 <= i < n, got {text}')
+    return i, n
+
+
+def resolve_device(name):
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if name == 'cuda' and not torch.cuda.is_available():
+        raise EnsembleError('--device cuda was asked for, but torch sees no CUDA GPU')
+    if name not in ('cpu', 'cuda'):
+        raise EnsembleError(f"unknown device '{name}': use auto, cpu or cuda")
+    return torch.device(name)
+
+
+def model_spec(cfg, data):
+    c, h, w = data.x_train.shape[1:]
+    if h != w:
+        raise EnsembleError(f'images must be square, got {h}x{w}')
+    x = data.x_train[:10000].float() / 255
+    return dict(arch=cfg.arch, in_channels=c, image_size=h, num_classes=data.num_classes, width=cfg.width,
+                kernel_size=cfg.kernel_size, hidden=list(cfg.hidden),
+                mean=x.mean((0, 2, 3)).tolist(), std=x.std((0, 2, 3)).clamp_min(1e-3).tolist())
+
+
+def initial_member_states(cfg, spec, data):
+    """Each member's starting state: from --init, or its own seed (seed + j)."""
+    template = init_member(spec, cfg.seed, data.x_train)
+    if not cfg.init:
+        members = [template] + [init_member(spec, cfg.seed + j, data.x_train) for j in range(1, cfg.members)]
+        if cfg.param == 'spectral':
+            import spectral
+            for member in members:
+                spectral.spectral_init_(member)
+        return [member.state_dict() for member in members]
+    paths = member_paths(cfg.init)
+    if len(paths) not in (1, cfg.members):
+        raise EnsembleError(f'--init {cfg.init} has {len(paths)} members; give one member file, '
+                            f'or a run with exactly {cfg.members} members')
+    states = []
+    for path in paths:
+        _, state, _ = load_member_state(path)
+        for key, t in template.state_dict().items():
+            if key not in state or state[key].shape != t.shape:
+                got = tuple(state[key].shape) if key in state else 'missing'
+                raise EnsembleError(f"--init {path} does not fit this model: tensor '{key}' is {got}, "
+                                    f'expected {tuple(t.shape)} (check --arch, --width, --kernel-size, --hidden)')
+        states.append(state)
+    return states * cfg.members if len(states) == 1 else states
+
+
+def optimizer_for(net, cfg):
+    """Nesterov SGD with airbench's decoupled lr / weight decay (BatchNorm biases at bias_scaler x lr),
+    or AdamW; with --param spectral, spectral.py rescales each weight's lr. Each group keeps its peak
+    lr in 'initial_lr' for the schedule."""
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    is_norm = {id(p) for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for p in m.parameters()}
+    norm = [p for p in trainable if id(p) in is_norm]
+    other = [p for p in trainable if id(p) not in is_norm]
+    if cfg.optimizer == 'adam':
+        lr, scaler = cfg.lr, 1.0
+    else:
+        kilostep = 1024 * (1 + 1 / (1 - cfg.momentum))   # Nesterov's steady-state gain, per 1024 examples
+        lr, scaler = cfg.lr / kilostep, cfg.bias_scaler
+    groups = [g for g in (dict(params=norm, lr=lr * scaler, name='norms'), dict(params=other, lr=lr, name='weights'))
+              if g['params']]
+    if cfg.param == 'spectral':
+        import spectral
+        groups = spectral.spectral_param_groups(net, cfg.members, lr, 0.0, cfg.optimizer, base_groups=groups)
+    if cfg.optimizer == 'adam':
+        opt = torch.optim.AdamW([dict(g, weight_decay=cfg.weight_decay) for g in groups])
+    else:   # torch multiplies weight decay by the lr: divide it out, so decay per step is the same for all
+        decay = cfg.weight_decay * cfg.batch_size / kilostep   # fraction of w removed per step
+        opt = torch.optim.SGD([dict(g, weight_decay=decay / g['lr']) for g in groups], momentum=cfg.momentum, nesterov=True)
+    for g in opt.param_groups:
+        g['initial_lr'] = g['lr']
+    return opt
+
+
+def lr_factor(step, total_steps):
+    """airbench's triangle: linear warm-up from 0.2 to 1 over the first 23% of steps, then down to 0.07."""
+    s, p, e = LR_SCHEDULE['start'], LR_SCHEDULE['peak'] * total_steps, LR_SCHEDULE['end']
+    if step < p:
+        return s + (1 - s) * step / p
+    return 1 + (e - 1) * (step - p) / max(total_steps - p, 1)
+
+
+class Lookahead:
+    """airbench's weight averaging: every few steps the weights move to an EMA of themselves whose decay
+    grows over training (fast early, strong averaging at the end)."""
+
+    def __init__(self, net):
+        self.ema = {k: v.detach().clone() for k, v in net.state_dict().items() if v.is_floating_point()}
+
+    def update(self, net, decay):
+        state = net.state_dict()
+        with torch.no_grad():
+            for k, ema in self.ema.items():
+                ema.lerp_(state[k], 1 - decay)
+                state[k].copy_(ema)
+
+
+def save_state(path, net, opt, lookahead, generator, epoch, step):
+    """The resume state: weights, optimizer state, Lookahead EMA, data RNG, epoch and step."""
+    from safetensors.torch import save_file
+    tensors = {f'net/{k}': v for k, v in net.state_dict().items()}
+    for i, s in opt.state_dict()['state'].items():
+        tensors.update({f'opt/{i}/{k}': torch.as_tensor(v) for k, v in s.items() if v is not None})
+    if lookahead is not None:
+        tensors.update({f'lookahead/{k}': v for k, v in lookahead.ema.items()})
+    tensors['rng/data'] = generator.get_state()
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    meta = {'format': FORMAT, 'epoch': str(epoch), 'step': str(step)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_state(path, net, opt, generator, device):
+    """Restore what save_state wrote; returns (epoch, step, lookahead or None)."""
+    tensors, meta = read_checkpoint(path)
+    try:
+        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith('net/')})
+        opt_state = opt.state_dict()
+        opt_state['state'] = {}
+        for k, v in tensors.items():
+            if k.startswith('opt/'):
+                _, i, name = k.split('/', 2)
+                opt_state['state'].setdefault(int(i), {})[name] = v.to(device)
+        opt.load_state_dict(opt_state)
+        generator.set_state(tensors['rng/data'])
+        epoch, step = int(meta['epoch']), int(meta['step'])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise EnsembleError(f'{path} is not a resume state of this run ({str(e).splitlines()[0]})') from None
+    lookahead = None
+    if any(k.startswith('lookahead/') for k in tensors):
+        lookahead = Lookahead.__new__(Lookahead)
+        lookahead.ema = {k[10:]: v.to(device) for k, v in tensors.items() if k.startswith('lookahead/')}
+    return epoch, step, lookahead
+
+
+def environment(device):
+    import platform
+    versions = {'python': platform.python_version(), 'torch': torch.__version__, 'numpy': np.__version__}
+    try:
+        import torchvision
+        versions['torchvision'] = torchvision.__version__
+    except Exception:  # noqa: BLE001 - torchvision is optional at run time
+        pass
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or 'cpu'
+    return dict(versions=versions, device_name=name, device_type=device.type)
+
+
+COLUMNS = [('epoch', 'epoch', 'd'), ('train_objective', 'objective', '.4f'), ('train_loss', 'train loss', '.4f'),
+           ('train_acc', 'train acc', '.4f'), ('train_div', 'train DIV', '.4f'), ('test_loss', 'test loss', '.4f'),
+           ('test_acc', 'test acc', '.4f'), ('test_div', 'test DIV', '.4f'), ('time_s', 'seconds', '.2f')]
+
+
+def format_row(row=None):
+    """One line of the per-epoch table (the header when row is None)."""
+    cells = [label if row is None else format(row[key], fmt) for key, label, fmt in COLUMNS]
+    return ' | '.join(c.rjust(len(label)) for c, (_, label, _) in zip(cells, COLUMNS))
+
+
+def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = None, resume=False):
+    """Train an ensemble as `cfg` says and write its run directory; returns the summary dict."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    console = console or Console()
+    cfg = resolve_config(cfg)
+    device = resolve_device(cfg.device)
+    data = load_run_data(cfg, device)
+    cfg = resolve_config(cfg, data)   # again, now that the data's channels are known
+    out = Path(cfg.out)
+    if (out / 'config.json').exists() and not resume:
+        raise EnsembleError(f'{out} already holds a run: pass --out elsewhere, --resume {out} to continue it, '
+                            'or delete it')
+    spec = model_spec(cfg, data)
+    if resume:
+        spec = json.loads((out / 'config.json').read_text())['model']
+    m, n = cfg.members, len(data.y_train)
+    batch_size = min(cfg.batch_size, n)
+    steps_per_epoch = n // batch_size
+    total_steps = math.ceil(steps_per_epoch * cfg.epochs)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+
+    net = build_model(spec, members=m)
+    template = init_member(spec, cfg.seed, data.x_train) if not resume else build_model(spec)
+    if not resume:
+        net.load_state_dict(stack_members(initial_member_states(cfg, spec, data), net.state_dict()))
+    net = net.to(device)
+    if device.type == 'cuda':
+        net = net.to(memory_format=torch.channels_last)
+    opt = optimizer_for(net, cfg)
+    forward = torch.compile(net) if cfg.compile else net
+    amp = device.type == 'cuda'
+
+    generator = torch.Generator(device).manual_seed(cfg.data_seed)
+    flip_mask = torch.rand(n, generator=torch.Generator(device).manual_seed(cfg.data_seed + 1), device=device) < 0.5
+    bag = None
+    if cfg.bagging:   # bootstrap counts: member j sees example i bag[j, i] times (in expectation per epoch)
+        g = torch.Generator(device).manual_seed(cfg.data_seed + 2)
+        draws = torch.randint(n, (m, n), generator=g, device=device)
+        bag = torch.zeros(m, n, device=device).scatter_add_(1, draws, torch.ones(m, n, device=device))
+
+    epoch, step, lookahead, metrics = 0, 0, None, []
+    if resume:
+        epoch, step, lookahead = load_state(out / 'state.safetensors', net, opt, generator, device)
+        lines = (out / 'metrics.jsonl').read_text().splitlines() if (out / 'metrics.jsonl').exists() else []
+        metrics = [json.loads(line) for line in lines][:epoch]
+        if epoch >= math.ceil(cfg.epochs):
+            raise EnsembleError(f'{out} is already complete ({epoch} epochs); nothing to resume')
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / 'config.json', {**asdict(cfg), 'model': spec, **environment(device)})
+    train_time = metrics[-1]['time_s'] if metrics else 0.0
+
+    console.print(f'[bold]{out}[/]: {m} member(s) of {cfg.arch} on {cfg.dataset} ({n} images), '
+                  f'beta={cfg.beta:g}, combine={cfg.combine}{", bagging" if cfg.bagging else ""}, '
+                  f'{cfg.epochs:g} epochs of {steps_per_epoch} steps, {device.type}')
+    console.print(format_row(), soft_wrap=True)
+    for epoch in range(epoch, math.ceil(cfg.epochs)):
+        net.train()
+        if spec['arch'] == 'airbench':
+            net[1].bias.requires_grad = epoch < cfg.whiten_bias_epochs
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        order = torch.randperm(n, generator=generator, device=device)
+        sums = torch.zeros(5, device=device)   # objective, ensemble CE, correct, DIV, examples
+        steps = min(steps_per_epoch, total_steps - step)
+        with Progress(TextColumn(f'epoch {epoch}'), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=console, transient=True, disable=console.quiet) as progress:
+            task = progress.add_task('train', total=steps)
+            for i in range(steps):
+                idx = order[i * batch_size:(i + 1) * batch_size]
+                x = to_float_images(data.x_train[idx], torch.bfloat16 if amp else None)
+                y = data.y_train[idx]
+                if cfg.augment:   # airbench's alternating flip: a fixed random half, all flipped every other epoch
+                    flip = flip_mask[idx] ^ bool(epoch % 2)
+                    x = augment_batch(torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x), generator)
+                if device.type == 'cuda':
+                    x = x.contiguous(memory_format=torch.channels_last)
+                for g in opt.param_groups:
+                    g['lr'] = g['initial_lr'] * lr_factor(step, total_steps)
+                with torch.autocast('cuda', torch.bfloat16, enabled=amp):
+                    logits = member_logits(forward, x, m)
+                objective, _ = ensemble_objective(logits, y, cfg.beta, cfg.combine, cfg.label_smoothing,
+                                                  None if bag is None else bag[:, idx])
+                opt.zero_grad(set_to_none=True)
+                objective.backward()
+                opt.step()
+                step += 1
+                with torch.no_grad():   # unsmoothed terms for the log, summed on the device (no sync)
+                    _, ensemble_ce, div = ensemble_terms(logits.detach(), y, cfg.combine)
+                    correct = (combine(logits.detach(), cfg.combine).argmax(-1) == y).sum()
+                    sums += torch.stack([objective.detach(), ensemble_ce.sum(), correct, div.sum(),
+                                         torch.tensor(float(len(y)), device=device)])
+                if cfg.lookahead and epoch >= LOOKAHEAD['start_epoch'] and step % LOOKAHEAD['every'] == 0:
+                    if lookahead is None:
+                        lookahead = Lookahead(net)
+                    else:
+                        decay = LOOKAHEAD['decay_base'] ** LOOKAHEAD['every'] * (step / total_steps) ** LOOKAHEAD['decay_pow']
+                        lookahead.update(net, decay)
+                progress.advance(task)
+        if lookahead is not None:
+            lookahead.update(net, 1.0)   # end each epoch on the averaged weights
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        train_time += time.perf_counter() - start
+
+        objective_sum, ce_sum, correct, div_sum, count = sums.tolist()
+        count = max(count, 1)
+        row = dict(epoch=epoch, time_s=train_time, lr=opt.param_groups[-1]['lr'],
+                   train_objective=objective_sum / count, train_loss=ce_sum / count,
+                   train_acc=correct / count, train_div=div_sum / count)
+        for split in ('test', 'val') if data.x_val is not None else ('test',):
+            x_eval, y_eval = data.split(split)
+            r = evaluate(net, x_eval, y_eval, cfg.combine, members=m)
+            row.update({f'{split}_loss': r['loss'], f'{split}_acc': r['acc'], f'{split}_div': r['div']})
+            if split == 'test':
+                row.update(member_test_loss=r['member_loss'], member_test_acc=r['member_acc'])
+        metrics.append(row)
+        atomic_write(out / 'metrics.jsonl', lambda tmp: Path(tmp).write_text(''.join(json.dumps(r) + '\n' for r in metrics)))
+        save_state(out / 'state.safetensors', net, opt, lookahead, generator, epoch + 1, step)
+        console.print(format_row(row), soft_wrap=True)
+        if not math.isfinite(row['train_objective']):
+            raise EnsembleError(f'training diverged at epoch {epoch} (objective {row["train_objective"]}); '
+                                'lower --lr' + (' or --beta' if cfg.beta > 1 else ''))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+
+    summary = dict(metrics[-1], train_time_s=train_time, tta=bool(cfg.tta))
+    if cfg.tta:   # airbench's six-view test-time augmentation, for the final numbers only
+        r = evaluate(net, data.x_test, data.y_test, cfg.combine, members=m, tta=True)
+        summary.update(test_loss=r['loss'], test_acc=r['acc'], test_div=r['div'],
+                       member_test_loss=r['member_loss'], member_test_acc=r['member_acc'])
+    for j, state in enumerate(split_members({k: v.cpu() for k, v in net.state_dict().items()}, template.state_dict())):
+        save_member(out / f'member_{j}.safetensors', state, spec, member=j, seed=cfg.seed + j, run=str(out))
+    write_json(out / 'summary.json', summary)
+    mean_member = sum(summary['member_test_acc']) / m
+    console.print(f"test accuracy: ensemble {summary['test_acc']:.4f}, mean member {mean_member:.4f}"
+                  f"{' (TTA)' if cfg.tta else ''}; {train_time:.1f} s of training; wrote {out}/")
+    return summary
+
+
+#############################################
+#                  Main                     #
+#############################################
+
+def typer_option(*args, **kwargs):
+    import typer
+    return typer.Option(*args, **kwargs)
+
+
+def cli_error(message):
+    """Print a one-line error and exit non-zero: bad input never ends in a traceback."""
+    from rich.console import Console
+    Console(stderr=True).print(f'[bold red]error:[/] {message}', soft_wrap=True, highlight=False)
+    raise SystemExit(1)
+
+
+def main(
+    beta: float = typer_option(0.0, help='Diversity weight: 0 = independent members, 1 = joint training (the ensemble loss); > 1 needs --allow-unstable.'),
+    members: int = typer_option(1, help='Ensemble size M.'),
+    combine: str = typer_option('prob', '--combine', help="Combiner: 'prob' averages probabilities, 'logit' averages logits."),
+    bagging: bool = typer_option(False, help='Each member weights each example by its own bootstrap count (batches stay shared).'),
+    allow_unstable: bool = typer_option(False, help='Allow --beta > 1, where the objective is unbounded below.'),
+    param: str = typer_option('standard', '--param', help="Parametrization: 'standard' (PyTorch init, one lr) or 'spectral' (spectral.py: init and per-layer lr from the spectral condition)."),
+    dataset: str = typer_option('cifar10', help="cifar10, cifar100, fashion-mnist, mnist, synthetic, or a path to a .npz file."),
+    data_dir: str = typer_option('data', help='Where datasets are downloaded and cached.'),
+    val_size: int = typer_option(0, help='Hold out this many training images as a validation split.'),
+    shard: Optional[str] = typer_option(None, help="Train on the i-th of n disjoint class-balanced parts, as 'i/n'."),
+    subset: Optional[int] = typer_option(None, help='Use at most this many training and test images (quick runs).'),
+    arch: str = typer_option('airbench', help='Network: airbench, resnet18 or mlp.'),
+    width: float = typer_option(1.0, help='Width multiplier for airbench and resnet18 channels.'),
+    kernel_size: int = typer_option(3, help="airbench's conv kernel size k (k x k)."),
+    hidden: str = typer_option('1024', help="mlp hidden sizes, e.g. '1024' or '512,512,512'."),
+    epochs: Optional[float] = typer_option(None, help='Epochs (fractions allowed) [default: the recipe: airbench 9.9, resnet18 16, mlp 8].'),
+    batch_size: Optional[int] = typer_option(None, help='Batch size [default: airbench 1024, resnet18 512, mlp 256].'),
+    lr: Optional[float] = typer_option(None, help='Learning rate; for sgd per 1024 examples, decoupled from momentum [default: the recipe; adam 1e-3].'),
+    momentum: Optional[float] = typer_option(None, help='Nesterov momentum for sgd [default: the recipe].'),
+    weight_decay: Optional[float] = typer_option(None, help='For sgd: fraction of the weights removed per 1024 examples; for adam: AdamW decay.'),
+    label_smoothing: Optional[float] = typer_option(None, help='Label smoothing of every cross-entropy term [default: airbench 0.2, resnet18 0.1, mlp 0].'),
+    optimizer: str = typer_option('sgd', help='sgd (Nesterov) or adam (AdamW).'),
+    lookahead: Optional[bool] = typer_option(None, '--lookahead/--no-lookahead', help="airbench's Lookahead weight averaging [default: on for airbench]."),
+    augment: Optional[bool] = typer_option(None, '--augment/--no-augment', help='Random flips and 2-pixel shifts [default: on for 3-channel data].'),
+    tta: Optional[bool] = typer_option(None, '--tta/--no-tta', help='Six-view test-time augmentation for the final numbers [default: as --augment].'),
+    seed: int = typer_option(0, help='Member j starts from seed + j.'),
+    data_seed: Optional[int] = typer_option(None, help='Seed of data order, augmentation, bagging and synthetic data [default: --seed].'),
+    device: str = typer_option('auto', help='auto, cpu or cuda. CUDA trains in bf16 autocast, channels_last.'),
+    compile: bool = typer_option(False, '--compile', help='torch.compile the network.'),
+    out: Optional[str] = typer_option(None, help='Run directory [default: runs/<dataset>_<arch>_m<M>_beta<beta>_<combine>_s<seed>].'),
+    init: Optional[str] = typer_option(None, help='Start every member from these weights: a member file, or a run with 1 or M members.'),
+    resume: Optional[str] = typer_option(None, help='Continue the interrupted run in this directory from its last completed epoch (other options are read from it).'),
+):
+    """Train an M-member deep ensemble with the objective  Σ_j (1−β)·CE(y, p_j) + β·M·CE(y, p̄)."""
+    try:
+        if resume:
+            config_path = Path(resume) / 'config.json'
+            if not config_path.exists():
+                raise EnsembleError(f'cannot resume {resume}: it has no config.json (not a run directory)')
+            saved = json.loads(config_path.read_text())
+            cfg = Config(**{f.name: saved[f.name] for f in fields(Config) if f.name in saved})
+            cfg.out = resume
+            if not (Path(resume) / 'state.safetensors').exists():
+                raise EnsembleError(f'cannot resume {resume}: state.safetensors is missing')
+            train(cfg, resume=True)
+            return
+        try:
+            hidden_sizes = [int(h) for h in hidden.split(',') if h.strip()]
+        except ValueError:
+            raise EnsembleError(f"--hidden must be comma-separated integers, got '{hidden}'") from None
+        cfg = Config(dataset=dataset, data_dir=data_dir, arch=arch, width=width, kernel_size=kernel_size,
+                     hidden=hidden_sizes, members=members, beta=beta, combine=combine, bagging=bagging,
+                     allow_unstable=allow_unstable, param=param, epochs=epochs, batch_size=batch_size, lr=lr,
+                     momentum=momentum, weight_decay=weight_decay, label_smoothing=label_smoothing,
+                     optimizer=optimizer, lookahead=lookahead, augment=augment, tta=tta, val_size=val_size,
+                     shard=shard, subset=subset, seed=seed, data_seed=data_seed, device=device,
+                     compile=compile, out=out, init=init)
+        train(cfg)
+    except EnsembleError as e:
+        cli_error(e)
+
+
+if __name__ == '__main__':
+    import typer
+    typer.run(main)

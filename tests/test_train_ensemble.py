@@ -1,0 +1,235 @@
+"""The claims train_ensemble.py makes, on real numbers (CPU, synthetic data or a Fashion-MNIST slice)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import train_ensemble as te
+
+QUIET = dict(console=None)
+
+
+def quiet_console():
+    from rich.console import Console
+    return Console(quiet=True)
+
+
+def run(tmp_path, name, **options):
+    cfg = te.Config(out=str(tmp_path / name), device='cpu', **options)
+    return te.train(cfg, console=quiet_console())
+
+
+def member_states(run_dir):
+    return [load_file(p) for p in te.member_paths(run_dir)]
+
+
+SMALL_AIRBENCH = dict(dataset='synthetic', arch='airbench', width=0.125, subset=512, batch_size=128, epochs=2)
+
+
+# ---- the objective ----
+
+@pytest.mark.parametrize('combiner', ['prob', 'logit'])
+def test_ambiguity_decomposition_holds_for_both_combiners(combiner):
+    """CE(y, p̄) = mean_j CE(y, p_j) − DIV, with DIV >= 0, to 1e-5."""
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(5, 400, 10, generator=g, dtype=torch.float64)
+    y = torch.randint(10, (400,), generator=g)
+    member_ce, ensemble_ce, div = te.ensemble_terms(logits, y, combiner)
+    assert torch.allclose(ensemble_ce, member_ce.mean(0) - div, atol=1e-5)
+    assert (div >= -1e-12).all()
+    if combiner == 'logit':   # for the normalized geometric mean DIV = mean_j KL(p̄ || p_j)
+        log_pbar = te.combine(logits, 'logit')
+        kl = (log_pbar.exp() * (log_pbar - torch.log_softmax(logits, -1))).sum(-1).mean(0)
+        assert torch.allclose(div, kl, atol=1e-5)
+
+
+def test_objective_at_beta0_gives_each_member_its_solo_gradient():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 64, 10, generator=g, requires_grad=True)
+    y = torch.randint(10, (64,), generator=g)
+    objective, _ = te.ensemble_objective(logits, y, beta=0.0, combiner='prob', label_smoothing=0.2)
+    objective.backward()
+    for j in range(3):
+        solo = logits[j].detach().clone().requires_grad_()
+        te.cross_entropy(torch.log_softmax(solo, -1), y, 0.2).sum().backward()
+        assert torch.allclose(logits.grad[j], solo.grad, atol=1e-6)
+
+
+def test_objective_at_beta1_is_M_times_the_ensemble_loss_and_bagging_weights_members():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 32, 10, generator=g)
+    y = torch.randint(10, (32,), generator=g)
+    objective, (_, ensemble_ce, _) = te.ensemble_objective(logits, y, 1.0, 'prob')
+    assert torch.allclose(objective, 4 * ensemble_ce.sum())
+    weights = torch.randint(0, 3, (4, 32), generator=g).float()
+    objective, (member_ce, ensemble_ce, _) = te.ensemble_objective(logits, y, 0.25, 'logit', weights=weights)
+    expected = 0.75 * (weights * member_ce).sum() + 0.25 * 4 * (weights.mean(0) * ensemble_ce).sum()
+    assert torch.allclose(objective, expected)
+
+
+# ---- training ----
+
+@pytest.fixture
+def float64():
+    """Exact arithmetic for equivalence claims: in float32 the airbench recipe's high learning rate
+    amplifies rounding differences (grouped vs single convs) to ~1e-3 within a few epochs."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def test_at_beta0_an_ensemble_trains_each_member_exactly_as_if_alone(tmp_path, float64):
+    """M-member run at β=0 == M single-member runs with the same batches (data seed) and member init."""
+    # Tiny airbench (BatchNorm, Lookahead from epoch 3, whitening bias frozen at epoch 3), 4 epochs.
+    options = dict(SMALL_AIRBENCH, width=1 / 16, subset=256, batch_size=64, epochs=4, lookahead=True)
+    run(tmp_path, 'ensemble', members=2, beta=0.0, seed=10, **options)
+    ensemble = member_states(tmp_path / 'ensemble')
+    for j in range(2):
+        run(tmp_path, f'solo{j}', members=1, seed=10 + j, data_seed=10, **options)
+        solo = member_states(tmp_path / f'solo{j}')[0]
+        for key in solo:
+            assert torch.allclose(ensemble[j][key], solo[key], atol=1e-9, rtol=0), (j, key)
+
+
+def test_joint_run_writes_the_run_directory_and_members_reload_exactly(tmp_path):
+    summary = run(tmp_path, 'joint', members=3, beta=1.0, **SMALL_AIRBENCH)
+    out = tmp_path / 'joint'
+    for name in ['config.json', 'metrics.jsonl', 'summary.json', 'state.safetensors'] + [f'member_{j}.safetensors' for j in range(3)]:
+        assert (out / name).is_file(), name
+    lines = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
+    keys = {'epoch', 'time_s', 'lr', 'train_objective', 'train_loss', 'train_acc', 'test_loss', 'test_acc',
+            'member_test_loss', 'member_test_acc', 'train_div', 'test_div'}
+    assert len(lines) == 2 and keys <= set(lines[-1])
+    assert keys | {'train_time_s'} <= set(summary)
+    config = json.loads((out / 'config.json').read_text())
+    assert config['beta'] == 1.0 and config['lr'] == te.RECIPES['airbench']['lr'] and 'torch' in config['versions']
+
+    # The wide network in the resume state and the rebuilt members compute the same logits.
+    spec = config['model']
+    wide = te.build_model(spec, members=3)
+    wide.load_state_dict({k[4:]: v for k, v in load_file(out / 'state.safetensors').items() if k.startswith('net/')})
+    x = torch.rand(16, 3, 32, 32)
+    expected = te.member_logits(wide.eval(), x, 3)
+    _, members = te.load_run(out)
+    for j, member in enumerate(members):
+        assert torch.allclose(member(x), expected[j], atol=1e-5)
+    # ...and the summary's numbers are what the rebuilt members give (TTA on for 3-channel data).
+    data = te.load_data('synthetic', subset=512)
+    again = te.evaluate(members, data.x_test, data.y_test, 'prob', tta=summary['tta'])
+    assert again['acc'] == pytest.approx(summary['test_acc'], abs=1e-6)
+    assert again['div'] == pytest.approx(summary['test_div'], abs=1e-4)
+
+
+def test_resume_after_interruption_finishes_with_the_same_weights(tmp_path):
+    options = dict(members=2, beta=0.5, lookahead=True, bagging=True, **{k: v for k, v in SMALL_AIRBENCH.items() if k != 'epochs'}, epochs=4)
+    run(tmp_path, 'straight', **options)
+
+    def interrupt(epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        te.train(te.Config(out=str(tmp_path / 'resumed'), device='cpu', **options), console=quiet_console(), on_epoch_end=interrupt)
+    assert not (tmp_path / 'resumed' / 'member_0.safetensors').exists()
+    result = CliRunner().invoke(cli(), ['--resume', str(tmp_path / 'resumed')])
+    assert result.exit_code == 0, result.output
+    for a, b in zip(member_states(tmp_path / 'straight'), member_states(tmp_path / 'resumed')):
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    lines = (tmp_path / 'resumed' / 'metrics.jsonl').read_text().splitlines()
+    assert [json.loads(line)['epoch'] for line in lines] == [0, 1, 2, 3]
+
+
+def test_init_starts_every_member_from_given_weights(tmp_path):
+    run(tmp_path, 'a', members=1, **SMALL_AIRBENCH)
+    source = load_file(tmp_path / 'a' / 'member_0.safetensors')
+    cfg = te.resolve_config(te.Config(members=3, init=str(tmp_path / 'a' / 'member_0.safetensors'), **SMALL_AIRBENCH))
+    data = te.load_data('synthetic', subset=512)
+    states = te.initial_member_states(cfg, te.model_spec(cfg, data), data)
+    assert len(states) == 3 and all(torch.equal(s[k], source[k]) for s in states for k in source)
+
+
+# ---- data ----
+
+def test_shards_are_disjoint_and_class_balanced_and_val_split_is_held_out():
+    full = te.load_data('synthetic', val_size=1000)
+    shards = [te.load_data('synthetic', val_size=1000, shard=(i, 4)) for i in range(4)]
+    assert sum(len(s.y_train) for s in shards) == len(full.y_train)
+    flat = lambda x: {bytes(row) for row in x.flatten(1).numpy()}   # noqa: E731
+    parts = [flat(s.x_train) for s in shards]
+    assert sum(len(p) for p in parts) == len(set().union(*parts))     # disjoint
+    assert not flat(full.x_val) & set().union(*parts)                 # validation never trained on
+    counts = torch.stack([torch.bincount(s.y_train, minlength=10) for s in shards])
+    assert (counts.max(0).values - counts.min(0).values).max() <= 1  # every class dealt evenly
+
+
+def test_npz_datasets_load_in_nhwc_and_nchw(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (20, 8, 8, 3), dtype=np.uint8)
+    y = rng.integers(0, 4, 20)
+    np.savez(tmp_path / 'nhwc.npz', x_train=x, y_train=y, x_test=x[:5], y_test=y[:5])
+    np.savez(tmp_path / 'nchw.npz', x_train=x.transpose(0, 3, 1, 2), y_train=y, x_test=x[:5].transpose(0, 3, 1, 2), y_test=y[:5])
+    a, b = te.load_data(str(tmp_path / 'nhwc.npz')), te.load_data(str(tmp_path / 'nchw.npz'))
+    assert a.x_train.shape == (20, 3, 8, 8) and torch.equal(a.x_train, b.x_train)
+
+
+def test_synthetic_data_is_deterministic_and_learnable_but_not_trivial(tmp_path):
+    assert torch.equal(te.load_data('synthetic', seed=3, subset=100).x_train, te.load_data('synthetic', seed=3, subset=100).x_train)
+    summary = run(tmp_path, 'syn', members=1, dataset='synthetic', arch='mlp', hidden=[128], subset=4000, epochs=4)
+    assert 0.5 < summary['test_acc'] < 0.995
+
+
+# ---- real data: Fashion-MNIST ----
+
+def test_on_fashion_mnist_models_learn_and_joint_training_inflates_diversity(tmp_path, fashion_mnist):
+    common = dict(dataset=fashion_mnist, arch='mlp', hidden=[64], members=3, subset=8000, epochs=4)
+    independent = run(tmp_path, 'beta0', beta=0.0, **common)
+    joint = run(tmp_path, 'beta1', beta=1.0, **common)
+    assert independent['test_acc'] > 0.75 and min(independent['member_test_acc']) > 0.7   # chance is 0.1
+    assert joint['train_div'] > 5 * independent['train_div']
+    assert joint['test_div'] > 5 * independent['test_div']
+
+
+# ---- the command line ----
+
+def cli():
+    import typer
+    app = typer.Typer()
+    app.command()(te.main)
+    return app
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--beta', '1.5'], 'allow-unstable'),
+    (['--members', '0'], 'members'),
+    (['--dataset', 'imagenet'], 'unknown dataset'),
+    (['--combine', 'median'], 'unknown combiner'),
+    (['--shard', '3/2'], 'shard'),
+])
+def test_bad_options_get_a_one_line_error(args, message, tmp_path):
+    result = CliRunner().invoke(cli(), args + ['--out', str(tmp_path / 'x')])
+    assert result.exit_code == 1 and message in result.output and 'Traceback' not in result.output
+    assert not (tmp_path / 'x').exists()
+
+
+def test_corrupt_or_missing_checkpoints_get_a_one_line_error(tmp_path):
+    bad = tmp_path / 'member_0.safetensors'
+    bad.write_bytes(b'not a safetensors file')
+    for args, message in [(['--init', str(bad)], 'not a readable safetensors'),
+                          (['--init', str(tmp_path / 'nope.safetensors')], 'does not exist'),
+                          (['--resume', str(tmp_path / 'nothing')], 'no config.json')]:
+        result = CliRunner().invoke(cli(), args + ['--dataset', 'synthetic', '--subset', '64', '--out', str(tmp_path / 'o')])
+        assert result.exit_code == 1 and message in result.output, result.output
+    run(tmp_path, 'r', members=1, **SMALL_AIRBENCH)
+    (tmp_path / 'r' / 'state.safetensors').write_bytes(b'\x00' * 10)
+    result = CliRunner().invoke(cli(), ['--resume', str(tmp_path / 'r')])
+    assert result.exit_code == 1 and 'safetensors' in result.output
+
+
+def test_the_script_runs_as_a_command():
+    result = subprocess.run([sys.executable, 'train_ensemble.py', '--help'], capture_output=True, text=True, cwd=te.__file__.rsplit('/', 1)[0])
+    assert result.returncode == 0 and '--beta' in result.stdout and '--resume' in result.stdout
