@@ -1,0 +1,854 @@
+"""rebasin.py: git re-basin for PyTorch networks: permutation specs, weight matching, MergeMany and
+BatchNorm repair after averaging.
+
+    python rebasin.py spec runs/a/member_0.safetensors          # which permutation acts where
+    python rebasin.py align runs/a runs/b --out runs/b_aligned    # B's members, moved into A's basin
+    python rebasin.py merge runs/s0 runs/s1 runs/s2 --out runs/m --reset-bn
+
+Renaming the hidden channels of a network (permuting a layer's outputs and the matching inputs of every
+layer that reads them) gives the same function with different weights. Weight matching (Ainsworth,
+Hayase, Srinivasa 2022, arXiv 2209.04836) picks the renaming of B that brings its weights closest to
+A's, so the two can be interpolated or averaged; MergeMany does it for N models at once. Averaged
+weights shrink activation variance, which resetting BatchNorm statistics or REPAIR (Jordan et al.
+2022, arXiv 2211.08403) undoes.
+
+The core functions take and return dicts of tensors and need only torch and scipy: copy this file into
+another project. Only the command line at the bottom imports train_ensemble. Measured figures: README.md.
+"""
+
+#############################################
+#                 Settings                  #
+#############################################
+
+import copy
+import json
+import math
+import operator
+import os
+import random
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+import typer
+from scipy.optimize import linear_sum_assignment
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+MAX_SWEEPS = 100    # weight matching stops after this many sweeps over all permutations (it needs ~3-10)
+MAX_PASSES = 100    # MergeMany stops after this many passes over all models (it needs ~3-6)
+TOL = 1e-9          # a step must gain more than this fraction of the cost scale to count: ties are no progress
+PASS_TOL = 1e-4     # a MergeMany pass must shrink the distance by this fraction (later passes shuffle few channels)
+BN_EXAMPLES = 5000  # training images for recomputing BatchNorm statistics (and REPAIR's channel statistics)
+BN_BATCH = 500      # batch size of those passes; statistics are a plain average over the batches
+
+
+class RebasinError(ValueError):
+    """A user-facing error (mismatched models, bad weights): the command line prints it on one line."""
+
+
+#############################################
+#             Permutation spec              #
+#############################################
+# The forward pass is traced with torch.fx and every tensor's channel axis (axis 1) gets a channel group.
+# Conv/Linear start a new group; anything that treats channels separately (activations, pooling,
+# BatchNorm, flatten) passes its input's group on; an elementwise op joins its operands' groups, so a
+# residual stream shares one permutation. A group that reaches the network's input or output, or any
+# operation not known to commute with a channel permutation, is fixed: never permuted.
+
+@dataclass
+class PermutationSpec:
+    perms: dict        # permutation name -> number of channels it reorders, in the order the network computes them
+    axes: dict         # tensor key -> for each axis, the name of the permutation acting on it, or None
+    unpermuted: dict   # tensor key -> why (some of) its channel axes are left alone
+    buffers: list = field(default_factory=list)  # buffer keys (BatchNorm statistics): permuted, never matched
+
+
+LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.PReLU)
+_POOL = nn.modules.pooling
+PER_CHANNEL_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
+    nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.Softplus, nn.Softmax, nn.LogSoftmax, nn.Identity, nn.Upsample,
+    nn.modules.dropout._DropoutNd, _POOL._MaxPoolNd, _POOL._AvgPoolNd, _POOL._AdaptiveAvgPoolNd,
+    _POOL._AdaptiveMaxPoolNd)
+PER_CHANNEL_OPS = {  # functions and method names that act on each channel separately
+    F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.mish, F.leaky_relu, F.elu, F.selu, F.softplus, F.hardswish,
+    torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, torch.exp, torch.abs, operator.neg, torch.clamp, F.dropout,
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.interpolate,
+    F.softmax, F.log_softmax, 'relu', 'relu_', 'sigmoid', 'tanh', 'exp', 'abs', 'neg', 'clamp', 'contiguous',
+    'clone', 'detach', 'float', 'double', 'half', 'to', 'softmax', 'log_softmax'}
+ELEMENTWISE_OPS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
+    operator.itruediv, operator.pow, torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum,
+    'add', 'add_', 'sub', 'sub_', 'mul', 'mul_', 'div', 'div_', 'pow', 'maximum', 'minimum'}
+RESHAPE_OPS = {torch.flatten, 'flatten', 'view', 'reshape'}
+REDUCE_OPS = {torch.mean, torch.sum, torch.amax, 'mean', 'sum', 'amax', 'amin'}
+SHAPE_QUERIES = {'size', 'dim', 'numel', getattr, len}
+
+
+class _Tracer(fx.Tracer):
+    # Subclasses of the built-in layers (this project's Conv, Linear, BatchNorm) must stay single nodes.
+    def is_leaf_module(self, m, qualified_name):
+        return isinstance(m, LAYERS) or super().is_leaf_module(m, qualified_name)
+
+
+class _Groups:
+    """Union-find over channel groups. A union with a fixed group is fixed (the first reason is kept)."""
+
+    def __init__(self):
+        self.parent, self.size, self.name, self.fixed = [], [], [], []
+
+    def new(self, size, name, fixed=None):
+        self.parent.append(len(self.parent))
+        self.size.append(size), self.name.append(name), self.fixed.append(fixed)
+        return len(self.parent) - 1
+
+    def find(self, g):
+        while self.parent[g] != g:
+            g = self.parent[g]
+        return g
+
+    def union(self, g, h):
+        g, h = sorted((self.find(g), self.find(h)))   # the older group names the union
+        if g != h:
+            if self.size[g] != self.size[h]:
+                self.fix(g, f'joins groups of {self.size[g]} and {self.size[h]} channels')
+            self.parent[h] = g
+            self.fixed[g] = self.fixed[g] or self.fixed[h]
+        return g
+
+    def fix(self, g, reason):
+        g = self.find(g)
+        self.fixed[g] = self.fixed[g] or reason
+
+
+def _shape(node):
+    meta = node.meta.get('tensor_meta')
+    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+
+
+@contextmanager
+def _eval_mode(model):
+    """Eval mode for the duration, then every submodule's own mode back."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def _merges_channels(s_in, s_out):
+    """A view that keeps the batch axis and merges the channel axis with the axes after it (a flatten)."""
+    return len(s_out) >= 2 and s_in[0] == s_out[0] and any(
+        math.prod(s_in[1:k]) == s_out[1] and s_in[k:] == s_out[2:] for k in range(2, len(s_in) + 1))
+
+
+def permutation_spec(model, example_input):
+    """Which permutation acts on which axis of which tensor of `model` (an nn.Module), found by tracing it
+    on `example_input` (a batch of inputs; one is enough). The model runs once in eval mode, unchanged."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # noqa: BLE001 - fx raises many types for data-dependent control flow
+        raise RebasinError(f'torch.fx cannot trace {type(model).__name__}: {e}') from e
+    with _eval_mode(model), torch.no_grad():   # one forward pass records every node's output shape
+        ShapeProp(fx.GraphModule(model, graph)).propagate(example_input)
+    state, modules, groups = model.state_dict(), dict(model.named_modules()), _Groups()
+    group, slots, notes = {}, {}, {}   # node -> its channel group; (key, axis) -> group; key -> why left alone
+
+    def tie(key, axis, g):
+        if key in state:
+            slots[key, axis] = groups.union(slots[key, axis], g) if (key, axis) in slots else g
+
+    def opaque(node, what):   # not known to commute with permutations: fix what goes in and comes out
+        for arg in node.all_input_nodes:
+            if group.get(arg) is not None:
+                groups.fix(group[arg], f'read by {what}')
+            if arg.op == 'get_attr':
+                notes.setdefault(arg.target, f'used directly by {what}')
+        if node.op == 'call_module':
+            for name in modules[node.target].state_dict():
+                notes.setdefault(f'{node.target}.{name}', f'inside {what}')
+        shape = _shape(node)
+        group[node] = groups.new(shape[1], node.name, f'made by {what}') if shape and len(shape) > 1 else None
+
+    def layer(node, m, x, s_in):
+        key = lambda name: f'{node.target}.{name}'  # noqa: E731
+        if isinstance(m, nn.modules.conv._ConvNd):
+            out_axis, in_axis = (1, 0) if m.transposed else (0, 1)
+            if m.groups == 1:
+                y = groups.new(m.out_channels, node.target)
+                tie(key('weight'), out_axis, y)
+                tie(key('weight'), in_axis, x)
+            elif m.groups == m.in_channels == m.out_channels:   # depthwise: channel c reads channel c only
+                y = x
+                tie(key('weight'), 0, y)
+            else:
+                return opaque(node, f'{node.target} (convolution with groups={m.groups})')
+            tie(key('bias'), 0, y)
+        elif isinstance(m, nn.Linear):
+            if len(s_in) != 2:
+                return opaque(node, f'{node.target} (Linear on a {len(s_in)}-d input)')
+            y = groups.new(m.out_features, node.target)
+            tie(key('weight'), 0, y)
+            tie(key('weight'), 1, x)
+            tie(key('bias'), 0, y)
+        elif isinstance(m, nn.GroupNorm) and m.num_groups not in (1, m.num_channels):
+            return opaque(node, f'{node.target} (GroupNorm normalizes fixed groups of channels)')
+        elif isinstance(m, nn.LayerNorm) and len(m.normalized_shape) < len(s_in) - 1:
+            y = x   # normalizes each channel on its own; its weights run along the other axes
+            for name in m.state_dict():
+                notes[key(name)] = 'LayerNorm over trailing axes: no channel axis to permute'
+        else:       # BatchNorm, InstanceNorm, GroupNorm over 1 or C groups, LayerNorm over channels, PReLU
+            y = x
+            for name in ('weight', 'bias', 'running_mean', 'running_var'):
+                if getattr(m, name, None) is not None and getattr(m, name).numel() > 1:
+                    tie(key(name), 0, y)
+                elif getattr(m, name, None) is not None:
+                    notes[key(name)] = 'one value shared by every channel'
+        group[node] = y
+
+    def elementwise(node, shape, what):
+        joined, constants = None, []
+        for arg in node.all_input_nodes:
+            s = _shape(arg)
+            axis = 1 - (len(shape) - len(s)) if s is not None else -1   # arg's axis that lines up with channels
+            if axis < 0 or s[axis] == 1:
+                if arg.op == 'get_attr':
+                    notes.setdefault(arg.target, f'operand of {what}, the same for every channel')
+                continue
+            if arg.op == 'get_attr':
+                constants.append((arg.target, axis))
+            elif len(s) != len(shape) or group.get(arg) is None:
+                return opaque(node, f'{what} (broadcasting between tensors of different rank)')
+            else:
+                joined = group[arg] if joined is None else groups.union(joined, group[arg])
+        joined = groups.new(shape[1], node.name) if joined is None else joined
+        for key, axis in constants:
+            if key in state:
+                tie(key, axis, joined)
+            else:
+                groups.fix(joined, f'{what} with {key}, which is not in the state dict')
+        group[node] = joined
+
+    for node in graph.nodes:
+        shape = _shape(node)
+        target = modules[node.target] if node.op == 'call_module' else node.target
+        what = (f'{node.target} ({type(target).__name__})' if node.op == 'call_module' else
+                f'.{target}()' if node.op == 'call_method' else getattr(target, '__name__', str(target)))
+        inputs = [a for a in node.all_input_nodes if _shape(a) is not None]   # tensors, not sizes
+        x, s_in = (group.get(inputs[0]), _shape(inputs[0])) if inputs else (None, None)
+        if node.op == 'placeholder':
+            group[node] = groups.new(shape[1], 'input', 'network input') if shape and len(shape) > 1 else None
+        elif node.op == 'output':
+            for arg in node.all_input_nodes:
+                if group.get(arg) is not None:
+                    groups.fix(group[arg], 'network output')
+        elif node.op == 'get_attr':
+            group[node] = None
+        elif shape is None or len(shape) < 2:
+            if target not in SHAPE_QUERIES:
+                opaque(node, what)
+        elif node.op != 'call_module' and target in ELEMENTWISE_OPS:
+            elementwise(node, shape, what)
+        elif x is None or len(inputs) > 1:
+            opaque(node, what)
+        elif isinstance(target, LAYERS):
+            layer(node, target, x, s_in)
+        elif isinstance(target, PER_CHANNEL_MODULES) or (node.op != 'call_module' and target in PER_CHANNEL_OPS):
+            group[node] = x
+        elif (isinstance(target, nn.Flatten) or (node.op != 'call_module' and target in RESHAPE_OPS)) \
+                and _merges_channels(s_in, shape):
+            group[node] = x   # a flattened channel is a block of positions: Linear weights move in blocks
+        elif node.op != 'call_module' and target in REDUCE_OPS and _reduces_positions(node, len(s_in)):
+            group[node] = x
+        else:
+            opaque(node, what)
+
+    names, perms, axes, unpermuted = {}, {}, {}, {}
+    for root in sorted({groups.find(g) for g in slots.values()}):   # in the order the network makes them
+        if not groups.fixed[root] and groups.size[root] > 1:
+            name = f'P_{groups.name[root]}'
+            names[root] = name if name not in perms else f'{name}#{root}'
+            perms[names[root]] = groups.size[root]
+    for key, t in state.items():
+        per_axis, why = [], []
+        for axis in range(t.dim()):
+            root = groups.find(slots[key, axis]) if (key, axis) in slots else None
+            per_axis.append(names.get(root))
+            if root is not None and groups.fixed[root] and groups.size[root] > 1:
+                why.append(f'axis {axis}: {groups.fixed[root]}')
+        if t.dim() and not any((key, axis) in slots for axis in range(t.dim())):
+            why = [notes.get(key, 'not read by any layer the tracer understands')]
+        axes[key] = tuple(per_axis)
+        if why:
+            unpermuted[key] = '; '.join(why)
+    buffers = [k for k, _ in model.named_buffers() if k in state]
+    return PermutationSpec(perms, axes, unpermuted, buffers)
+
+
+def _reduces_positions(node, ndim):
+    """A mean/sum/max over axes that are neither the batch nor the channel axis (global pooling)."""
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get('dim')
+    dims = (dims,) if isinstance(dims, int) else dims
+    return isinstance(dims, (tuple, list)) and all(isinstance(d, int) and d % ndim > 1 for d in dims)
+
+
+#############################################
+#          Applying a permutation           #
+#############################################
+# A permutation is a dict {name: index}: channel i of the permuted model is channel index[i] of the
+# original. Applying it reorders every axis the spec names, so the new tensors compute the same function.
+
+class Permutation(dict):
+    """{permutation name: LongTensor index}; `objective` is weight matching's Σ⟨A, π(B)⟩ at the start and
+    after each sweep (empty when the permutation did not come from weight matching)."""
+
+    def __init__(self, perm, objective=()):
+        super().__init__(perm)
+        self.objective = list(objective)
+
+
+def identity_permutation(spec):
+    return Permutation({p: torch.arange(n) for p, n in spec.perms.items()})
+
+
+def random_permutation(spec, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Permutation({p: torch.randperm(n, generator=g) for p, n in spec.perms.items()})
+
+
+def _take(t, axis, index):
+    """t reordered along `axis`. A flattened axis holds n channels of k positions each and moves in blocks."""
+    k = t.shape[axis] // len(index)
+    index = index.to(t.device)
+    if k > 1:
+        index = (index[:, None] * k + torch.arange(k, device=t.device)).flatten()
+    return t.index_select(axis, index)
+
+
+def apply_permutation(spec, perm, params):
+    """New tensors: every tensor of `params` (parameters and buffers) with its axes permuted by `perm`."""
+    out = {}
+    for key, t in params.items():
+        if key not in spec.axes:
+            raise RebasinError(f"tensor '{key}' is not in the permutation spec (a different architecture?)")
+        permuted = t
+        for axis, name in enumerate(spec.axes[key]):
+            if name is not None:
+                permuted = _take(permuted, axis, perm[name])
+        out[key] = permuted if permuted is not t else t.clone()
+    return out
+
+
+def check_compatible(spec, params_list, names=None):
+    """Raise RebasinError naming the first tensor in which a model differs from the first one (or from the
+    spec), or the first tensor with non-finite values."""
+    names = names or [f'model {i + 1}' for i in range(len(params_list))]
+    first = params_list[0]
+    unknown = next((k for k in first if k not in spec.axes), None)
+    if unknown is not None:
+        raise RebasinError(f"{names[0]}: tensor '{unknown}' is not in the permutation spec (a different architecture?)")
+    for name, params in zip(names, params_list):
+        for key, t in first.items():
+            if key not in params:
+                raise RebasinError(f"{name} does not match {names[0]}: it has no tensor '{key}'")
+            if params[key].shape != t.shape:
+                raise RebasinError(f"{name} does not match {names[0]}: tensor '{key}' has shape "
+                                   f"{list(params[key].shape)}, not {list(t.shape)}")
+        extra = next((k for k in params if k not in first), None)
+        if extra is not None:
+            raise RebasinError(f"{name} does not match {names[0]}: it has an extra tensor '{extra}'")
+        bad = next((k for k, t in params.items() if t.is_floating_point() and not math.isfinite(t.sum())), None)
+        if bad is not None:
+            raise RebasinError(f"{name}: tensor '{bad}' has non-finite values (NaN or inf)")
+
+
+#############################################
+#              Weight matching              #
+#############################################
+# Permutation coordinate descent: with every other permutation held fixed, Σ⟨A, π(B)⟩ is linear in one
+# permutation P, so the best P is a linear assignment on the cost A_rows · B_rows^T, where the rows of a
+# matrix gather everything of one channel across all tensors P touches. Sweep until nothing improves.
+
+def _device(device):
+    return torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+
+
+def _matched_keys(spec, params):
+    """Parameters some permutation touches. BatchNorm statistics are permuted but not matched: they
+    describe the data, not the function's weights, and their scale would swamp the cost."""
+    buffers = set(spec.buffers)
+    return [k for k, t in params.items() if t.is_floating_point() and k not in buffers and any(spec.axes[k])]
+
+
+def _rows(t, axis, n):
+    return t.movedim(axis, 0).reshape(n, -1)   # row i: everything of channel i (its block, if flattened)
+
+
+def _permute_except(spec, perm, key, skip, t):
+    for axis, name in enumerate(spec.axes[key]):
+        if name is not None and axis != skip:
+            t = _take(t, axis, perm[name])
+    return t
+
+
+def _inner(a, b):
+    return sum(float((a[k] * b[k]).sum()) for k in a)
+
+
+def weight_matching(spec, params_a, params_b, max_iter=MAX_SWEEPS, seed=0, init=None, device=None):
+    """The Permutation of B's channels that maximizes Σ⟨A, π(B)⟩ over every parameter it touches
+    (weights, biases and norm affine terms), i.e. minimizes ‖A − π(B)‖: coordinate descent over the
+    permutations in a seeded random order, from `init` or else from the better of the identity and a
+    layer-by-layer start; stops after a sweep without improvement or after max_iter sweeps. The
+    result's .objective lists Σ⟨A, π(B)⟩ at the start and after each sweep."""
+    check_compatible(spec, [params_a, params_b])
+    device = _device(device)
+    keys = _matched_keys(spec, params_a)
+    a = {k: params_a[k].to(device, torch.float64) for k in keys}   # float64: ties are exact, progress is real
+    b = {k: params_b[k].to(device, torch.float64) for k in keys}
+    touched = {p: [(k, axis) for k in keys for axis, q in enumerate(spec.axes[k]) if q == p] for p in spec.perms}
+    a_rows = {(k, axis): _rows(a[k], axis, n) for p, n in spec.perms.items() for k, axis in touched[p]}
+    perm = {p: torch.arange(n, device=device) for p, n in spec.perms.items()}
+
+    def improve(p, entries):   # the best p given all the other permutations; True if strictly better
+        n = spec.perms[p]
+        cost = torch.zeros(n, n, dtype=torch.float64, device=device)
+        for k, axis in entries:
+            cost.addmm_(a_rows[k, axis], _rows(_permute_except(spec, perm, k, axis, b[k]), axis, n).T)
+        _, cols = linear_sum_assignment(cost.cpu().numpy(), maximize=True)
+        new, i = torch.as_tensor(cols, device=device), torch.arange(n, device=device)
+        if float(cost[i, new].sum() - cost[i, perm[p]].sum()) > TOL * float(cost.abs().max()):
+            perm[p] = new   # a different permutation of equal cost is no progress
+            return True
+        return False
+
+    objective = lambda: _inner(a, apply_permutation(spec, perm, b))  # noqa: E731
+    if init is not None:
+        perm.update({p: q.to(device) for p, q in init.items()})
+    else:
+        # Layer by layer, each permutation from the tensors whose other axes are already solved (a layer's
+        # weights given its input's permutation). Coordinate descent from the identity stalls when layers
+        # are strongly coupled (airbench's identity-initialized convolutions); this start does not.
+        identity, at_identity, solved = dict(perm), objective(), set()
+        for p in spec.perms:
+            improve(p, [(k, axis) for k, axis in touched[p]
+                        if all(q is None or q in solved for ax, q in enumerate(spec.axes[k]) if ax != axis)])
+            solved.add(p)
+        if objective() < at_identity:
+            perm.update(identity)
+    history, order = [objective()], [p for p in spec.perms if touched[p]]
+    rng = random.Random(seed)
+    for _ in range(max_iter):
+        improved = False
+        for p in rng.sample(order, len(order)):
+            improved |= improve(p, touched[p])
+        history.append(objective())
+        if not improved:
+            break
+    return Permutation({p: q.cpu() for p, q in perm.items()}, history)
+
+
+#############################################
+#                 MergeMany                 #
+#############################################
+# Align each model in turn to the mean of the others (weight matching, warm-started from its current
+# permutation, so its distance to that mean can only shrink), until a full pass no longer reduces the
+# total distance Σ_i ‖π_i(θ_i) − mean of the others‖² (by more than a fraction `tol`). Only a real
+# reduction counts as progress: a pass that merely swaps tied channels ends the loop.
+
+def _sq_distance(a, b):
+    return sum(float(((a[k] - b[k]) ** 2).sum()) for k in a)
+
+
+def _spread(models):
+    """Σ_i ‖θ_i − mean of the others‖²."""
+    n, total = len(models), {k: sum(m[k] for m in models) for k in models[0]}
+    return sum(_sq_distance(m, {k: (total[k] - m[k]) / (n - 1) for k in m}) for m in models)
+
+
+def average(params_list, weights=None):
+    """The (weighted) mean of several state dicts, buffers included; integer tensors come from the first.
+    average([a, b], [1 - lam, lam]) is the interpolation between a and b."""
+    weights = weights or [1 / len(params_list)] * len(params_list)
+    return {k: sum(w * p[k].double() for w, p in zip(weights, params_list)).to(t.dtype) if t.is_floating_point()
+            else t.clone() for k, t in params_list[0].items()}
+
+
+def merge_many(spec, params_list, max_iter=MAX_SWEEPS, seed=0, device=None, max_passes=MAX_PASSES, tol=PASS_TOL,
+               progress=None):
+    """MergeMany: (merged state dict, one Permutation per model). The merged model lives in the first
+    model's basin (its permutation is the identity), so merging permuted copies of one network returns
+    it. progress(record) is called after each step with {'pass', 'model', 'before', 'after'} (squared
+    distances to the mean of the others) and after each pass with {'pass', 'distance'}."""
+    if len(params_list) < 2:
+        raise RebasinError(f'MergeMany needs at least two models, got {len(params_list)}')
+    check_compatible(spec, params_list)
+    device, n, rng = _device(device), len(params_list), random.Random(seed)
+    keys = _matched_keys(spec, params_list[0])
+    base = [{k: p[k].to(device, torch.float64) for k in keys} for p in params_list]
+    perms, aligned = [identity_permutation(spec) for _ in base], list(base)
+    # Start from every model aligned to the first one, then refine. Started from the identity, as in the
+    # paper, the passes can settle on a mixed assignment: permuted copies of one network never reunite.
+    for i in range(1, n):
+        perms[i] = weight_matching(spec, base[0], base[i], max_iter, rng.randrange(2 ** 31), device=device)
+        aligned[i] = apply_permutation(spec, perms[i], base[i])
+    distance = [_spread(aligned)]
+    report = progress or (lambda record: None)
+    report({'pass': 0, 'distance': distance[0]})
+    for pass_ in range(1, max_passes + 1):
+        total = {k: sum(m[k] for m in aligned) for k in keys}
+        for i in rng.sample(range(n), n):
+            others = {k: (total[k] - aligned[i][k]) / (n - 1) for k in keys}
+            before = _sq_distance(aligned[i], others)
+            perms[i] = weight_matching(spec, others, base[i], max_iter, rng.randrange(2 ** 31), perms[i], device)
+            new = apply_permutation(spec, perms[i], base[i])
+            total = {k: total[k] + new[k] - aligned[i][k] for k in keys}
+            aligned[i] = new
+            report({'pass': pass_, 'model': i, 'before': before, 'after': _sq_distance(new, others)})
+        distance.append(_spread(aligned))
+        report({'pass': pass_, 'distance': distance[-1]})
+        if not distance[-1] < distance[-2] * (1 - tol):
+            break
+    # Re-express everything in the first model's basin: compose each permutation with π_0's inverse.
+    inverse = {p: torch.argsort(q) for p, q in perms[0].items()}
+    perms = [Permutation({p: q[p][inverse[p]] for p in q}, q.objective) for q in perms]
+    merged = average([apply_permutation(spec, q, params) for q, params in zip(perms, params_list)])
+    return merged, perms
+
+
+#############################################
+#        BatchNorm after averaging          #
+#############################################
+# Averaging aligned networks shrinks the variance of every channel ("variance collapse"), and the
+# averaged running statistics no longer describe the averaged network. reset_bn recomputes them;
+# repair (REPAIR) also moves each channel's mean and std to the interpolation of the endpoints'.
+
+def _batchnorms(model):
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+
+
+def _recompute_bn(model, batches):
+    norms = _batchnorms(model).values()
+    if not norms:
+        raise RebasinError('the model has no BatchNorm layers with running statistics')
+    model.eval()   # dropout and friends off; only BatchNorm sees train mode
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None   # a cumulative average over all batches, not an exponential one
+        m.train()
+    seen = 0
+    for x in batches:
+        model(x)
+        seen += 1
+    if not seen:
+        raise RebasinError('no batches to compute BatchNorm statistics on')
+    model.eval()
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def reset_bn(model, batches):
+    """New state dict of `model` (unchanged itself) whose BatchNorm running statistics are the plain
+    average over `batches` (an iterable of input tensors on the model's device); nothing else changes."""
+    model = copy.deepcopy(model)
+    _recompute_bn(model, batches)
+    return _state(model)
+
+
+def _channel_stats(model, names, batches):
+    """{name: (mean, std)} per channel of the named modules' outputs over all batches, in eval mode."""
+    sums = {}
+
+    def hook(name):
+        def record(module, inputs, out):
+            y = out.detach().transpose(0, 1).reshape(out.size(1), -1).double()
+            s = sums.get(name, (0, 0, 0))
+            sums[name] = (s[0] + y.sum(1), s[1] + (y * y).sum(1), s[2] + y.size(1))
+        return record
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+    try:
+        with _eval_mode(model):
+            for x in batches:
+                model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: (s / n, (s2 / n - (s / n) ** 2).clamp_min(0).sqrt()) for name, (s, s2, n) in sums.items()}
+
+
+@torch.no_grad()
+def repair_many(models, weights, model_mix, batches):
+    """REPAIR for a weighted mix of aligned models: new state dict of `model_mix` whose channels have the
+    weighted mean of the endpoints' channel means and stds. With BatchNorm, only BatchNorm's affine terms
+    and statistics change; without, every Conv/Linear but the last is rescaled in forward order."""
+    batches, mix = list(batches), copy.deepcopy(model_mix)
+    norms = _batchnorms(mix)
+    layers = list(norms) or [name for name, m in mix.named_modules()
+                             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))][:-1]
+    if not layers:
+        raise RebasinError('REPAIR needs BatchNorm layers or hidden Conv/Linear layers to rescale')
+    stats = [_channel_stats(m, layers, batches) for m in models]
+    goal = {name: [sum(w * s[name][j] for w, s in zip(weights, stats)) for j in (0, 1)] for name in layers}
+    for name in layers:
+        m, (mean, std) = mix.get_submodule(name), goal[name]
+        if norms:   # in train mode BatchNorm's output has mean = bias and std = |weight|: set them, then
+            if m.affine:   # recompute the statistics that make it so (all layers at once)
+                m.weight.copy_(std.to(m.weight) * torch.where(m.weight < 0, -1.0, 1.0))
+                m.bias.copy_(mean.to(m.bias))
+        else:       # y' = (y − μ)·σ_goal/σ + μ_goal folded into the layer, after the layers before it
+            now_mean, now_std = _channel_stats(mix, [name], batches)[name]
+            scale = (std / now_std.clamp_min(1e-12)).to(m.weight)
+            m.weight.mul_(scale.view(-1, *[1] * (m.weight.dim() - 1)))
+            if m.bias is not None:
+                m.bias.copy_((m.bias - now_mean.to(m.bias)) * scale + mean.to(m.bias))
+    if norms:
+        _recompute_bn(mix, batches)
+    return _state(mix)
+
+
+def repair(model_a, model_b, model_mix, lam, batches):
+    """REPAIR (Jordan et al. 2022) of model_mix = (1 − lam)·A + lam·B (B aligned to A): its new state
+    dict. batches: a list of input tensors (read several times)."""
+    return repair_many([model_a, model_b], [1 - lam, lam], model_mix, batches)
+
+
+#############################################
+#               Command line                #
+#############################################
+# The only part that needs train_ensemble.py: it rebuilds networks from checkpoints and loads data.
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help='Git re-basin: permutation specs (spec), weight matching (align), MergeMany (merge).')
+
+
+def _te():
+    import train_ensemble
+    return train_ensemble
+
+
+@contextmanager
+def _user_errors():
+    """A user-facing error becomes one line on stderr and exit status 1, never a traceback."""
+    te = _te()
+    try:
+        yield
+    except (RebasinError, te.EnsembleError, OSError) as e:
+        te.cli_error(' '.join(str(e).split()))
+
+
+def _load_models(paths):
+    """Every member file the paths stand for, as (path, model spec, state dict)."""
+    te, found = _te(), []
+    for path in (p for arg in paths for p in te.member_paths(arg)):
+        model_spec, state, _ = te.load_member_state(path)
+        found.append(SimpleNamespace(path=path, spec=model_spec, state=state))
+    return found
+
+
+def _spec_of(model_spec):
+    net = _te().build_model(model_spec)
+    size = model_spec['image_size']
+    return net, permutation_spec(net, torch.zeros(1, model_spec['in_channels'], size, size))
+
+
+def _data_options(source, dataset, data_dir):
+    """The data options of the run a model came from (its config.json), with the command line's overrides."""
+    config_path = (source if source.is_dir() else source.parent) / 'config.json'
+    try:
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    except json.JSONDecodeError as e:
+        raise RebasinError(f'{config_path} is not valid JSON ({e})') from None
+    return dict(dataset=dataset or config.get('dataset'), data_dir=str(data_dir or config.get('data_dir', 'data')),
+                data_seed=config.get('data_seed', config.get('seed', 0)), val_size=config.get('val_size') or 0,
+                shard=config.get('shard'), subset=config.get('subset'))
+
+
+def _training_batches(data, model_spec, examples, batch_size, device):
+    te = _te()
+    x = te.load_run_data(data).x_train
+    expected = (model_spec['in_channels'], model_spec['image_size'], model_spec['image_size'])
+    if tuple(x.shape[1:]) != expected:
+        raise RebasinError(f"dataset {data['dataset']} has images of shape {tuple(x.shape[1:])}; "
+                           f"the models expect {expected}")
+    x = x[:examples]
+    return [te.to_float_images(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
+
+
+def _write_run(out, states, sources, model_spec, config, force):
+    """member_<i>.safetensors and config.json, written into a temporary directory that is then renamed to
+    `out`: a failure never leaves a half-written run."""
+    te, out = _te(), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise RebasinError(f'{out} already exists; pass --force to replace it')
+        if not (out / 'config.json').exists() and not list(out.glob('member_*.safetensors')):
+            raise RebasinError(f'refusing to replace {out}: it is not a run directory')
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f'.{out.name}.tmp{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for i, (state, source) in enumerate(zip(states, sources)):
+            te.save_member(tmp / f'member_{i}.safetensors', state, model_spec, source=source)
+        te.write_json(tmp / 'config.json', config)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _print_spec(spec, state, title):
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+    perms, left = Table(title=escape(title), title_justify='left'), Table(title='Left unpermuted', title_justify='left')
+    for table, columns in ((perms, ('permutation', 'size', 'tensors \\[axis]')), (left, ('tensor', 'shape', 'why'))):
+        for name in columns:
+            table.add_column(name, justify='right' if name == 'size' else 'left')
+    for p, n in spec.perms.items():
+        touched = {}   # (module, axis) -> its tensors: '3.norm1.{weight,bias}[0]'
+        for key, names in spec.axes.items():
+            for axis in (ax for ax, q in enumerate(names) if q == p):
+                module, _, attr = key.rpartition('.')
+                k = state[key].shape[axis] // n
+                touched.setdefault((module, f'[{axis}]' + (f' (blocks of {k})' if k > 1 else '')), []).append(attr)
+        perms.add_row(escape(p), str(n), escape(', '.join(
+            f'{m}.{a[0]}{ax}' if len(a) == 1 else f'{m}.{{{",".join(a)}}}{ax}' for (m, ax), a in touched.items())))
+    for key, why in spec.unpermuted.items():
+        left.add_row(escape(key), str(list(state[key].shape)), escape(why))
+    console = Console()
+    console.print(perms)
+    console.print(f'{len(spec.perms)} permutations over {sum(spec.perms.values()):,} channels')
+    console.print(left)
+
+
+@app.command('spec')
+def spec_command(
+    model: Path = typer.Argument(..., help='A member_<i>.safetensors file, or a run directory (its first member).'),
+    json_out: Optional[Path] = typer.Option(None, '--json', help='Also write the spec as JSON to this file.'),
+):
+    """Print a model's permutation structure: each permutation, its size, the tensors and axes it touches,
+    and which tensors are left unpermuted and why."""
+    with _user_errors():
+        m = _load_models([model])[0]
+        _, spec = _spec_of(m.spec)
+        _print_spec(spec, m.state, f"Permutation spec of {m.path} ({m.spec.get('arch', '?')})")
+        if json_out:
+            _te().write_json(json_out, asdict(spec))
+
+
+@app.command()
+def align(
+    a: Path = typer.Argument(..., help='The reference: a member file, or a run directory (its member_0).'),
+    b: Path = typer.Argument(..., help='The models to permute: a member file, or a run directory (every member).'),
+    out: Optional[Path] = typer.Option(None, help='Output run directory (default: runs/<B>_aligned).'),
+    max_iter: int = typer.Option(MAX_SWEEPS, help='Most weight-matching sweeps over all permutations.'),
+    seed: int = typer.Option(0, help='Seed of the random order of the permutations within a sweep.'),
+    device: str = typer.Option('auto', help='Where cost matrices are built: auto (cuda if available), cpu or cuda.'),
+    force: bool = typer.Option(False, '--force', help='Replace --out if it already exists.'),
+):
+    """Permute B's members into A's basin by weight matching. Each output member computes exactly the same
+    function as its source; only the order of its hidden channels changes."""
+    from rich.console import Console
+    with _user_errors():
+        te, start = _te(), time.perf_counter()
+        ref, models, dev = _load_models([a])[0], _load_models([b]), te.resolve_device(device)
+        _, spec = _spec_of(ref.spec)
+        check_compatible(spec, [ref.state] + [m.state for m in models], [str(m.path) for m in [ref] + models])
+        keys, states, members = _matched_keys(spec, ref.state), [], []
+        for m in models:
+            perm = weight_matching(spec, ref.state, m.state, max_iter, seed, device=dev)
+            states.append(apply_permutation(spec, perm, m.state))
+            dist = [math.sqrt(_sq_distance({k: ref.state[k] for k in keys}, s)) for s in (m.state, states[-1])]
+            members.append(dict(source=str(m.path), sweeps=len(perm.objective) - 1, objective=perm.objective,
+                                distance_before=dist[0], distance_after=dist[1],
+                                channels_moved=sum(int((q != torch.arange(len(q))).sum()) for q in perm.values())))
+            Console(soft_wrap=True).print(
+                f'{m.path}: ‖A − B‖ {dist[0]:.4g} -> {dist[1]:.4g} after {members[-1]["sweeps"]} sweep(s), '
+                f'{members[-1]["channels_moved"]} of {sum(spec.perms.values())} channels moved')
+        out = out or Path('runs') / f'{b.name if b.is_dir() else b.parent.name + "_" + b.stem}_aligned'
+        config = dict(command='align', reference=str(ref.path), sources=[str(m.path) for m in models], model=ref.spec,
+                      seed=seed, max_iter=max_iter, members=members, **_data_options(b, None, None),
+                      time_s=time.perf_counter() - start, **te.environment(dev))
+        _write_run(out, states, config['sources'], ref.spec, config, force)
+        Console(soft_wrap=True).print(f'wrote {out}')
+
+
+@app.command()
+def merge(
+    models: List[Path] = typer.Argument(..., help='Member files or run directories (every member is merged).'),
+    out: Optional[Path] = typer.Option(None, help='Output run directory (default: runs/merge_<N>).'),
+    max_iter: int = typer.Option(MAX_SWEEPS, help='Most weight-matching sweeps per alignment step.'),
+    max_passes: int = typer.Option(MAX_PASSES, help='Most MergeMany passes over all models.'),
+    tol: float = typer.Option(PASS_TOL, help='Stop when a pass shrinks the total distance by less than this fraction.'),
+    seed: int = typer.Option(0, help='Seed of the random orders (models within a pass, permutations within a sweep).'),
+    reset_bn_: bool = typer.Option(False, '--reset-bn', help='Recompute the merged BatchNorm statistics on training data.'),
+    repair_: bool = typer.Option(False, '--repair', help="REPAIR: give each channel the mean of the models' channel mean and std."),
+    dataset: Optional[str] = typer.Option(None, help="Training data for --reset-bn/--repair (default: the first source run's)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Where that dataset lives (default: the source run's, else data/)."),
+    bn_examples: int = typer.Option(BN_EXAMPLES, help='Training images that --reset-bn/--repair average over.'),
+    batch_size: int = typer.Option(BN_BATCH, help='Batch size of those passes.'),
+    device: str = typer.Option('auto', help='Where to match and compute statistics: auto (cuda if available), cpu or cuda.'),
+    force: bool = typer.Option(False, '--force', help='Replace --out if it already exists.'),
+):
+    """MergeMany: align every model to the mean of the others until that distance stops shrinking, then
+    average them (BatchNorm statistics too) into one model in the first model's basin."""
+    from rich.console import Console
+    console = Console(soft_wrap=True)
+    with _user_errors():
+        te, start, found = _te(), time.perf_counter(), _load_models(models)
+        if len(found) < 2:
+            raise RebasinError(f'merge needs at least two models; {", ".join(map(str, models))} hold {len(found)}')
+        if reset_bn_ and repair_:
+            raise RebasinError('--reset-bn and --repair are alternatives (--repair also recomputes the statistics)')
+        net, spec = _spec_of(found[0].spec)
+        check_compatible(spec, [m.state for m in found], [str(m.path) for m in found])
+        if reset_bn_ and not _batchnorms(net):
+            raise RebasinError('--reset-bn: these models have no BatchNorm layers (--repair rescales their layers)')
+        dev, data, distance = te.resolve_device(device), _data_options(models[0], dataset, data_dir), []
+        if reset_bn_ or repair_:   # load the data first: fail before the long part
+            batches = _training_batches(data, found[0].spec, bn_examples, batch_size, dev)
+
+        def progress(record):
+            if 'distance' in record:
+                distance.append(record['distance'])
+                console.print(f"{'start' if record['pass'] == 0 else 'pass ' + str(record['pass'])}: "
+                              f"Σ‖θ_i − mean of the others‖² = {record['distance']:.6g}")
+
+        merged, perms = merge_many(spec, [m.state for m in found], max_iter, seed, dev, max_passes, tol, progress)
+        if reset_bn_ or repair_:
+            net.load_state_dict(merged)
+            net.to(dev)
+            ends = [copy.deepcopy(net) for _ in found] if repair_ else []
+            for end, m, q in zip(ends, found, perms):
+                end.load_state_dict(apply_permutation(spec, q, m.state))
+            merged = repair_many(ends, [1 / len(ends)] * len(ends), net, batches) if repair_ else reset_bn(net, batches)
+        out = out or Path('runs') / f'merge_{len(found)}'
+        config = dict(command='merge', sources=[str(m.path) for m in found], model=found[0].spec, seed=seed,
+                      max_iter=max_iter, max_passes=max_passes, tol=tol, passes=len(distance) - 1, distance=distance,
+                      sweeps=[len(q.objective) - 1 for q in perms], reset_bn=reset_bn_, repair=repair_,
+                      bn_examples=bn_examples if reset_bn_ or repair_ else None, **data,
+                      time_s=time.perf_counter() - start, **te.environment(dev))
+        _write_run(out, [merged], [config['sources']], found[0].spec, config, force)
+        console.print(f'merged {len(found)} models in {len(distance) - 1} passes, {time.perf_counter() - start:.1f} s: '
+                      f'wrote {out}')
+
+
+if __name__ == '__main__':
+    app()
