@@ -1,0 +1,518 @@
+"""spectral.py: spectral norms, the spectral parametrization, and coordinate checks.
+
+    python spectral.py report runs/NAME/member_0.safetensors   # ‖W‖_* of every layer against its target
+    python spectral.py coord-check --plot runs/coord.png      # activation size vs width, standard vs spectral
+    python spectral.py lr-sweep --plot runs/lr.png            # best learning rate per width
+
+Yang, Simon & Bernstein (2023, arXiv 2310.17813): features keep learning at every width when every
+weight matrix W (fan_in → fan_out) and every update ΔW satisfy
+
+    ‖W‖_* = Θ(√(fan_out / fan_in))    and    ‖ΔW‖_* = Θ(√(fan_out / fan_in))
+
+with ‖·‖_* the spectral norm (largest singular value) and a conv kernel read as the matrix
+(C_out, C_in·k·k), so fan_in counts C_in·k·k. The parametrization that `--param spectral` uses:
+
+    init   W ← σ·√(fan_out/fan_in) · W₀/‖W₀‖_*       (W₀ PyTorch's default init, σ = 1)
+    SGD    lr_W = lr · (fan_out/fan_in) / (fan_out/fan_in)_ref
+    Adam   lr_W = lr · fan_in_ref / fan_in
+
+The input layer (fan_in = the data's C·k·k or C·H·W) and the output layer (fan_out = classes) follow
+the same rule, as in the paper. The reference layer, which trains at exactly --lr, is a square hidden
+layer of REFERENCE_WIDTH = 256 channels with the network's kernel (fan_in = 256·k·k, fan_out = 256),
+so airbench's and resnet18's square 3x3 convs keep the recipe's SGD lr. It must not be a layer of the
+network itself: dividing by a width-dependent scale would undo the scaling that makes lrs transfer.
+Not covered by the paper, chosen here: biases and BatchNorm keep their init and base lr (μP would
+raise SGD bias lrs with fan_out); airbench's frozen whitening conv is neither rescaled nor optimized;
+its DiracConv's identity part is rescaled with the rest of the kernel; its fixed logit temperature 1/9
+is a width-independent constant and stays.
+
+Measured on CPU (coord-check defaults, mlp hidden 64..1024): after 10 SGD steps the worst layer's
+mean |activation| varies 3.9x across widths under standard (the logits), 1.5x under spectral; the
+lr-sweep's best lr moves 0.8 → 0.4 → 0.2 from width x0.25 to x4 under standard and stays at 1.6.
+"""
+
+#############################################
+#              Hyperparameters              #
+#############################################
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REFERENCE_WIDTH = 256       # channels of the reference layer that trains at exactly --lr (airbench's width)
+POWER_ITERS = 20            # power-iteration steps per call; warm-started calls need only a few
+COORD = dict(
+    widths='0.25,0.5,1,2,4',  # multipliers of the hidden sizes (mlp) or of `width` (airbench, resnet18)
+    hidden='256,256',         # mlp hidden sizes at width 1: two layers, so one is hidden-to-hidden
+    steps=10,                 # SGD steps before the activations are measured
+    lr=0.5,                   # plain SGD on the batch-mean loss; standard gives every layer this lr
+    batch_size=64,
+    examples=512,             # the synthetic training set the steps cycle through
+)
+# Side of the synthetic images per architecture. The mlp's 4x4x3 = 48 inputs sit below every width
+# checked: the rule describes widths large against the input dimension (see coord_check).
+IMAGE_SIZE = dict(mlp=4, resnet18=8, airbench=16)
+PARAMETRIZATIONS = ('standard', 'spectral')   # 'standard' = PyTorch's default init, one lr for every layer
+SWEEP = dict(widths='0.25,1,4', lrs='0.05,0.1,0.2,0.4,0.8,1.6,3.2', steps=20)
+
+
+#############################################
+#              Spectral norms               #
+#############################################
+
+def as_matrices(weight, members=1):
+    """A weight as `members` matrices (M, fan_out, fan_in): a conv kernel (M·C_out, C_in, k, k) becomes
+    (M, C_out, C_in·k·k), a linear weight (M·out, in) becomes (M, out, in)."""
+    return weight.reshape(members, weight.shape[0] // members, -1)
+
+
+def spectral_norm(weight, iters=POWER_ITERS, exact=False, state=None, members=1):
+    """Largest singular value of a weight (per member: shape () for members=1, else (M,)).
+
+    Power iteration on WᵀW. Pass the same dict as `state` on every call for one weight: it keeps the
+    right singular vector, so during training (small changes per step) a few iterations stay accurate.
+    exact=True: √(largest eigenvalue) of the smaller Gram matrix, WWᵀ or WᵀW, in float64 (the seed
+    log's own definition). It equals torch.linalg.matrix_norm(W, ord=2) and is several times faster
+    than that SVD on a CPU.
+    """
+    a = as_matrices(weight.detach(), members).float()
+    if exact:
+        a64 = a.double()
+        gram = a64 @ a64.transpose(1, 2) if a.shape[1] <= a.shape[2] else a64.transpose(1, 2) @ a64
+        sigma = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0).sqrt().float()
+    else:
+        v = None if state is None else state.get('v')
+        if v is None or v.shape != (a.shape[0], a.shape[2]) or v.device != a.device:
+            # A private generator: no effect on the global RNG, and the same answer on every call.
+            g = torch.Generator(device=a.device).manual_seed(0)
+            v = torch.randn(a.shape[0], a.shape[2], generator=g, device=a.device)
+        v = F.normalize(v, dim=1)
+        for _ in range(iters):
+            u = F.normalize(torch.bmm(a, v[:, :, None])[:, :, 0], dim=1)
+            v = F.normalize(torch.bmm(a.transpose(1, 2), u[:, :, None])[:, :, 0], dim=1)
+        if state is not None:
+            state['v'] = v
+        sigma = torch.bmm(a, v[:, :, None]).norm(dim=(1, 2))
+    return sigma[0] if members == 1 else sigma
+
+
+#############################################
+#                  Fans                     #
+#############################################
+
+def layer_fans(net, members=1):
+    """[(name, fan_in, fan_out, kind)] of every weight matrix (conv or linear) in module order.
+
+    name is the parameter's name ('3.conv1.weight'); fan_in = C_in·k·k (conv) or in (linear);
+    fan_out = rows / members (wide networks stack members along the first axis); kind is 'input'
+    (the first weight), 'output' (the last) or 'hidden'. Frozen weights are listed too.
+    """
+    weights = [(name, p) for name, p in net.named_parameters(remove_duplicate=True) if p.dim() >= 2]
+    fans = []
+    for i, (name, p) in enumerate(weights):
+        kind = 'input' if i == 0 else 'output' if i == len(weights) - 1 else 'hidden'
+        fans.append((name, p[0].numel(), p.shape[0] // members, kind))
+    return fans
+
+
+def spectral_target(fan_in, fan_out, sigma=1.0):
+    """The spectral norm the parametrization gives a weight at initialization."""
+    return sigma * math.sqrt(fan_out / fan_in)
+
+
+def reference_fans(net, members=1):
+    """(fan_in, fan_out) of the reference layer: square, REFERENCE_WIDTH channels, the net's kernel.
+    The kernel is the largest among trainable weights (k·k = 9 for airbench and resnet18, 1 for mlp),
+    a property of the architecture that does not change with width."""
+    params = dict(net.named_parameters())
+    trainable = [params[name] for name, *_ in layer_fans(net, members) if params[name].requires_grad]
+    kernel = max([w[0].numel() // w.shape[1] for w in trainable], default=1)   # k·k, or 1 for a linear
+    return REFERENCE_WIDTH * kernel, REFERENCE_WIDTH
+
+
+def lr_scale(fan_in, fan_out, optimizer='sgd', reference=(REFERENCE_WIDTH, REFERENCE_WIDTH)):
+    """Learning-rate multiplier that makes ‖ΔW‖_* = Θ(√(fan_out/fan_in)).
+
+    SGD: the gradient g·xᵀ is (per example) rank one with ‖x‖ = Θ(√fan_in) and, when the layers above
+    obey the condition, ‖g‖ = Θ(1/√fan_out); so ‖ΔW‖_* = lr·Θ(√(fan_in/fan_out)) and lr ∝ fan_out/fan_in.
+    Adam: the update's entries are ±Θ(lr) whatever the gradient's scale, a near rank-one sign pattern
+    with ‖ΔW‖_* = Θ(lr·√(fan_in·fan_out)); so lr ∝ 1/fan_in. Normalized to 1 at `reference`.
+    """
+    ref_in, ref_out = reference
+    if optimizer == 'sgd':
+        return (fan_out / fan_in) / (ref_out / ref_in)
+    if optimizer in ('adam', 'adamw'):
+        return ref_in / fan_in
+    raise ValueError(f"unknown optimizer '{optimizer}': use sgd or adam")
+
+
+#############################################
+#         Spectral parametrization          #
+#############################################
+
+@torch.no_grad()
+def spectral_init_(net, sigma=1.0, members=1):
+    """Rescale, in place, every trainable weight matrix of `net` to ‖W‖_* = σ·√(fan_out/fan_in).
+
+    Meant for a single member as train_ensemble.init_member returns it (members=1); a wide network
+    is rescaled member by member. Frozen weights (requires_grad False, e.g. airbench's whitening
+    conv, which is fixed by the data) are left alone. Biases and BatchNorm are left alone. Returns net.
+    """
+    params = dict(net.named_parameters())
+    for name, fan_in, fan_out, _ in layer_fans(net, members):
+        w = params[name]
+        if not w.requires_grad:
+            continue
+        norms = spectral_norm(w, exact=True, members=members).reshape(-1, 1, 1)
+        scale = spectral_target(fan_in, fan_out, sigma) / norms.clamp_min(1e-12)
+        w.copy_((as_matrices(w, members) * scale.to(w.dtype)).reshape(w.shape))
+    return net
+
+
+def spectral_param_groups(net, members, lr, weight_decay, optimizer='sgd', base_groups=None):
+    """Optimizer parameter groups of the spectral parametrization for a (wide) network.
+
+    Every trainable weight matrix gets its own group at lr · lr_scale(fans) (see lr_scale and the
+    reference layer above), named after the parameter and carrying its multiplier as 'spectral_scale'
+    (so a schedule can multiply it back in). Everything else (biases, BatchNorm) keeps its base lr.
+    base_groups: the groups the standard parametrization would use (dicts with 'params', 'lr',
+    'weight_decay', optionally 'name' and other keys, e.g. BatchNorm biases at a higher lr); default
+    one group of every trainable parameter at (lr, weight_decay). Weight decay is never rescaled.
+    Only parameters with requires_grad=True appear, each exactly once.
+    """
+    if base_groups is None:
+        base_groups = [dict(params=list(net.parameters()), lr=lr, weight_decay=weight_decay,
+                            name='biases and norms')]
+    reference = reference_fans(net, members)
+    params = dict(net.named_parameters())
+    fans = {id(params[name]): (name, fan_in, fan_out) for name, fan_in, fan_out, _ in layer_fans(net, members)}
+    groups = []
+    for base in base_groups:
+        trainable = [p for p in base['params'] if p.requires_grad]
+        rest = [p for p in trainable if id(p) not in fans]
+        if rest:
+            groups.append(dict(base, params=rest, name=base.get('name', 'biases and norms'), spectral_scale=1.0))
+        for p in trainable:
+            if id(p) in fans:
+                name, fan_in, fan_out = fans[id(p)]
+                scale = lr_scale(fan_in, fan_out, optimizer, reference)
+                groups.append(dict(base, params=[p], lr=base['lr'] * scale, name=name, spectral_scale=scale))
+    return groups
+
+
+#############################################
+#     Coordinate check and lr transfer      #
+#############################################
+# The check of Yang et al. (Tensor Programs V): train a few steps at several widths and measure the
+# typical size of every layer's output. A parametrization that is right in width gives flat lines; the
+# standard one lets the logits grow with width, because an SGD step moves W·h by lr·‖h‖² ∝ lr·width.
+# One finite-size effect remains under spectral: a layer with fan_out < fan_in (the input layer while
+# the width is below the input dimension d) starts at mean |W·x| ∝ √n/(√n + √d), not yet flat in n.
+# Hence the mlp check's 48-dimensional inputs. This part builds networks with train_ensemble.
+
+def model_spec(arch, width, hidden, image_size, num_classes=10):
+    """train_ensemble's model spec at a width multiplier (the mlp's hidden sizes are scaled here)."""
+    return dict(arch=arch, in_channels=3, image_size=image_size, num_classes=num_classes, kernel_size=3,
+                width=1.0 if arch == 'mlp' else width, hidden=[max(1, round(h * width)) for h in hidden],
+                mean=[0.5] * 3, std=[0.25] * 3)
+
+
+def synthetic_batch(n, image_size, num_classes=10, seed=0, noise=4.0):
+    """Learnable uint8 images at any size: a smooth class pattern under heavy noise, so that a few dozen
+    steps do not solve the task and the training loss still tells learning rates apart."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = F.interpolate(torch.randn(num_classes, 3, 4, 4, generator=g), size=image_size, mode='bilinear')
+    y = torch.randint(num_classes, (n,), generator=g)
+    x = patterns[y] + noise * torch.randn(n, 3, image_size, image_size, generator=g)
+    return (128 + 40 * x).clamp(0, 255).to(torch.uint8), y
+
+
+def make_optimizer(net, parametrization, lr, optimizer='sgd'):
+    """Plain SGD or Adam for one member: one lr for every parameter ('standard'), or spectral groups."""
+    if parametrization == 'spectral':
+        groups = spectral_param_groups(net, 1, lr, 0.0, optimizer)
+    else:
+        groups = [dict(params=[p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)]
+    return torch.optim.SGD(groups, lr=lr) if optimizer == 'sgd' else torch.optim.Adam(groups, lr=lr)
+
+
+def train_member(spec, parametrization, lr, steps, optimizer, x, y, batch_size=64, seed=0):
+    """A member built from `spec` (PyTorch's default init, or spectral_init_) after `steps` steps on (x, y)."""
+    import train_ensemble as te
+    net = te.init_member(spec, seed, x_train=x)
+    if parametrization == 'spectral':
+        spectral_init_(net)
+    opt = make_optimizer(net, parametrization, lr, optimizer)
+    net.train()
+    for step in range(steps):
+        i = (step * batch_size) % len(x)
+        loss = F.cross_entropy(net(te.to_float_images(x[i:i + batch_size])), y[i:i + batch_size])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return net
+
+
+@torch.no_grad()
+def activation_scales(net, x_float):
+    """{layer: mean |output|} of every conv/linear layer on a batch (forward hooks; train-mode BatchNorm)."""
+    modules = dict(net.named_modules())
+    scales, hooks = {}, []
+    for name, *_ in layer_fans(net):
+        layer = name.rsplit('.', 1)[0]
+        record = lambda m, i, out, layer=layer: scales.__setitem__(layer, out.abs().mean().item())  # noqa: E731
+        hooks.append(modules[layer].register_forward_hook(record))
+    net(x_float)
+    for h in hooks:
+        h.remove()
+    return scales
+
+
+def coord_check(arch='mlp', widths=(0.25, 0.5, 1, 2, 4), hidden=(256, 256), steps=10, lr=0.5, optimizer='sgd',
+                batch_size=64, examples=COORD['examples'], image_size=None, seed=0, progress=None):
+    """Mean |activation| of every layer after `steps` steps, per parametrization and width.
+
+    Returns {'layers', 'kinds', 'standard': {layer: [per width]}, 'spectral': {...}, 'drift': {parametrization:
+    the worst layer's largest / smallest value across widths}} (1 = flat) with the settings.
+    """
+    import train_ensemble as te
+    image_size = image_size or IMAGE_SIZE[arch]
+    x, y = synthetic_batch(examples, image_size, seed=seed)
+    probe = te.to_float_images(x[:batch_size])
+    out = dict(arch=arch, widths=list(widths), hidden=list(hidden), steps=steps, lr=lr, optimizer=optimizer,
+               image_size=image_size)
+    for p in PARAMETRIZATIONS:
+        per_width = []
+        for width in widths:
+            net = train_member(model_spec(arch, width, hidden, image_size), p, lr, steps, optimizer, x, y,
+                               batch_size, seed)
+            per_width.append(activation_scales(net, probe))
+            if progress:
+                progress()
+        out['layers'] = list(per_width[0])
+        out['kinds'] = {name.rsplit('.', 1)[0]: kind for name, _, _, kind in layer_fans(net)}
+        out[p] = {layer: [s[layer] for s in per_width] for layer in out['layers']}
+    out['drift'] = {p: max(max(v) / max(min(v), 1e-12) for v in out[p].values()) for p in PARAMETRIZATIONS}
+    return out
+
+
+@torch.no_grad()
+def train_loss(net, x, y, batch_size=256):
+    """Mean cross-entropy on the whole training set; None when training diverged."""
+    import train_ensemble as te
+    total = sum(F.cross_entropy(net(te.to_float_images(x[i:i + batch_size])), y[i:i + batch_size],
+                                reduction='sum').item() for i in range(0, len(x), batch_size))
+    loss = total / len(x)
+    return loss if math.isfinite(loss) else None
+
+
+def lr_sweep(arch='mlp', widths=(0.25, 1, 4), lrs=(0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2), hidden=(256, 256),
+             steps=20, optimizer='sgd', batch_size=64, examples=COORD['examples'], image_size=None, seed=0,
+             progress=None):
+    """Training loss after `steps` steps for every (parametrization, width, lr), and the best lr per width.
+
+    Returns {'standard': {'loss': [[per lr] per width], 'best_lr': [per width]}, 'spectral': ...} with the
+    settings. A parametrization that transfers keeps the best lr in place as the width grows.
+    """
+    image_size = image_size or IMAGE_SIZE[arch]
+    x, y = synthetic_batch(examples, image_size, seed=seed)
+    out = dict(arch=arch, widths=list(widths), lrs=list(lrs), hidden=list(hidden), steps=steps,
+               optimizer=optimizer, image_size=image_size)
+    for p in PARAMETRIZATIONS:
+        losses = []
+        for width in widths:
+            row = []
+            for lr in lrs:
+                net = train_member(model_spec(arch, width, hidden, image_size), p, lr, steps, optimizer, x, y,
+                                   batch_size, seed)
+                row.append(train_loss(net, x, y))
+                if progress:
+                    progress()
+            losses.append(row)
+        best = [min(range(len(lrs)), key=lambda i: math.inf if row[i] is None else row[i]) for row in losses]
+        out[p] = dict(loss=losses, best_lr=[lrs[i] for i in best])
+    return out
+
+
+def plot_panels(path, x, series, x_label, y_label, title, y_log=True):
+    """Two panels, standard | spectral, log-x; series[p] is [(label, ys)] for each p (None: no point)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, p in zip(axes, PARAMETRIZATIONS):
+        for label, ys in series[p]:
+            ax.plot(x, [math.nan if v is None else v for v in ys], marker='o', label=label)
+        ax.set_xscale('log')
+        ax.set_yscale('log' if y_log else 'linear')
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(x, [f'{v:g}' for v in x])
+        ax.set_title(f'{p} parametrization')
+        ax.set_xlabel(x_label)
+        ax.grid(alpha=0.3, which='both')
+    axes[0].set_ylabel(y_label)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+#############################################
+#               Command line                #
+#############################################
+
+def numbers(text, kind=float):
+    return [kind(t) for t in str(text).split(',') if t.strip()]
+
+
+def make_app():
+    """The typer application, built on demand so that importing this file needs only torch."""
+    import typer
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                      help='Spectral norms, the spectral parametrization, and coordinate checks.')
+    console = Console()
+
+    def fail(message):
+        console.print(f'[red]error:[/red] {message}')
+        raise typer.Exit(1)
+
+    def write_json(path, obj):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(obj, indent=2) + '\n')
+        console.print(f'wrote {path}')
+
+    def with_progress(description, total, work):
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(description, total=total)
+            return work(lambda: bar.advance(task))
+
+    def check_options(arch, optimizer, widths, hidden):
+        if arch not in IMAGE_SIZE:
+            fail(f"unknown --arch '{arch}': use {', '.join(IMAGE_SIZE)}")
+        if optimizer not in ('sgd', 'adam'):
+            fail(f"unknown --optimizer '{optimizer}': use sgd or adam")
+        try:
+            return numbers(widths), numbers(hidden, int)
+        except ValueError:
+            fail('--widths and --hidden take comma-separated numbers, e.g. 0.25,0.5,1 and 256,256')
+
+    @app.command()
+    def report(model: Path = typer.Argument(..., help='a member_<i>.safetensors checkpoint'),
+               sigma: float = typer.Option(1.0, help='σ in the target σ·√(fan_out/fan_in)'),
+               json_path: Path = typer.Option(None, '--json', help='write the numbers to this JSON file')):
+        """Spectral norm of every weight against its spectral target √(fan_out/fan_in)."""
+        import train_ensemble as te
+        try:
+            net = te.load_member(model)
+        except te.EnsembleError as e:
+            fail(str(e))
+        params = dict(net.named_parameters())
+        rows = []
+        for name, fan_in, fan_out, kind in layer_fans(net):
+            w = params[name]
+            norm, target = spectral_norm(w, exact=True).item(), spectral_target(fan_in, fan_out, sigma)
+            rows.append(dict(name=name, kind=kind, trainable=w.requires_grad, shape=list(w.shape), fan_in=fan_in,
+                             fan_out=fan_out, spectral_norm=norm, target=target, ratio=norm / target))
+        from rich import box
+        table = Table(title=f'spectral norms of {model}', box=box.SIMPLE_HEAD, pad_edge=False,
+                      caption='* frozen (not trained, not rescaled)')
+        for col in ('layer', 'kind', 'shape', 'fan_in', 'fan_out', '‖W‖_*', 'target', 'ratio'):
+            table.add_column(col, justify='left' if col in ('layer', 'kind') else 'right', no_wrap=True)
+        for r in rows:
+            table.add_row(r['name'].removesuffix('.weight'), r['kind'] + ('' if r['trainable'] else '*'),
+                          '×'.join(map(str, r['shape'])), str(r['fan_in']), str(r['fan_out']),
+                          f"{r['spectral_norm']:.4g}", f"{r['target']:.4g}", f"{r['ratio']:.3f}")
+        console.print(table)
+        if json_path:
+            write_json(json_path, dict(model=str(model), sigma=sigma, layers=rows))
+
+    # Options shared by coord-check and lr-sweep.
+    arch_opt = typer.Option('mlp', '--arch', help='mlp, airbench or resnet18')
+    hidden_opt = typer.Option(COORD['hidden'], '--hidden', help='mlp hidden sizes at width 1, comma-separated')
+    optimizer_opt = typer.Option('sgd', '--optimizer', help='sgd or adam')
+    batch_opt = typer.Option(COORD['batch_size'], '--batch-size', help='examples per step')
+    image_opt = typer.Option(None, '--image-size', help='side of the synthetic images (default: mlp 4, resnet18 8, '
+                                                        'airbench 16)')
+    seed_opt = typer.Option(0, '--seed', help='seed of the data and of every network')
+    json_opt = typer.Option(None, '--json', help='write the numbers to this JSON file')
+
+    @app.command('coord-check')
+    def coord_check_command(
+            arch: str = arch_opt, hidden: str = hidden_opt, optimizer: str = optimizer_opt,
+            batch_size: int = batch_opt, image_size: int = image_opt, seed: int = seed_opt,
+            widths: str = typer.Option(COORD['widths'], help='comma-separated width multipliers'),
+            steps: int = typer.Option(COORD['steps'], help='training steps before measuring'),
+            lr: float = typer.Option(COORD['lr'], help="base learning rate (the reference layer's under spectral)"),
+            plot: Path = typer.Option(None, help='write the activation-vs-width PNG here'),
+            json_path: Path = json_opt):
+        """Mean |activation| of every layer after a few steps, against width: flat under spectral."""
+        ws, hs = check_options(arch, optimizer, widths, hidden)
+        result = with_progress('coord-check', 2 * len(ws), lambda tick: coord_check(
+            arch, ws, hs, steps, lr, optimizer, batch_size, image_size=image_size, seed=seed, progress=tick))
+        table = Table(title=f'mean |activation| after {steps} {optimizer} steps at lr {lr:g} ({arch})')
+        for col in ['layer'] + [f'×{w:g}' for w in ws] + ['drift']:
+            table.add_column(col, justify='left' if col == 'layer' else 'right', no_wrap=col == 'layer')
+        series = {}
+        for p in PARAMETRIZATIONS:
+            series[p] = [(f"{layer} ({result['kinds'][layer]})", v) for layer, v in result[p].items()]
+            for label, v in series[p]:
+                table.add_row(f'{p} {label}', *[f'{x:.3g}' for x in v], f'{max(v) / max(min(v), 1e-12):.2f}x')
+        console.print(table)
+        console.print('worst drift across widths: ' + ', '.join(f'{p} {d:.2f}x' for p, d in result['drift'].items()))
+        if plot:
+            plot_panels(plot, ws, series, 'width multiplier', 'mean |activation|',
+                        f'coordinate check: {arch}, {steps} {optimizer} steps at lr {lr:g}')
+            console.print(f'wrote {plot}')
+        if json_path:
+            write_json(json_path, result)
+
+    @app.command('lr-sweep')
+    def lr_sweep_command(
+            arch: str = arch_opt, hidden: str = hidden_opt, optimizer: str = optimizer_opt,
+            batch_size: int = batch_opt, image_size: int = image_opt, seed: int = seed_opt,
+            widths: str = typer.Option(SWEEP['widths'], help='comma-separated width multipliers'),
+            lrs: str = typer.Option(SWEEP['lrs'], help='comma-separated base learning rates'),
+            steps: int = typer.Option(SWEEP['steps'], help='training steps per run'),
+            plot: Path = typer.Option(None, help='write the loss-vs-lr PNG here'),
+            json_path: Path = json_opt):
+        """Training loss against learning rate at several widths: the best lr stays put under spectral."""
+        ws, hs = check_options(arch, optimizer, widths, hidden)
+        try:
+            rates = numbers(lrs)
+        except ValueError:
+            fail('--lrs takes comma-separated numbers, e.g. 0.1,0.2,0.4')
+        result = with_progress('lr-sweep', 2 * len(ws) * len(rates), lambda tick: lr_sweep(
+            arch, ws, rates, hs, steps, optimizer, batch_size, image_size=image_size, seed=seed, progress=tick))
+        table = Table(title=f'training loss after {steps} {optimizer} steps ({arch}); - = diverged')
+        table.add_column('base lr', justify='right')
+        for p in PARAMETRIZATIONS:
+            for w in ws:
+                table.add_column(f'{p} ×{w:g}', justify='right')
+        columns = [row for p in PARAMETRIZATIONS for row in result[p]['loss']]
+        for i, r in enumerate(rates):
+            table.add_row(f'{r:g}', *['-' if col[i] is None else f'{col[i]:.3f}' for col in columns])
+        table.add_row('best lr', *[f'{b:g}' for p in PARAMETRIZATIONS for b in result[p]['best_lr']], style='bold')
+        series = {p: [(f'width ×{w:g}', row) for w, row in zip(ws, result[p]['loss'])] for p in PARAMETRIZATIONS}
+        console.print(table)
+        if plot:
+            plot_panels(plot, rates, series, 'base learning rate', 'training loss',
+                        f'learning-rate transfer: {arch}, {steps} {optimizer} steps', y_log=False)
+            console.print(f'wrote {plot}')
+        if json_path:
+            write_json(json_path, result)
+
+    return app
+
+
+if __name__ == '__main__':
+    make_app()()
