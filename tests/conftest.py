@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -7,7 +6,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: the tests' networks are tiny, and on a shared 2-core machine torch's second thread
+# stalls in spin-waits (measured: an airbench forward pass ~20x slower with 2 threads under load).
+torch.set_num_threads(1)
 
 FASHION_MNIST = Path('/usr/share/datasets/fashion-mnist')
 

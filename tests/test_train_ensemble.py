@@ -28,7 +28,8 @@ def member_states(run_dir):
     return [load_file(p) for p in te.member_paths(run_dir)]
 
 
-SMALL_AIRBENCH = dict(dataset='synthetic', arch='airbench', width=0.125, subset=512, batch_size=128, epochs=2)
+SMALL_AIRBENCH = dict(dataset='synthetic', arch='airbench', width=1 / 16, subset=256, batch_size=64, epochs=2)
+TINY_AIRBENCH = SMALL_AIRBENCH
 
 
 # ---- the objective ----
@@ -76,24 +77,38 @@ def test_objective_at_beta1_is_M_times_the_ensemble_loss_and_bagging_weights_mem
 
 @pytest.fixture
 def float64():
-    """Exact arithmetic for equivalence claims: in float32 the airbench recipe's high learning rate
-    amplifies rounding differences (grouped vs single convs) to ~1e-3 within a few epochs."""
+    """Exact arithmetic for equivalence claims: in float32 the recipes' high learning rates amplify
+    rounding differences (grouped vs single convs) to ~1e-3 within a few epochs."""
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(torch.float32)
 
 
 def test_at_beta0_an_ensemble_trains_each_member_exactly_as_if_alone(tmp_path, float64):
-    """M-member run at β=0 == M single-member runs with the same batches (data seed) and member init."""
-    # Tiny airbench (BatchNorm, Lookahead from epoch 3, whitening bias frozen at epoch 3), 4 epochs.
-    options = dict(SMALL_AIRBENCH, width=1 / 16, subset=256, batch_size=64, epochs=4, lookahead=True)
+    """M-member run at β=0 == M single-member runs with the same batches (data seed) and member init,
+    to float64 precision, through the whole recipe: schedule, weight decay, Lookahead from epoch 3."""
+    options = dict(dataset='synthetic', arch='mlp', hidden=[32, 16], subset=256, batch_size=32, epochs=4,
+                   lookahead=True, label_smoothing=0.2)
+    run(tmp_path, 'ensemble', members=3, beta=0.0, seed=10, **options)
+    ensemble = member_states(tmp_path / 'ensemble')
+    for j in range(3):
+        run(tmp_path, f'solo{j}', members=1, seed=10 + j, data_seed=10, **options)
+        solo = member_states(tmp_path / f'solo{j}')[0]
+        for key in solo:
+            assert torch.allclose(ensemble[j][key], solo[key], atol=1e-12, rtol=0), (j, key)
+
+
+def test_the_wide_conv_network_with_batchnorm_trains_members_as_if_alone(tmp_path):
+    """The same claim through grouped convs, BatchNorm and augmentation (float32, 2 epochs: before the
+    high-lr phase amplifies rounding)."""
+    options = dict(TINY_AIRBENCH, epochs=2)
     run(tmp_path, 'ensemble', members=2, beta=0.0, seed=10, **options)
     ensemble = member_states(tmp_path / 'ensemble')
     for j in range(2):
         run(tmp_path, f'solo{j}', members=1, seed=10 + j, data_seed=10, **options)
         solo = member_states(tmp_path / f'solo{j}')[0]
         for key in solo:
-            assert torch.allclose(ensemble[j][key], solo[key], atol=1e-9, rtol=0), (j, key)
+            assert torch.allclose(ensemble[j][key], solo[key], atol=1e-5, rtol=1e-4), (j, key)
 
 
 def test_joint_run_writes_the_run_directory_and_members_reload_exactly(tmp_path):
@@ -119,7 +134,7 @@ def test_joint_run_writes_the_run_directory_and_members_reload_exactly(tmp_path)
     for j, member in enumerate(members):
         assert torch.allclose(member(x), expected[j], atol=1e-5)
     # ...and the summary's numbers are what the rebuilt members give (TTA on for 3-channel data).
-    data = te.load_data('synthetic', subset=512)
+    data = te.load_data('synthetic', subset=256)
     again = te.evaluate(members, data.x_test, data.y_test, 'prob', tta=summary['tta'])
     assert again['acc'] == pytest.approx(summary['test_acc'], abs=1e-6)
     assert again['div'] == pytest.approx(summary['test_div'], abs=1e-4)
@@ -148,16 +163,16 @@ def test_init_starts_every_member_from_given_weights(tmp_path):
     run(tmp_path, 'a', members=1, **SMALL_AIRBENCH)
     source = load_file(tmp_path / 'a' / 'member_0.safetensors')
     cfg = te.resolve_config(te.Config(members=3, init=str(tmp_path / 'a' / 'member_0.safetensors'), **SMALL_AIRBENCH))
-    data = te.load_data('synthetic', subset=512)
+    data = te.load_data('synthetic', subset=256)
     states = te.initial_member_states(cfg, te.model_spec(cfg, data), data)
     assert len(states) == 3 and all(torch.equal(s[k], source[k]) for s in states for k in source)
 
 
 # ---- data ----
 
-def test_shards_are_disjoint_and_class_balanced_and_val_split_is_held_out():
-    full = te.load_data('synthetic', val_size=1000)
-    shards = [te.load_data('synthetic', val_size=1000, shard=(i, 4)) for i in range(4)]
+def test_shards_are_disjoint_and_class_balanced_and_val_split_is_held_out(fashion_mnist):
+    full = te.load_data(fashion_mnist, val_size=1000)
+    shards = [te.load_data(fashion_mnist, val_size=1000, shard=(i, 4)) for i in range(4)]
     assert sum(len(s.y_train) for s in shards) == len(full.y_train)
     flat = lambda x: {bytes(row) for row in x.flatten(1).numpy()}   # noqa: E731
     parts = [flat(s.x_train) for s in shards]
@@ -179,14 +194,14 @@ def test_npz_datasets_load_in_nhwc_and_nchw(tmp_path):
 
 def test_synthetic_data_is_deterministic_and_learnable_but_not_trivial(tmp_path):
     assert torch.equal(te.load_data('synthetic', seed=3, subset=100).x_train, te.load_data('synthetic', seed=3, subset=100).x_train)
-    summary = run(tmp_path, 'syn', members=1, dataset='synthetic', arch='mlp', hidden=[128], subset=4000, epochs=4)
+    summary = run(tmp_path, 'syn', members=1, dataset='synthetic', arch='mlp', hidden=[128], subset=2000, epochs=3)
     assert 0.5 < summary['test_acc'] < 0.995
 
 
 # ---- real data: Fashion-MNIST ----
 
 def test_on_fashion_mnist_models_learn_and_joint_training_inflates_diversity(tmp_path, fashion_mnist):
-    common = dict(dataset=fashion_mnist, arch='mlp', hidden=[64], members=3, subset=8000, epochs=4)
+    common = dict(dataset=fashion_mnist, arch='mlp', hidden=[64], members=3, subset=5000, epochs=3)
     independent = run(tmp_path, 'beta0', beta=0.0, **common)
     joint = run(tmp_path, 'beta1', beta=1.0, **common)
     assert independent['test_acc'] > 0.75 and min(independent['member_test_acc']) > 0.7   # chance is 0.1
