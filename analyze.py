@@ -1,0 +1,823 @@
+"""analyze.py: look inside trained ensembles: metrics, diversity, learner collusion, loss barriers, sharpness.
+
+    python analyze.py evaluate runs/joint --split train --split test   # members, ensemble, DIV, calibration, gaps
+    python analyze.py compare runs/beta_* --plot beta.png              # the β sweep: error, DIV, gap vs β
+    python analyze.py debias runs/joint                                # how much of DIV is collusion
+    python analyze.py drop runs/joint --fractions 0.2,0.4,0.6          # what dropping learners costs
+    python analyze.py interpolate runs/a runs/b --align --repair --plot lmc.png
+    python analyze.py sharpness runs/sam --rho 0.5
+
+Every command reads run directories (SPEC.md), prints a table, writes its numbers with --json and, for
+curves and sweeps, a PNG with --plot. The diagnostics are those of the collusion paper (Jeffares et al.
+2023, arXiv 2301.11323: DIV vs β, generalization gaps, debiasing, dropping learners), the modular-loss
+supplement (Webb et al.: the ambiguity decomposition), SharpBalance (Lu et al. 2024: disagreement-error
+ratio, logit variance, ASAM-style sharpness) and git re-basin (Ainsworth et al. 2022: barriers along
+A→B, A→π(B) and B→π(B), with BatchNorm reset or REPAIR from rebasin.py).
+
+Measured on Fashion-MNIST (4,000 training images, 3-member MLP with 64 hidden units, 3 epochs, CPU, seed 0),
+independent (β = 0) vs joint (β = 1) training with probability averaging: test DIV 0.024 vs 16.3; debiasing
+(biases fit on train, removed on test) changes DIV by +40% vs -49% (it removes nothing from independent
+members and half of the joint ones' DIV); dropping one of the three members raises the test loss by 0.006 vs
+1.50 nats. Running-average train numbers in summary.json understate the loss gap: 0.020 vs 0.061 clean.
+"""
+
+#############################################
+#                 Settings                  #
+#############################################
+
+import copy
+import functools
+import itertools
+import json
+import math
+from contextlib import contextmanager
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+import typer
+
+import rebasin
+import train_ensemble as te
+
+ECE_BINS = 15               # equal-width confidence bins of the expected calibration error
+DROP_DRAWS = 20             # random member subsets per drop fraction (all subsets when there are fewer)
+INTERP_STEPS = 11           # λ = 0, 0.1, ..., 1
+INTERP_EXAMPLES = 10000     # images per split for each λ of each curve (3 curves x 11 steps add up)
+SHARP_RHO = 0.5             # ASAM's radius: perturbations are measured relative to |w|, so ρ is ~10x SAM's
+SHARP_STEPS = 5             # projected gradient ascent steps (1 step = the SAM/ASAM estimate)
+SHARP_EXAMPLES = 2000       # fixed training images the ascent and the loss use
+SHARP_BATCH = 500
+ASAM_ETA = 0.01             # ASAM's offset in |w| + η, so that zero weights (biases) can still move
+
+
+#############################################
+#               Runs and data               #
+#############################################
+
+@functools.lru_cache(maxsize=2)   # several analyses of runs on the same data in one process load it once
+def _cached_data(key):
+    return te.load_run_data(json.loads(key), 'cpu')
+
+
+def run_data(config, dataset=None):
+    """The data a run was trained on (its config.json), on the CPU; `dataset` overrides the config's."""
+    fields = ('dataset', 'data_dir', 'seed', 'data_seed', 'val_size', 'shard', 'subset')
+    key = {k: config[k] for k in fields if config.get(k) is not None}
+    if dataset:
+        key['dataset'] = dataset
+    return _cached_data(json.dumps(key, sort_keys=True))
+
+
+def run_config(path):
+    """config.json of a run directory, or of the run a member file sits in ({} when there is none)."""
+    path = Path(path)
+    if not path.exists():
+        raise te.EnsembleError(f'{path} does not exist (expected a run directory or a member file)')
+    config_path = (path if path.is_dir() else path.parent) / 'config.json'
+    return json.loads(config_path.read_text()) if config_path.exists() else {}
+
+
+def split_examples(data, split, examples=None):
+    """(uint8 images, labels) of a split, the first `examples` of them (splits are class-balanced in order)."""
+    x, y = data.split(split)
+    return (x[:examples], y[:examples]) if examples else (x, y)
+
+
+#############################################
+#        Metrics of one predictor           #
+#############################################
+
+def brier_score(probs, y):
+    """Mean over examples of Σ_k (p_k − 1[y = k])², between 0 and 2."""
+    return float((probs - F.one_hot(y, probs.size(-1)).to(probs)).pow(2).sum(-1).mean())
+
+
+def calibration(probs, y, bins=ECE_BINS):
+    """Expected calibration error: Σ_b (n_b / N)·|accuracy_b − confidence_b| over equal-width bins of the
+    top-class probability."""
+    confidence, prediction = probs.max(-1)
+    correct = (prediction == y).to(confidence)
+    index = (confidence * bins).ceil().long().clamp(1, bins) - 1   # bin b holds (b/bins, (b+1)/bins]
+    gap = torch.zeros(bins, dtype=confidence.dtype, device=probs.device)
+    gap.index_add_(0, index, correct - confidence)   # Σ (acc − conf) per bin = n_b·(acc_b − conf_b)
+    return float(gap.abs().sum() / len(y))
+
+
+def prediction_metrics(log_probs, y, bins=ECE_BINS):
+    """Accuracy, NLL, Brier score and ECE of one predictor's (N, K) log-probabilities."""
+    probs = log_probs.exp()
+    return dict(acc=float((log_probs.argmax(-1) == y).double().mean()),
+                nll=float(te.cross_entropy(log_probs, y).mean()),
+                brier=brier_score(probs, y), ece=calibration(probs, y, bins))
+
+
+#############################################
+#                Diversity                  #
+#############################################
+
+def ambiguity(logits, y, combiner):
+    """The ambiguity decomposition CE(y, p̄) = mean_j CE(y, p_j) − DIV, with DIV by the combiner's own
+    formula: logit averaging (normalized geometric mean) has the label-free (1/M) Σ_j KL(p̄ ‖ p_j)
+    (Heskes 1998); probability averaging has the Jensen gap at the label (1/M) Σ_j log(p̄_y / p_j,y).
+    Returns per-example DIV (N,) and the largest deviation of the identity (float64 throughout)."""
+    logits = logits.double()
+    member_ce, ensemble_ce, _ = te.ensemble_terms(logits, y, combiner)
+    log_p = F.log_softmax(logits, -1)
+    if combiner == 'logit':
+        log_mean = te.combine(logits, 'logit')
+        div = (log_mean.exp() * (log_mean - log_p)).sum(-1).mean(0)
+    elif combiner == 'prob':
+        log_p_y = log_p.gather(-1, y.expand(log_p.shape[:-1]).unsqueeze(-1)).squeeze(-1)   # (M, N)
+        div = torch.logsumexp(log_p_y, 0) - math.log(len(log_p)) - log_p_y.mean(0)
+    else:
+        raise te.EnsembleError(f"unknown combiner '{combiner}': use prob or logit")
+    residual = float((member_ce.mean(0) - ensemble_ce - div).abs().max())
+    return div, residual
+
+
+def disagreement(logits):
+    """Fraction of member pairs whose top classes differ, averaged over examples. Counting each example's
+    votes per class (pairs that agree = Σ_c n_c(n_c − 1)) avoids building M² comparisons."""
+    m, _, k = logits.shape
+    if m < 2:
+        return 0.0
+    votes = F.one_hot(logits.argmax(-1), k).sum(0).double()   # (N, K) members per class
+    return float(1 - (votes * (votes - 1)).sum(-1).mean() / (m * (m - 1)))
+
+
+def logit_variance(logits):
+    """Variance across members of the logits, averaged over examples and classes. Each member's logits
+    are centred over classes first: a per-example shift changes no prediction, so it is not diversity."""
+    centred = logits.double() - logits.double().mean(-1, keepdim=True)
+    return float(centred.var(0, unbiased=False).mean())
+
+
+def _ratio(a, b):
+    return a / b if b > 0 else None   # JSON has no NaN: None (null) when undefined
+
+
+def ensemble_report(logits, y, combiner, bins=ECE_BINS):
+    """Everything `evaluate` shows for (M, N, K) member logits: per-member, mean-member and ensemble
+    metrics, DIV and its decomposition residual, disagreement, disagreement-error ratio, ensemble
+    improvement rate and logit variance."""
+    logits, y = logits.double(), y.to(logits.device)
+    log_p = F.log_softmax(logits, -1)
+    members = [prediction_metrics(log_p[j], y, bins) for j in range(len(logits))]
+    mean_member = {k: sum(m[k] for m in members) / len(members) for k in members[0]}
+    ensemble = prediction_metrics(te.combine(logits, combiner), y, bins)
+    div, residual = ambiguity(logits, y, combiner)
+    member_error, ensemble_error = 1 - mean_member['acc'], 1 - ensemble['acc']
+    agreement = disagreement(logits)
+    return dict(examples=len(y), combiner=combiner, members=members, mean_member=mean_member,
+                ensemble=ensemble, div=float(div.mean()), decomposition_residual=residual,
+                disagreement=agreement, disagreement_error_ratio=_ratio(agreement, member_error),
+                ensemble_improvement_rate=_ratio(member_error - ensemble_error, member_error),
+                logit_variance=logit_variance(logits))
+
+
+#############################################
+#          Collusion diagnostics            #
+#############################################
+
+def member_bias(logits):
+    """(M, 1, K) class-wise bias of each member: its mean logit minus the members' average mean logit.
+    The biases sum to zero over members, so removing them leaves the mean logit unchanged."""
+    mean_logit = logits.mean(1, keepdim=True)
+    return mean_logit - mean_logit.mean(0, keepdim=True)
+
+
+def debias(logits_fit, logits_apply):
+    """Member logits on `logits_apply` with the biases estimated on `logits_fit` removed. Colluding
+    members push their logits in opposite constant directions that cancel in the ensemble: removing
+    the offsets removes that pseudo-diversity and leaves the logit-averaged ensemble exactly as it was."""
+    return logits_apply - member_bias(logits_fit).to(logits_apply)
+
+
+def ensemble_loss_error(logits, y, combiner):
+    log_probs = te.combine(logits, combiner)
+    return float(te.cross_entropy(log_probs, y).mean()), float((log_probs.argmax(-1) != y).double().mean())
+
+
+def drop_learners(logits, y, combiner, fractions, draws=DROP_DRAWS, seed=0):
+    """For each fraction p: keep M − ⌊pM⌋ members (every subset if there are at most `draws`, else
+    `draws` random ones) and measure the increase of the ensemble's loss and error over the full one."""
+    m, g = len(logits), torch.Generator().manual_seed(seed)
+    full = ensemble_loss_error(logits, y, combiner)
+    rows = []
+    for p in fractions:
+        keep = m - math.floor(p * m + 1e-9)
+        if not 0 <= p < 1 or keep < 1:
+            raise te.EnsembleError(f'drop fraction {p} must be in [0, 1) and keep at least one of {m} members')
+        if math.comb(m, keep) <= draws:
+            subsets = [list(s) for s in itertools.combinations(range(m), keep)]
+        else:
+            subsets = [torch.randperm(m, generator=g)[:keep].tolist() for _ in range(draws)]
+        rise = torch.tensor([ensemble_loss_error(logits[s], y, combiner) for s in subsets], dtype=torch.float64)
+        rise -= torch.tensor(full, dtype=torch.float64)
+        rows.append(dict(fraction=p, kept=keep, subsets=len(subsets),
+                         loss_increase=float(rise[:, 0].mean()), loss_increase_std=float(rise[:, 0].std(unbiased=False)),
+                         error_increase=float(rise[:, 1].mean()), error_increase_std=float(rise[:, 1].std(unbiased=False))))
+    return dict(full_loss=full[0], full_error=full[1], fractions=rows)
+
+
+#############################################
+#              Loss landscape               #
+#############################################
+
+def interpolate_states(a, b, lam):
+    """(1 − λ)·A + λ·B for every floating tensor, BatchNorm statistics included; integer buffers (step
+    counts) are A's. torch.lerp is exact at λ = 0 and λ = 1, so the endpoints are A and B bit for bit."""
+    return {k: torch.lerp(v, b[k].to(v), lam) if v.is_floating_point() else v.clone() for k, v in a.items()}
+
+
+def barrier(values, lams=None):
+    """max_λ L(λ) − ((1 − λ)·L(0) + λ·L(1)) of a curve sampled at `lams` (default: evenly from 0 to 1)."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    lams = torch.linspace(0, 1, len(values), dtype=torch.float64) if lams is None else torch.as_tensor(lams, dtype=torch.float64)
+    return float((values - ((1 - lams) * values[0] + lams * values[-1])).max())
+
+
+def align_state(net, state_a, state_b, example_input):
+    """B's state with its hidden channels permuted by weight matching into A's basin (the same function)."""
+    spec = rebasin.permutation_spec(net, example_input)
+    return rebasin.apply_permutation(spec, rebasin.weight_matching(spec, state_a, state_b), state_b)
+
+
+def interpolation_curve(net, state_a, state_b, lams, evaluate, bn=None, batches=None, progress=None):
+    """evaluate(net) at each λ of the straight line from A to B. bn='reset' recomputes BatchNorm
+    statistics, bn='repair' applies REPAIR (rebasin.py), both on `batches` and only strictly inside the
+    line: the endpoints are the trained networks as they are. `net` ends holding the last state."""
+    if bn == 'repair':
+        ends = [copy.deepcopy(net) for _ in range(2)]
+        for end, state in zip(ends, (state_a, state_b)):
+            end.load_state_dict(state)
+    rows = []
+    for lam in lams:
+        net.load_state_dict(interpolate_states(state_a, state_b, lam))
+        if bn and 0 < lam < 1:
+            net.load_state_dict(rebasin.reset_bn(net, batches) if bn == 'reset'
+                                else rebasin.repair(ends[0], ends[1], net, lam, batches))
+        rows.append(dict(lam=lam, **evaluate(net)))
+        if progress:
+            progress()
+    return rows
+
+
+def sharpness(model, batches, rho=SHARP_RHO, steps=SHARP_STEPS, adaptive=True, eta=ASAM_ETA):
+    """Worst-case increase of the cross-entropy (no label smoothing) on fixed `batches` ((x, y) pairs) within the ball ‖ε / s‖₂ ≤ ρ,
+    s = |w| + η (ASAM's adaptive scale; s = 1 if not adaptive), over every trainable parameter, found by
+    `steps` of projected, normalized gradient ascent (step 2ρ/steps; one step is the SAM/ASAM estimate).
+    The model runs in eval mode, so BatchNorm uses its running statistics (a perturbation never changes
+    them) and the model itself is never modified. Returns dict(loss, perturbed_loss, sharpness)."""
+    from torch.func import functional_call
+    model.eval()
+    weights = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    scale = {n: (w.abs() + eta) if adaptive else torch.ones_like(w) for n, w in weights.items()}
+    delta = {n: torch.zeros_like(w, requires_grad=True) for n, w in weights.items()}
+    count = sum(len(y) for _, y in batches)
+
+    def loss_at(delta, grad):
+        total = 0.0
+        for x, y in batches:   # one backward per batch: the gradients add up, the graphs don't pile up
+            with torch.set_grad_enabled(grad):
+                out = functional_call(model, {n: w + scale[n] * delta[n] for n, w in weights.items()}, (x,))
+                loss = F.cross_entropy(out.float(), y, reduction='sum') / count
+            if grad:
+                loss.backward()
+            total += float(loss.detach())
+        return total
+
+    values = []
+    for step in range(steps + 1):
+        values.append(loss_at(delta, grad=step < steps))
+        if step == steps:
+            break
+        with torch.no_grad():
+            norm = math.sqrt(sum(float(d.grad.pow(2).sum()) for d in delta.values())) or 1.0
+            for d in delta.values():
+                d.add_(d.grad, alpha=2 * rho / steps / norm)
+                d.grad = None
+            radius = math.sqrt(sum(float(d.pow(2).sum()) for d in delta.values()))
+            if radius > rho:   # project back onto the ball
+                for d in delta.values():
+                    d.mul_(rho / radius)
+    base, worst = values[0], max(values)
+    return dict(loss=base, perturbed_loss=worst, sharpness=worst - base)
+
+
+#############################################
+#                  Plots                    #
+#############################################
+
+def _figure(panels, width=5.0):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, panels, figsize=(width * panels, 4.2), squeeze=False)
+    return plt, fig, axes[0]
+
+
+def _label(ax, x_label, y_label, fontsize=7):
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=fontsize)
+
+
+def _save(plt, fig, path, title):
+    fig.suptitle(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _mean_by_beta(rows, key):
+    """(βs, mean of `key` over the runs at each β): runs that differ only in their seed make one point."""
+    values = {}
+    for r in rows:
+        values.setdefault(r['beta'], []).append(r[key])
+    betas = sorted(values)
+    return betas, [sum(values[b]) / len(values[b]) for b in betas]
+
+
+def plot_sweep(path, groups, title):
+    """compare's figure: test error, DIV (train and test) and the loss gap against β, one line per group."""
+    plt, fig, (err_ax, div_ax, gap_ax) = _figure(3)
+    for i, (label, rows) in enumerate(groups.items()):
+        style = dict(color=f'C{i}', marker='o')
+        for key, line, what in (('test_acc', '-', 'ensemble'), ('member_test_acc', ':', 'mean member')):
+            betas, acc = _mean_by_beta(rows, key)
+            err_ax.plot(betas, [1 - a for a in acc], line, label=f'{label}: {what}', **style)
+        for key, line, what in (('train_div', '-', 'train'), ('test_div', '--', 'test')):
+            div_ax.plot(*_mean_by_beta(rows, key), line, label=f'{label}: {what}', **style)
+        gap_ax.plot(*_mean_by_beta(rows, 'gap'), '-', label=label, **style)
+    for ax, name in ((err_ax, 'test error'), (div_ax, 'DIV'), (gap_ax, 'ensemble loss gap (test − train)')):
+        _label(ax, 'β (0 = independent, 1 = joint)', name)
+    div_ax.set_yscale('symlog', linthresh=1e-3)   # DIV spans orders of magnitude between β = 0 and β = 1
+    _save(plt, fig, path, title)
+
+
+def plot_drop(path, result, title):
+    plt, fig, axes = _figure(2)
+    rows = [dict(fraction=0.0, **{f'{k}_increase{s}': 0.0 for k in ('loss', 'error') for s in ('', '_std')})]
+    rows += result['fractions']   # the full ensemble, at 0, anchors the curve
+    for ax, key in zip(axes, ('loss', 'error')):
+        ax.errorbar([r['fraction'] for r in rows], [r[f'{key}_increase'] for r in rows],
+                    yerr=[r[f'{key}_increase_std'] for r in rows], marker='o', capsize=3,
+                    label=f"mean ± std over member subsets ({result['split']} split)")
+        _label(ax, f"fraction of the {result['members']} members dropped", f'increase in ensemble {key}', 8)
+    _save(plt, fig, path, title)
+
+
+def plot_interpolation(path, curves, title):
+    plt, fig, axes = _figure(2)
+    for i, (name, rows) in enumerate(curves.items()):
+        lams = [r['lam'] for r in rows]
+        for ax, key in zip(axes, ('loss', 'error')):
+            for split, style in (('train', '-'), ('test', '--')):
+                ax.plot(lams, [r[f'{split}_{key}'] for r in rows], style, marker='o', ms=3, color=f'C{i}',
+                        label=f'{name} ({split})')
+    for ax, key in zip(axes, ('loss', 'error')):
+        _label(ax, 'λ (0 = A, 1 = B)', f'{key} (solid: train, dashed: test)')
+    _save(plt, fig, path, title)
+
+
+#############################################
+#               Command line                #
+#############################################
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help='Metrics, diversity, collusion diagnostics, interpolation and sharpness of trained ensembles.')
+
+JSON_HELP = 'Write every number shown to this JSON file.'
+DEVICE_HELP = 'auto (cuda when there is one), cpu or cuda.'
+DATASET_HELP = "Evaluate on this dataset instead of the one in the run's config.json."
+EXAMPLES_HELP = 'Use at most this many images of each split (they are class-balanced in order).'
+
+
+@contextmanager
+def _session():
+    """A rich console; user errors (bad runs, splits, options) become one line on stderr and exit 1."""
+    from rich.console import Console
+    try:
+        yield Console(soft_wrap=True, highlight=False)
+    except (te.EnsembleError, rebasin.RebasinError, OSError, json.JSONDecodeError) as e:
+        te.cli_error(' '.join(str(e).split()))
+
+
+@contextmanager
+def _progress(console, description, total):
+    """A transient progress bar; yields advance(n=1)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    with Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True, disable=console is None or not console.is_terminal) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)
+
+
+def _logits(console, nets, x, label):
+    """(M, N, K) logits, computed in batches on the networks' device; the metrics run on the CPU."""
+    with _progress(console, f'{label}: {len(x)} images', len(x)) as advance:
+        return te.predict_logits(nets, x, progress=advance).cpu()
+
+
+def _table(title, columns, rows):
+    from rich.table import Table
+    table = Table(title=title, title_justify='left')
+    for i, c in enumerate(columns):
+        table.add_column(c, justify='left' if i == 0 else 'right')
+    for row in rows:
+        table.add_row(*[c if isinstance(c, str) else '–' if c is None else f'{c:.4f}' for c in row])
+    return table
+
+
+def _write(console, json_out, result):
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        te.write_json(json_out, result)
+        console.print(f'wrote {json_out}')
+
+
+def _load(run, device, dataset):
+    config, nets = te.load_run(run, te.resolve_device(device))
+    return config, nets, run_data(config, dataset)
+
+
+def _combiner(config, combine):
+    combiner = combine or config.get('combine') or 'prob'
+    if combiner not in ('prob', 'logit'):
+        raise te.EnsembleError(f"unknown combiner '{combiner}': use prob or logit")
+    return combiner
+
+
+def _settings(config, keys=('dataset', 'arch', 'members', 'beta', 'combine')):
+    return ', '.join(f'{k}={config[k]}' for k in keys if config.get(k) is not None)
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Argument(..., help='A run directory.'),
+    split: List[str] = typer.Option(['test'], help='train, val or test; repeat it (--split train --split test) for the generalization gap.'),
+    combine: Optional[str] = typer.Option(None, help="Combiner: prob or logit [default: the run's]."),
+    bins: int = typer.Option(ECE_BINS, help='Confidence bins of the ECE.'),
+    examples: Optional[int] = typer.Option(None, help=EXAMPLES_HELP),
+    dataset: Optional[str] = typer.Option(None, help=DATASET_HELP),
+    device: str = typer.Option('auto', help=DEVICE_HELP),
+    json_out: Optional[Path] = typer.Option(None, '--json', help=JSON_HELP),
+):
+    """Members and ensemble: accuracy, NLL, Brier, ECE, diversity and generalization gaps.
+
+    DIV is checked against the ambiguity decomposition of the combiner; also pairwise disagreement, the
+    disagreement-error ratio, the ensemble improvement rate and the logit variance. The train split is
+    evaluated like the others: eval mode, no augmentation."""
+    with _session() as console:
+        config, nets, data = _load(run, device, dataset)
+        combiner = _combiner(config, combine)
+        result = dict(run=str(run), combiner=combiner, splits={})
+        for name in dict.fromkeys(split):
+            x, y = split_examples(data, name, examples)
+            r = result['splits'][name] = ensemble_report(_logits(console, nets, x, name), y, combiner, bins)
+            rows = [(f'member {j}', *m.values()) for j, m in enumerate(r['members'])]
+            rows += [('mean member', *r['mean_member'].values()), ('ensemble', *r['ensemble'].values())]
+            console.print(_table(f'{run} — {name} split ({r["examples"]} images), combiner {combiner}',
+                                 ['', 'accuracy', 'NLL', 'Brier', f'ECE ({bins} bins)'], rows))
+            console.print(_table(None, ['diversity', 'value'], [
+                ('DIV', r['div']), ('decomposition residual', r['decomposition_residual']),
+                ('disagreement', r['disagreement']), ('disagreement / mean member error', r['disagreement_error_ratio']),
+                ('ensemble improvement rate', r['ensemble_improvement_rate']), ('logit variance', r['logit_variance'])]))
+            if r['decomposition_residual'] > 1e-4:
+                console.print(f"[yellow]warning: the ambiguity decomposition is off by {r['decomposition_residual']:.2g}[/]")
+        if {'train', 'test'} <= result['splits'].keys():
+            tr, ts = result['splits']['train'], result['splits']['test']
+            result['gap'] = dict(ensemble_loss=ts['ensemble']['nll'] - tr['ensemble']['nll'],
+                                 mean_member_loss=ts['mean_member']['nll'] - tr['mean_member']['nll'],
+                                 ensemble_error=tr['ensemble']['acc'] - ts['ensemble']['acc'],
+                                 div=ts['div'] - tr['div'])
+            console.print(_table('generalization gap (test − train)', ['', 'gap'],
+                                 [(k.replace('_', ' '), v) for k, v in result['gap'].items()]))
+        _write(console, json_out, result)
+
+
+def compare_row(run, recompute=False, device='auto', examples=None, console=None):
+    """One run's row of the β sweep. Test numbers and training time come from summary.json. Its train_*
+    numbers are running averages over the epoch's augmented batches in train mode while the weights still
+    move, so the gap they give is biased; `recompute` (or a run without summary.json, e.g. a merged
+    one) evaluates train and test cleanly instead: eval mode, no augmentation, no test-time augmentation."""
+    run = Path(run)
+    config = run_config(run)
+    summary_path = run / 'summary.json'
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    row = dict(run=str(run), name=run.name, members=len(te.member_paths(run)), beta=config.get('beta'),
+               combine=config.get('combine', 'prob'), bagging=bool(config.get('bagging')),
+               param=config.get('param', 'standard'), train_time_s=summary.get('train_time_s'), config=config)
+    if summary and not recompute:
+        row.update(source='summary.json', test_acc=summary['test_acc'], test_loss=summary['test_loss'],
+                   member_test_acc=sum(summary['member_test_acc']) / len(summary['member_test_acc']),
+                   member_test_loss=sum(summary['member_test_loss']) / len(summary['member_test_loss']),
+                   train_loss=summary['train_loss'], train_div=summary['train_div'], test_div=summary['test_div'])
+    else:
+        config, nets, data = _load(run, device, None)
+        for split in ('train', 'test'):
+            x, y = split_examples(data, split, examples)
+            m = te.ensemble_metrics(_logits(console, nets, x, f'{run.name} {split}'), y, row['combine'])
+            row.update({f'{split}_loss': m['loss'], f'{split}_acc': m['acc'], f'{split}_div': m['div']})
+            if split == 'test':
+                row.update(member_test_acc=sum(m['member_acc']) / len(nets), member_test_loss=sum(m['member_loss']) / len(nets))
+        row['source'] = 'eval'
+    row['gap'] = row['test_loss'] - row['train_loss']
+    return row
+
+
+LABEL_KEYS = ('members', 'combine', 'bagging', 'param', 'arch', 'dataset', 'width', 'hidden', 'epochs')
+
+
+def sweep_groups(rows):
+    """Runs with a β that differ only in β and seeds share a line: {label: rows}. A label names up to
+    three settings that tell the lines apart, the usual suspects (members, combiner, ...) first."""
+    ignored = {'beta', 'seed', 'data_seed', 'out', 'device', 'device_name', 'device_type', 'versions', 'compile',
+               'allow_unstable', 'data_dir', 'init'}
+    rows = [r for r in rows if r['beta'] is not None]
+    keys = sorted({k for r in rows for k in r['config']} - ignored)
+    key_of = lambda r: tuple(json.dumps(r['config'].get(k), sort_keys=True) for k in keys)  # noqa: E731
+    distinct = list(dict.fromkeys(key_of(r) for r in rows))
+    varying = [k for i, k in enumerate(keys) if len({d[i] for d in distinct}) > 1 and k != 'model']
+    shown = sorted(varying, key=lambda k: LABEL_KEYS.index(k) if k in LABEL_KEYS else len(LABEL_KEYS))[:3]
+    groups = {}
+    for r in rows:
+        label = ', '.join(f"{k}={r['config'].get(k)}" for k in shown) or f"M={r['members']}, {r['combine']}"
+        if len(varying) > len(shown):   # settings not shown may differ: number the groups apart
+            label += f' (#{distinct.index(key_of(r)) + 1})'
+        groups.setdefault(label, []).append(r)
+    return groups
+
+
+@app.command()
+def compare(
+    runs: List[Path] = typer.Argument(..., help='Run directories (e.g. runs/beta_*).'),
+    recompute: bool = typer.Option(False, '--recompute', help="Evaluate train and test cleanly (eval mode, no augmentation) instead of reading summary.json, whose train numbers are running averages over augmented batches in train mode."),
+    examples: Optional[int] = typer.Option(None, help=EXAMPLES_HELP + ' (with --recompute)'),
+    device: str = typer.Option('auto', help=DEVICE_HELP),
+    json_out: Optional[Path] = typer.Option(None, '--json', help=JSON_HELP),
+    plot: Optional[Path] = typer.Option(None, help='Write test error, DIV (train, test) and the loss gap against β to this PNG.'),
+):
+    """The β sweep: one row per run; --plot draws error, DIV and gap against β.
+
+    Rows, sorted by β then name: members, β, combiner, bagging, parametrization, test accuracy and loss of
+    the ensemble and the mean member, train and test DIV, the generalization gap of the ensemble loss
+    (test − train) and training seconds. The plot is the collusion paper's figure."""
+    with _session() as console:
+        rows = [compare_row(r, recompute, device, examples, console) for r in runs]
+        rows.sort(key=lambda r: (r['beta'] is None, r['beta'] or 0.0, r['name']))
+        columns = ['run', 'M', 'β', 'combine', 'bagging', 'param', 'test acc', 'member acc', 'test loss',
+                   'member loss', 'train DIV', 'test DIV', 'gap', 'seconds']
+        table = [(r['name'], str(r['members']), '–' if r['beta'] is None else f"{r['beta']:g}", r['combine'],
+                  'yes' if r['bagging'] else 'no', r['param'], r['test_acc'], r['member_test_acc'], r['test_loss'],
+                  r['member_test_loss'], r['train_div'], r['test_div'], r['gap'],
+                  '–' if r['train_time_s'] is None else f"{r['train_time_s']:.1f}") for r in rows]
+        sources = sorted({r['source'] for r in rows})
+        console.print(_table(f'{len(rows)} runs; train numbers from {" and ".join(sources)}'
+                             + (' (running averages: --recompute for a clean pass)' if 'summary.json' in sources else ''),
+                             columns, table))
+        groups = sweep_groups(rows)
+        configs = [r.pop('config') for r in rows]
+        for r in rows:
+            r['group'] = next((label for label, members in groups.items() if r in members), None)
+        if plot:
+            common = {k: configs[0].get(k) for k in ('dataset', 'arch', 'members', 'combine')
+                      if all(c.get(k) == configs[0].get(k) for c in configs)}
+            plot_sweep(plot, groups, f"β sweep: {_settings(common) or f'{len(rows)} runs'}; train numbers from "
+                                     + ' and '.join(sorted({r['source'] for r in rows})))
+            console.print(f'wrote {plot}')
+        _write(console, json_out, dict(runs=rows))
+
+
+@app.command('debias')
+def debias_command(
+    run: Path = typer.Argument(..., help='A run directory.'),
+    fit_split: str = typer.Option('train', help='Split on which the member biases are estimated.'),
+    split: str = typer.Option('test', help='Split on which they are removed and DIV is measured.'),
+    combine: Optional[str] = typer.Option(None, help="Combiner of DIV and the ensemble loss: prob or logit [default: the run's]."),
+    examples: Optional[int] = typer.Option(None, help=EXAMPLES_HELP),
+    dataset: Optional[str] = typer.Option(None, help=DATASET_HELP),
+    device: str = typer.Option('auto', help=DEVICE_HELP),
+    json_out: Optional[Path] = typer.Option(None, '--json', help=JSON_HELP),
+):
+    """How much of the diversity is collusion: DIV before and after removing member biases.
+
+    Member j's class-wise logit bias b_j = mean_x z_j(x) − mean_{x,i} z_i(x) is estimated on --fit-split
+    and removed on --split. The biases sum to zero, so the logit-averaged ensemble is unchanged (checked)."""
+    with _session() as console:
+        config, nets, data = _load(run, device, dataset)
+        combiner = _combiner(config, combine)
+        x_fit, _ = split_examples(data, fit_split, examples)
+        x, y = split_examples(data, split, examples)
+        before = _logits(console, nets, x, split)
+        fit = _logits(console, nets, x_fit, fit_split) if fit_split != split else before
+        after = debias(fit, before)
+        numbers = {}
+        for name, logits in (('before', before), ('after', after)):
+            m = te.ensemble_metrics(logits, y, combiner)
+            numbers[name] = dict(div=m['div'], mean_member_loss=sum(m['member_loss']) / len(nets),
+                                 mean_member_acc=sum(m['member_acc']) / len(nets), ensemble_loss=m['loss'],
+                                 ensemble_acc=m['acc'])
+        change = float((te.combine(after, 'logit') - te.combine(before, 'logit')).abs().max())
+        div_before = numbers['before']['div']
+        result = dict(run=str(run), combiner=combiner, fit_split=fit_split, split=split, examples=len(y), **numbers,
+                      div_removed_percent=100 * (1 - numbers['after']['div'] / div_before) if div_before > 0 else None,
+                      bias_norm=float(member_bias(fit).norm(dim=-1).mean()), logit_ensemble_max_change=change)
+        keys = ['div', 'mean_member_loss', 'mean_member_acc', 'ensemble_loss', 'ensemble_acc']
+        console.print(_table(f'{run}: biases fit on {fit_split}, removed on {split} ({len(y)} images), combiner {combiner}',
+                             ['', 'before', 'after'],
+                             [(k.replace('_', ' '), numbers['before'][k], numbers['after'][k]) for k in keys]))
+        removed = result['div_removed_percent']
+        console.print(f"DIV removed: {'–' if removed is None else f'{removed:.1f}%'}; mean ‖b_j‖ {result['bias_norm']:.4f}; "
+                      f"logit-averaged ensemble changed by at most {change:.2g} (log-probability)")
+        _write(console, json_out, result)
+
+
+def _fractions(text):
+    try:
+        return [float(f) for f in text.split(',') if f.strip()]
+    except ValueError:
+        raise te.EnsembleError(f"--fractions must be comma-separated numbers, got '{text}'") from None
+
+
+@app.command()
+def drop(
+    run: Path = typer.Argument(..., help='A run directory.'),
+    fractions: str = typer.Option('0.2,0.4,0.6', help='Comma-separated fractions p of members to drop (keeps M − ⌊pM⌋).'),
+    draws: int = typer.Option(DROP_DRAWS, help='Random member subsets per fraction (every subset when there are fewer).'),
+    seed: int = typer.Option(0, help='Seed of the random subsets.'),
+    split: str = typer.Option('test', help='train, val or test.'),
+    combine: Optional[str] = typer.Option(None, help="Combiner: prob or logit [default: the run's]."),
+    examples: Optional[int] = typer.Option(None, help=EXAMPLES_HELP),
+    dataset: Optional[str] = typer.Option(None, help=DATASET_HELP),
+    device: str = typer.Option('auto', help=DEVICE_HELP),
+    json_out: Optional[Path] = typer.Option(None, '--json', help=JSON_HELP),
+    plot: Optional[Path] = typer.Option(None, help='Write the increase against the fraction dropped to this PNG.'),
+):
+    """What dropping members at test time costs the ensemble's loss and error.
+
+    Mean and spread, over member subsets, of the increase over the full ensemble. Colluding members lean
+    on each other, so dropping some hurts far more than in an independently trained ensemble."""
+    with _session() as console:
+        config, nets, data = _load(run, device, dataset)
+        combiner, ps = _combiner(config, combine), _fractions(fractions)
+        x, y = split_examples(data, split, examples)
+        result = dict(run=str(run), combiner=combiner, split=split, members=len(nets),
+                      **drop_learners(_logits(console, nets, x, split), y, combiner, ps, draws, seed))
+        console.print(_table(f"{run}: {len(nets)} members, {split} split, combiner {combiner}; full ensemble "
+                             f"loss {result['full_loss']:.4f}, error {result['full_error']:.4f}",
+                             ['dropped', 'kept', 'subsets', 'Δ loss', '± std', 'Δ error', '± std'],
+                             [(f"{r['fraction']:g}", str(r['kept']), str(r['subsets']), r['loss_increase'],
+                               r['loss_increase_std'], r['error_increase'], r['error_increase_std'])
+                              for r in result['fractions']]))
+        if plot:
+            plot_drop(plot, result, f'dropping members: {_settings(config)}')
+            console.print(f'wrote {plot}')
+        _write(console, json_out, result)
+
+
+def _short(path):
+    return f'{Path(path).parent.name}/{Path(path).stem}'
+
+
+def _endpoints(a, b, member):
+    """The two member files: a file stands for itself, a run directory for its member i (A) or j (B)."""
+    try:
+        index = [int(i) for i in member.split(',')]
+    except ValueError:
+        index = []
+    if len(index) not in (1, 2):
+        raise te.EnsembleError(f"--member must be 'i' or 'i,j', got '{member}'")
+    index = index * 2 if len(index) == 1 else index
+    files = []
+    for path, i in zip((a, b), index):
+        paths = te.member_paths(path)
+        if Path(path).is_dir() and not 0 <= i < len(paths):
+            raise te.EnsembleError(f'{path} has {len(paths)} members; --member {i} is out of range')
+        files.append(paths[i] if Path(path).is_dir() else paths[0])
+    return files
+
+
+@app.command()
+def interpolate(
+    a: Path = typer.Argument(..., help='Endpoint A: a member file, or a run directory (its --member).'),
+    b: Path = typer.Argument(..., help='Endpoint B: a member file, or a run directory (its --member).'),
+    align: bool = typer.Option(False, '--align', help='Also interpolate A → π(B) and B → π(B), π(B) = B permuted into A\'s basin by weight matching.'),
+    reset_bn: bool = typer.Option(False, '--reset-bn', help='Recompute BatchNorm statistics at each inner λ on training data.'),
+    repair: bool = typer.Option(False, '--repair', help="REPAIR at each inner λ: channels get the interpolated mean and std of the endpoints'."),
+    steps: int = typer.Option(INTERP_STEPS, help='Evenly spaced λ in [0, 1], endpoints included.'),
+    member: str = typer.Option('0', help="Which member of a run directory is the endpoint: 'i' for both, 'i,j' for A's and B's."),
+    examples: int = typer.Option(INTERP_EXAMPLES, help=EXAMPLES_HELP),
+    bn_examples: int = typer.Option(rebasin.BN_EXAMPLES, help='Training images for --reset-bn/--repair statistics.'),
+    dataset: Optional[str] = typer.Option(None, help=DATASET_HELP),
+    device: str = typer.Option('auto', help=DEVICE_HELP),
+    json_out: Optional[Path] = typer.Option(None, '--json', help=JSON_HELP),
+    plot: Optional[Path] = typer.Option(None, help='Write loss and error against λ (train and test) to this PNG.'),
+):
+    """Loss and error along the line between two networks, and its barrier (linear mode connectivity).
+
+    Train and test loss and error at each λ, and the barrier max_λ L(λ) − ((1 − λ)L(0) + λL(1)). Every
+    floating tensor is interpolated, BatchNorm statistics included; --reset-bn/--repair treat the inner
+    points only, so the endpoints are the trained networks as they are."""
+    with _session() as console:
+        if steps < 2:
+            raise te.EnsembleError(f'--steps must be at least 2 (the endpoints), got {steps}')
+        if reset_bn and repair:
+            raise te.EnsembleError('--reset-bn and --repair are alternatives (--repair also recomputes the statistics)')
+        dev = te.resolve_device(device)
+        paths = _endpoints(a, b, member)
+        (spec, state_a, _), (spec_b, state_b, _) = (te.load_member_state(p) for p in paths)
+        if spec != spec_b:
+            raise te.EnsembleError(f'{paths[0]} and {paths[1]} are different networks: their model specs differ')
+        data = run_data(run_config(a), dataset)
+        net = te.build_model(spec).to(dev).eval()
+        state_a, state_b = ({k: v.to(dev) for k, v in s.items()} for s in (state_a, state_b))
+        curves = {'A → B': (state_a, state_b)}
+        if align:
+            example = torch.zeros(1, spec['in_channels'], spec['image_size'], spec['image_size'], device=dev)
+            with console.status('weight matching: permuting B into A\'s basin'):
+                aligned = align_state(net, state_a, state_b, example)
+            curves.update({'A → π(B)': (state_a, aligned), 'B → π(B)': (state_b, aligned)})
+        splits = {s: split_examples(data, s, examples) for s in ('train', 'test')}
+        bn = 'reset' if reset_bn else 'repair' if repair else None
+        batches = None
+        if bn:
+            x_bn = data.x_train[:bn_examples]
+            batches = [te.to_float_images(x_bn[i:i + rebasin.BN_BATCH].to(dev)) for i in range(0, len(x_bn), rebasin.BN_BATCH)]
+
+        def evaluate_net(net):
+            out = {}
+            for s, (x, y) in splits.items():
+                loss, error = ensemble_loss_error(te.predict_logits([net], x), y.to(dev), 'prob')
+                out.update({f'{s}_loss': loss, f'{s}_error': error})
+            return out
+
+        lams = torch.linspace(0, 1, steps).tolist()
+        result = dict(a=str(paths[0]), b=str(paths[1]), bn=bn, examples=len(splits['test'][1]), curves={})
+        with _progress(console, 'interpolating', steps * len(curves)) as advance:
+            for name, (sa, sb) in curves.items():
+                rows = interpolation_curve(net, sa, sb, lams, evaluate_net, bn, batches, advance)
+                result['curves'][name] = dict(points=rows, barrier={f'{s}_{k}': barrier([r[f'{s}_{k}'] for r in rows])
+                                                                     for s in ('train', 'test') for k in ('loss', 'error')})
+        treatment = {'reset': ', BatchNorm reset', 'repair': ', REPAIR', None: ''}[bn]
+        names = list(curves)
+        console.print(_table(f'{paths[0]} → {paths[1]}{treatment}: test loss / test error at each λ',
+                             ['λ'] + [f'{n} {k}' for n in names for k in ('loss', 'error')],
+                             [(f'{lam:.2f}', *[result['curves'][n]['points'][i][f'test_{k}'] for n in names for k in ('loss', 'error')])
+                              for i, lam in enumerate(lams)]))
+        console.print(_table('barriers', ['curve', 'train loss', 'train error', 'test loss', 'test error'],
+                             [(n, *result['curves'][n]['barrier'].values()) for n in names]))
+        if plot:
+            plot_interpolation(plot, {n: c['points'] for n, c in result['curves'].items()},
+                               f"{_short(paths[0])} → {_short(paths[1])}{treatment}: {spec['arch']} on {data.name}, "
+                               f"{len(splits['test'][1])} test images")
+            console.print(f'wrote {plot}')
+        _write(console, json_out, result)
+
+
+@app.command('sharpness')
+def sharpness_command(
+    run: Path = typer.Argument(..., help='A run directory.'),
+    rho: float = typer.Option(SHARP_RHO, help='Radius of the ball (relative to |w| + η when adaptive).'),
+    steps: int = typer.Option(SHARP_STEPS, help='Projected gradient ascent steps (1 = the SAM/ASAM estimate).'),
+    adaptive: bool = typer.Option(True, '--adaptive/--no-adaptive', help="Scale the ball by |w| + η as ASAM does (else a plain ℓ2 ball)."),
+    examples: int = typer.Option(SHARP_EXAMPLES, help='Fixed training images the loss is measured on.'),
+    batch_size: int = typer.Option(SHARP_BATCH, help='Batch size of those passes.'),
+    dataset: Optional[str] = typer.Option(None, help=DATASET_HELP),
+    device: str = typer.Option('auto', help=DEVICE_HELP),
+    json_out: Optional[Path] = typer.Option(None, '--json', help=JSON_HELP),
+):
+    """Sharpness of each member: the worst training-loss increase within a ball of radius ρ.
+
+    Found by projected gradient ascent on fixed training batches; mean and spread over members. Networks
+    run in eval mode, so BatchNorm uses its running statistics and a perturbation changes only weights."""
+    with _session() as console:
+        if rho <= 0 or steps < 1:
+            raise te.EnsembleError(f'--rho must be positive and --steps at least 1, got {rho} and {steps}')
+        config, nets, data = _load(run, device, dataset)
+        dev = te.resolve_device(device)
+        x, y = split_examples(data, 'train', examples)
+        batches = [(te.to_float_images(x[i:i + batch_size].to(dev)), y[i:i + batch_size].to(dev))
+                   for i in range(0, len(x), batch_size)]
+        with _progress(console, 'sharpness', len(nets)) as advance:
+            members = []
+            for net in nets:
+                members.append(sharpness(net, batches, rho, steps, adaptive))
+                advance()
+        values = torch.tensor([m['sharpness'] for m in members], dtype=torch.float64)
+        result = dict(run=str(run), rho=rho, steps=steps, adaptive=adaptive, examples=len(y), members=members,
+                      mean=float(values.mean()), std=float(values.std(unbiased=False)))
+        console.print(_table(f"{run}: {'adaptive ' if adaptive else ''}sharpness, ρ={rho:g}, {steps} steps, {len(y)} training images",
+                             ['member', 'train loss', 'perturbed loss', 'sharpness'],
+                             [(str(j), *m.values()) for j, m in enumerate(members)]))
+        console.print(f"sharpness: mean {result['mean']:.4f}, std {result['std']:.4f} over {len(nets)} members")
+        _write(console, json_out, result)
+
+
+if __name__ == '__main__':
+    app()
