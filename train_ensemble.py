@@ -11,6 +11,10 @@ every member's logits. The objective (SPEC.md) is
 which at β = 0 gives each member exactly the gradient it would get training alone (tested), and at
 β = 1 is the ensemble's own loss ("joint training", Jeffares et al. 2023, arXiv 2301.11323).
 
+Any of it can be sharpness-aware: `--sam-rho ρ` trains every member with SAM (each member perturbed by
+its own radius ρ), and `--flat-ratio r` adds SharpBalance (Lu et al. 2024), which gives each member SAM
+only on the examples that the other members select.
+
 The default recipe is airbench94 (Jordan 2024, arXiv 2404.00498). Measured figures: README.md.
 """
 
@@ -64,6 +68,8 @@ BN_MOMENTUM = 0.4               # airbench's BatchNorm keeps 60% of the old runn
 TEMPERATURE = 1 / 9             # airbench scales its logits by a fixed 1/9
 TRANSLATE = 2                   # random-crop padding (pixels, reflect) when augmenting
 EVAL_BATCH = 2000
+SAM_EPS = 1e-12                 # added to each member's gradient norm before SAM divides by it (a zero gradient stays put)
+PER_SAMPLE_GRAD_FLOATS = 2**27  # SharpBalance's scoring pass holds at most this many per-sample gradient floats (512 MB)
 
 FORMAT = 'deep-ensembles/1'     # safetensors metadata 'format' of every checkpoint this toolkit writes
 
@@ -688,6 +694,138 @@ def evaluate(nets, x_uint8, y, combiner='prob', members=None, tta=False):
 
 
 #############################################
+#        Sharpness-aware training           #
+#############################################
+# SAM (Foret et al. 2021, arXiv 2010.01412) and SharpBalance (Lu et al. 2024, arXiv 2407.12996) on
+# the wide network. Member j owns the j-th chunk along dim 0 of every trainable tensor, so "per
+# member" below always means per chunk: each member is perturbed by its own radius ρ, and norms are
+# never taken across members.
+
+def member_norms(tensors, members):
+    """(M,) Euclidean norm of each member's share of a list of wide tensors (all chunks of dim 0)."""
+    return torch.stack([t.reshape(members, -1).pow(2).sum(1) for t in tensors]).sum(0).sqrt()
+
+
+def per_member(values, t):
+    """(M,) per-member values shaped to broadcast over the wide tensor t (one value per dim-0 row)."""
+    return values.repeat_interleave(t.size(0) // len(values)).view(-1, *[1] * (t.dim() - 1)).to(t.dtype)
+
+
+def mask_gradient(logits, mask):
+    """The same (M, B, K) logits, but gradients flow only into the members and examples where the
+    (M, B) mask is 1. Written as z·m + sg(z·(1 − m)), which keeps the values bit for bit and, unlike a
+    torch.where with detach, stays differentiable when the mask is all zeros."""
+    m = mask.to(logits.dtype).unsqueeze(-1)
+    return logits * m + (logits * (1 - m)).detach()
+
+
+def sam_step(net, members, rho, logits_at, objective_of, sam_mask=None):
+    """Put the SAM gradient into p.grad of every trainable parameter of the wide `net`; the caller
+    then calls opt.step() as usual. Returns (logits, objective) at the current weights, for the log.
+
+    logits_at(): (M, B, K) logits of the batch at the network's current weights (a forward pass).
+    objective_of(logits): the scalar training objective (ensemble_objective, with its β, combiner,
+        label smoothing and bagging weights).
+    sam_mask: (M, B) SharpBalance's split; member j gets SAM on the examples where it is True and the
+        plain gradient on the others. None: SAM on every example.
+
+    SAM: g = ∇L(w), ε_j = ρ·g_j/‖g_j‖ for each member j, step with ∇L(w + ε) taken at w. At β > 0
+    the gradient for member j depends on the other members through the ensemble term: every member
+    ascends at once, each by its own normalized gradient of the full objective, and the gradient of
+    the full objective is then taken at that jointly perturbed point.
+    """
+    params = [p for p in net.parameters() if p.requires_grad]
+    logits = logits_at()
+    if sam_mask is None:
+        objective = objective_of(logits)
+        grads = torch.autograd.grad(objective, params)
+        plain_grads = None
+    else:
+        # SharpBalance splits the objective per member and example: member j takes the full
+        # objective's gradient for example b through its own logits z_jb, at w + ε when b is in its
+        # SAM set and at w otherwise. At β > 0 this splits the ensemble term exactly (member j's share
+        # of CE(y, p̄) goes wherever b goes for j), so the two parts add up to the full gradient. As
+        # the losses are sums over examples, adding the parts is the official code's combination
+        # (n_sam·mean_sam + n_sgd·mean_sgd) / n, with the 1/n already in the lr. The objective's
+        # value is the same through either mask; the SAM part's is logged.
+        objective = objective_of(mask_gradient(logits, sam_mask))
+        grads = torch.autograd.grad(objective, params, retain_graph=True)
+        plain_grads = torch.autograd.grad(objective_of(mask_gradient(logits, ~sam_mask)), params)
+    scale = rho / (member_norms(grads, members) + SAM_EPS)
+    # The second forward pass would update BatchNorm's running statistics a second time, with
+    # statistics of perturbed weights. Keep the first pass's (as the usual SAM implementations do by
+    # disabling the running statistics for the second pass): copy every buffer and put it back.
+    # The copies are tiny (channels, not activations).
+    buffers = [b.clone() for b in net.buffers()]
+    weights = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.add_(g * per_member(scale, g))
+    perturbed = logits_at()
+    if sam_mask is not None:
+        perturbed = mask_gradient(perturbed, sam_mask)
+    sam_grads = torch.autograd.grad(objective_of(perturbed), params)
+    with torch.no_grad():   # back to w exactly (w + ε − ε would not be, in floating point)
+        for p, w in zip(params, weights):
+            p.copy_(w)
+        for b, saved in zip(net.buffers(), buffers):
+            b.copy_(saved)
+    for i, p in enumerate(params):
+        p.grad = sam_grads[i] if plain_grads is None else sam_grads[i] + plain_grads[i]
+    return logits.detach(), objective.detach()
+
+
+def sharpness_scores(net, x_uint8, y, members):
+    """(M, N) SharpBalance's per-example sharpness of every member: the squared norm of the example's
+    gradient of the member's own cross-entropy (unsmoothed), w.r.t. all its trainable parameters.
+
+    As in the official code (engine.py, test_fisher): the network in eval mode (BatchNorm on running
+    statistics, so an example's gradient does not depend on its batch), the training images without
+    augmentation, exact per-example gradients of the whole network by torch.func (vmap over grad).
+    It runs once per run and costs about three plain epochs (CPU, benchmarks/bench_sam.py). The loss
+    summed over members gives every member its own gradient at once: member j's chunk only reaches z_j.
+    """
+    from torch.func import functional_call, grad, vmap
+    params = {k: p.detach() for k, p in net.named_parameters() if p.requires_grad}
+
+    def loss(params, x, y):
+        out = functional_call(net, params, (x.unsqueeze(0),))
+        return F.cross_entropy(out.view(members, -1).float(), y.expand(members), reduction='sum')
+
+    per_example_grads = vmap(grad(loss), in_dims=(None, 0, 0))
+    chunk = max(1, PER_SAMPLE_GRAD_FLOATS // sum(p.numel() for p in params.values()))
+    was_training = net.training
+    net.eval()
+    scores = []
+    for i in range(0, len(y), chunk):
+        g = per_example_grads(params, to_float_images(x_uint8[i:i + chunk]), y[i:i + chunk])
+        scores.append(sum(t.reshape(t.size(0), members, -1).pow(2).sum(-1) for t in g.values()))
+    net.train(was_training)
+    return torch.cat(scores).T
+
+
+def sharpbalance_masks(scores, flat_ratio, sharpest=False):
+    """(M, N) bool: member j's SAM set, from (M, N) per-example sharpness scores.
+
+    Every member selects ⌊flat_ratio·N⌋ examples by its own score; member j's SAM set is the union of
+    the OTHER members' selections, and it trains on the rest with plain gradients. Which end is
+    selected: the paper's overview figure draws each member's sharpest examples, but the official
+    code that produced its results (main.py passes ascend=True to boosting_sam_split, which keeps
+    np.argsort(score)[:total]) selects the LOWEST scores, the flattest examples. We follow the code
+    (sharpest=False); sharpest=True takes the figure's reading. The official code also deals the
+    examples that nobody selected round-robin into some members' SAM sets; the SharpBalance rule as
+    stated (SAM on the union of the others' selections) leaves them to plain gradients, as here.
+    """
+    m, n = scores.shape
+    k = int(n * flat_ratio)
+    order = scores.argsort(dim=1, descending=sharpest, stable=True)
+    selected = torch.zeros(m, n, dtype=torch.bool, device=scores.device)
+    selected.scatter_(1, order[:, :k], True)
+    by_others = selected.sum(0, keepdim=True) - selected.long()   # how many OTHER members chose each example
+    return by_others > 0
+
+
+#############################################
 #                Training                   #
 #############################################
 
@@ -706,6 +844,9 @@ class Config:
     bagging: bool = False
     allow_unstable: bool = False
     param: str = 'standard'
+    sam_rho: Optional[float] = None         # None: plain gradients; a radius (even 0): SAM for every member
+    flat_ratio: Optional[float] = None      # SharpBalance: fraction each member selects (needs sam_rho)
+    sam_start_epoch: Optional[int] = None   # SharpBalance: plain SAM before this epoch (default: half the epochs)
     epochs: Optional[float] = None
     batch_size: Optional[int] = None
     lr: Optional[float] = None
@@ -749,6 +890,19 @@ def resolve_config(cfg, data=None):
         raise EnsembleError(f"unknown dataset '{cfg.dataset}': use one of {', '.join(DATASETS)} or a .npz file")
     if cfg.shard is not None:
         parse_shard(cfg.shard)
+    if cfg.sam_rho is not None and not cfg.sam_rho >= 0:
+        raise EnsembleError(f'--sam-rho is a radius and must be >= 0, got {cfg.sam_rho}')
+    if cfg.flat_ratio is None and cfg.sam_start_epoch is not None:
+        raise EnsembleError('--sam-start-epoch only applies to SharpBalance: pass --flat-ratio too')
+    if cfg.flat_ratio is not None:
+        if not 0 < cfg.flat_ratio < 1:
+            raise EnsembleError(f'--flat-ratio is the fraction of the data each member selects, strictly '
+                                f'between 0 and 1, got {cfg.flat_ratio}')
+        if cfg.sam_rho is None:
+            raise EnsembleError('--flat-ratio (SharpBalance) decides where SAM is applied: pass --sam-rho too')
+        if cfg.members < 2:
+            raise EnsembleError('SharpBalance (--flat-ratio) gives each member the samples the OTHER members '
+                                'select: it needs --members 2 or more')
     recipe = RECIPES[cfg.arch]
     resolved = {k: (recipe[k] if getattr(cfg, k) is None and k in recipe else getattr(cfg, k))
                 for k in asdict(cfg)}
@@ -763,9 +917,17 @@ def resolve_config(cfg, data=None):
         resolved['tta'] = resolved['augment']
     if resolved['epochs'] <= 0 or resolved['batch_size'] < 1:
         raise EnsembleError('--epochs must be positive and --batch-size at least 1')
+    if cfg.flat_ratio is not None:
+        if resolved['sam_start_epoch'] is None:   # the paper's recipe: SAM for the first half (100 of 200 epochs)
+            resolved['sam_start_epoch'] = int(resolved['epochs'] // 2)
+        if not 0 <= resolved['sam_start_epoch'] < math.ceil(resolved['epochs']):
+            raise EnsembleError(f"--sam-start-epoch must be between 0 and {math.ceil(resolved['epochs']) - 1} "
+                                f"(the last epoch), got {resolved['sam_start_epoch']}")
     if resolved['out'] is None:
         name = Path(str(cfg.dataset)).stem
         tags = f"_bag" * cfg.bagging + (f'_shard{cfg.shard.replace("/", "of")}' if cfg.shard else '')
+        tags += f'_sam{cfg.sam_rho:g}' if cfg.sam_rho is not None else ''
+        tags += f'_flat{cfg.flat_ratio:g}' if cfg.flat_ratio is not None else ''
         resolved['out'] = f'runs/{name}_{cfg.arch}_m{cfg.members}_beta{cfg.beta:g}_{cfg.combine}{tags}_s{cfg.seed}'
     return Config(**resolved)
 
@@ -878,14 +1040,17 @@ class Lookahead:
                 state[k].copy_(ema)
 
 
-def save_state(path, net, opt, lookahead, generator, epoch, step):
-    """The resume state: weights, optimizer state, Lookahead EMA, data RNG, epoch and step."""
+def save_state(path, net, opt, lookahead, generator, epoch, step, sam_mask=None):
+    """The resume state: weights, optimizer state, Lookahead EMA, SharpBalance's SAM sets, data RNG,
+    epoch and step."""
     from safetensors.torch import save_file
     tensors = {f'net/{k}': v for k, v in net.state_dict().items()}
     for i, s in opt.state_dict()['state'].items():
         tensors.update({f'opt/{i}/{k}': torch.as_tensor(v) for k, v in s.items() if v is not None})
     if lookahead is not None:
         tensors.update({f'lookahead/{k}': v for k, v in lookahead.ema.items()})
+    if sam_mask is not None:
+        tensors['sharpbalance/sam_mask'] = sam_mask
     tensors['rng/data'] = generator.get_state()
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     meta = {'format': FORMAT, 'epoch': str(epoch), 'step': str(step)}
@@ -893,7 +1058,7 @@ def save_state(path, net, opt, lookahead, generator, epoch, step):
 
 
 def load_state(path, net, opt, generator, device):
-    """Restore what save_state wrote; returns (epoch, step, lookahead or None)."""
+    """Restore what save_state wrote; returns (epoch, step, lookahead or None, sam_mask or None)."""
     tensors, meta = read_checkpoint(path)
     try:
         net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith('net/')})
@@ -912,7 +1077,8 @@ def load_state(path, net, opt, generator, device):
     if any(k.startswith('lookahead/') for k in tensors):
         lookahead = Lookahead.__new__(Lookahead)
         lookahead.ema = {k[10:]: v.to(device) for k, v in tensors.items() if k.startswith('lookahead/')}
-    return epoch, step, lookahead
+    sam_mask = tensors['sharpbalance/sam_mask'].to(device) if 'sharpbalance/sam_mask' in tensors else None
+    return epoch, step, lookahead, sam_mask
 
 
 def environment(device):
@@ -981,8 +1147,9 @@ def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = Non
         bag = torch.zeros(m, n, device=device).scatter_add_(1, draws, torch.ones(m, n, device=device))
 
     epoch, step, lookahead, metrics = 0, 0, None, []
+    sam_mask = None   # SharpBalance: (M, n) bool, member j's SAM set, fixed once sam_start_epoch is reached
     if resume:
-        epoch, step, lookahead = load_state(out / 'state.safetensors', net, opt, generator, device)
+        epoch, step, lookahead, sam_mask = load_state(out / 'state.safetensors', net, opt, generator, device)
         lines = (out / 'metrics.jsonl').read_text().splitlines() if (out / 'metrics.jsonl').exists() else []
         metrics = [json.loads(line) for line in lines][:epoch]
         if epoch >= math.ceil(cfg.epochs):
@@ -992,8 +1159,10 @@ def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = Non
         write_json(out / 'config.json', {**asdict(cfg), 'model': spec, **environment(device)})
     train_time = metrics[-1]['time_s'] if metrics else 0.0
 
+    sharpness = '' if cfg.sam_rho is None else f', SAM rho={cfg.sam_rho:g}' + (
+        f', SharpBalance flat_ratio={cfg.flat_ratio:g} from epoch {cfg.sam_start_epoch}' if cfg.flat_ratio else '')
     console.print(f'[bold]{out}[/]: {m} member(s) of {cfg.arch} on {cfg.dataset} ({n} images), '
-                  f'beta={cfg.beta:g}, combine={cfg.combine}{", bagging" if cfg.bagging else ""}, '
+                  f'beta={cfg.beta:g}, combine={cfg.combine}{", bagging" if cfg.bagging else ""}{sharpness}, '
                   f'{cfg.epochs:g} epochs of {steps_per_epoch} steps, {device.type}')
     console.print(format_row(), soft_wrap=True)
     for epoch in range(epoch, math.ceil(cfg.epochs)):
@@ -1003,11 +1172,16 @@ def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = Non
         if device.type == 'cuda':
             torch.cuda.synchronize()
         start = time.perf_counter()
+        if cfg.flat_ratio and epoch >= cfg.sam_start_epoch and sam_mask is None:   # once, on the whole training set
+            sam_mask = sharpbalance_masks(sharpness_scores(net, data.x_train, data.y_train, m), cfg.flat_ratio)
+            shares = ', '.join(f'{share:.0%}' for share in sam_mask.float().mean(1).tolist())
+            console.print(f'SharpBalance from epoch {epoch}: SAM on {shares} of the training set (per member), '
+                          'plain gradients on the rest')
         order = torch.randperm(n, generator=generator, device=device)
         sums = torch.zeros(5, device=device)   # objective, ensemble CE, correct, DIV, examples
         steps = min(steps_per_epoch, total_steps - step)
         with Progress(TextColumn(f'epoch {epoch}'), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=console, transient=True, disable=console.quiet) as progress:
+                      console=console, transient=True, disable=console.quiet or not console.is_terminal) as progress:
             task = progress.add_task('train', total=steps)
             for i in range(steps):
                 idx = order[i * batch_size:(i + 1) * batch_size]
@@ -1020,12 +1194,23 @@ def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = Non
                     x = x.contiguous(memory_format=torch.channels_last)
                 for g in opt.param_groups:
                     g['lr'] = g['initial_lr'] * lr_factor(step, total_steps)
-                with torch.autocast('cuda', torch.bfloat16, enabled=amp):
-                    logits = member_logits(forward, x, m)
-                objective, _ = ensemble_objective(logits, y, cfg.beta, cfg.combine, cfg.label_smoothing,
-                                                  None if bag is None else bag[:, idx])
+                weights = None if bag is None else bag[:, idx]
+
+                def logits_at():   # the wide forward pass at the current weights (SAM calls it twice)
+                    with torch.autocast('cuda', torch.bfloat16, enabled=amp):
+                        return member_logits(forward, x, m)
+
+                def objective_of(logits):
+                    return ensemble_objective(logits, y, cfg.beta, cfg.combine, cfg.label_smoothing, weights)[0]
+
                 opt.zero_grad(set_to_none=True)
-                objective.backward()
+                if cfg.sam_rho is None:
+                    logits = logits_at()
+                    objective = objective_of(logits)
+                    objective.backward()
+                else:
+                    logits, objective = sam_step(net, m, cfg.sam_rho, logits_at, objective_of,
+                                                 None if sam_mask is None else sam_mask[:, idx])
                 opt.step()
                 step += 1
                 with torch.no_grad():   # unsmoothed terms for the log, summed on the device (no sync)
@@ -1059,7 +1244,7 @@ def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = Non
                 row.update(member_test_loss=r['member_loss'], member_test_acc=r['member_acc'])
         metrics.append(row)
         atomic_write(out / 'metrics.jsonl', lambda tmp: Path(tmp).write_text(''.join(json.dumps(r) + '\n' for r in metrics)))
-        save_state(out / 'state.safetensors', net, opt, lookahead, generator, epoch + 1, step)
+        save_state(out / 'state.safetensors', net, opt, lookahead, generator, epoch + 1, step, sam_mask)
         console.print(format_row(row), soft_wrap=True)
         if not math.isfinite(row['train_objective']):
             raise EnsembleError(f'training diverged at epoch {epoch} (objective {row["train_objective"]}); '
@@ -1104,6 +1289,9 @@ def main(
     bagging: bool = typer_option(False, help='Each member weights each example by its own bootstrap count (batches stay shared).'),
     allow_unstable: bool = typer_option(False, help='Allow --beta > 1, where the objective is unbounded below.'),
     param: str = typer_option('standard', '--param', help="Parametrization: 'standard' (PyTorch init, one lr) or 'spectral' (spectral.py: init and per-layer lr from the spectral condition)."),
+    sam_rho: Optional[float] = typer_option(None, help='SAM (Foret et al. 2021) for every member with this radius (e.g. 0.05): step with the gradient at w + rho*g/|g|, each member its own g. About 2x the cost of a step.'),
+    flat_ratio: Optional[float] = typer_option(None, help="SharpBalance (Lu et al. 2024, needs --sam-rho): each member selects this fraction of the training set by its own per-sample sharpness; from --sam-start-epoch on, member j uses SAM on the other members' selections and plain gradients on the rest."),
+    sam_start_epoch: Optional[int] = typer_option(None, help='SharpBalance: plain SAM before this epoch, then score the training set once and split it (default: half the epochs).'),
     dataset: str = typer_option('cifar10', help="cifar10, cifar100, fashion-mnist, mnist, synthetic, or a path to a .npz file."),
     data_dir: str = typer_option('data', help='Where datasets are downloaded and cached.'),
     val_size: int = typer_option(0, help='Hold out this many training images as a validation split.'),
@@ -1113,21 +1301,21 @@ def main(
     width: float = typer_option(1.0, help='Width multiplier for airbench and resnet18 channels.'),
     kernel_size: int = typer_option(3, help="airbench's conv kernel size k (k x k)."),
     hidden: str = typer_option('1024', help="mlp hidden sizes, e.g. '1024' or '512,512,512'."),
-    epochs: Optional[float] = typer_option(None, help='Epochs (fractions allowed) [default: the recipe: airbench 9.9, resnet18 16, mlp 8].'),
-    batch_size: Optional[int] = typer_option(None, help='Batch size [default: airbench 1024, resnet18 512, mlp 256].'),
-    lr: Optional[float] = typer_option(None, help='Learning rate; for sgd per 1024 examples, decoupled from momentum [default: the recipe; adam 1e-3].'),
-    momentum: Optional[float] = typer_option(None, help='Nesterov momentum for sgd [default: the recipe].'),
+    epochs: Optional[float] = typer_option(None, help='Epochs (fractions allowed) (default: the recipe: airbench 9.9, resnet18 16, mlp 8).'),
+    batch_size: Optional[int] = typer_option(None, help='Batch size (default: airbench 1024, resnet18 512, mlp 256).'),
+    lr: Optional[float] = typer_option(None, help='Learning rate; for sgd per 1024 examples, decoupled from momentum (default: the recipe; adam 1e-3).'),
+    momentum: Optional[float] = typer_option(None, help='Nesterov momentum for sgd (default: the recipe).'),
     weight_decay: Optional[float] = typer_option(None, help='For sgd: fraction of the weights removed per 1024 examples; for adam: AdamW decay.'),
-    label_smoothing: Optional[float] = typer_option(None, help='Label smoothing of every cross-entropy term [default: airbench 0.2, resnet18 0.1, mlp 0].'),
+    label_smoothing: Optional[float] = typer_option(None, help='Label smoothing of every cross-entropy term (default: airbench 0.2, resnet18 0.1, mlp 0).'),
     optimizer: str = typer_option('sgd', help='sgd (Nesterov) or adam (AdamW).'),
-    lookahead: Optional[bool] = typer_option(None, '--lookahead/--no-lookahead', help="airbench's Lookahead weight averaging [default: on for airbench]."),
-    augment: Optional[bool] = typer_option(None, '--augment/--no-augment', help='Random flips and 2-pixel shifts [default: on for 3-channel data].'),
-    tta: Optional[bool] = typer_option(None, '--tta/--no-tta', help='Six-view test-time augmentation for the final numbers [default: as --augment].'),
+    lookahead: Optional[bool] = typer_option(None, '--lookahead/--no-lookahead', help="airbench's Lookahead weight averaging (default: on for airbench)."),
+    augment: Optional[bool] = typer_option(None, '--augment/--no-augment', help='Random flips and 2-pixel shifts (default: on for 3-channel data).'),
+    tta: Optional[bool] = typer_option(None, '--tta/--no-tta', help='Six-view test-time augmentation for the final numbers (default: as --augment).'),
     seed: int = typer_option(0, help='Member j starts from seed + j.'),
-    data_seed: Optional[int] = typer_option(None, help='Seed of data order, augmentation, bagging and synthetic data [default: --seed].'),
+    data_seed: Optional[int] = typer_option(None, help='Seed of data order, augmentation, bagging and synthetic data (default: --seed).'),
     device: str = typer_option('auto', help='auto, cpu or cuda. CUDA trains in bf16 autocast, channels_last.'),
     compile: bool = typer_option(False, '--compile', help='torch.compile the network.'),
-    out: Optional[str] = typer_option(None, help='Run directory [default: runs/<dataset>_<arch>_m<M>_beta<beta>_<combine>_s<seed>].'),
+    out: Optional[str] = typer_option(None, help='Run directory (default: runs/<dataset>_<arch>_m<M>_beta<beta>_<combine>_s<seed>).'),
     init: Optional[str] = typer_option(None, help='Start every member from these weights: a member file, or a run with 1 or M members.'),
     resume: Optional[str] = typer_option(None, help='Continue the interrupted run in this directory from its last completed epoch (other options are read from it).'),
 ):
@@ -1150,7 +1338,8 @@ def main(
             raise EnsembleError(f"--hidden must be comma-separated integers, got '{hidden}'") from None
         cfg = Config(dataset=dataset, data_dir=data_dir, arch=arch, width=width, kernel_size=kernel_size,
                      hidden=hidden_sizes, members=members, beta=beta, combine=combine, bagging=bagging,
-                     allow_unstable=allow_unstable, param=param, epochs=epochs, batch_size=batch_size, lr=lr,
+                     allow_unstable=allow_unstable, param=param, sam_rho=sam_rho, flat_ratio=flat_ratio,
+                     sam_start_epoch=sam_start_epoch, epochs=epochs, batch_size=batch_size, lr=lr,
                      momentum=momentum, weight_decay=weight_decay, label_smoothing=label_smoothing,
                      optimizer=optimizer, lookahead=lookahead, augment=augment, tta=tta, val_size=val_size,
                      shard=shard, subset=subset, seed=seed, data_seed=data_seed, device=device,
