@@ -15,20 +15,10 @@ import torch.nn.functional as F
 from rich.console import Console
 from typer.testing import CliRunner
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 import analyze  # noqa: E402
 import train_ensemble as te  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Small networks and tensors: one thread is faster, and never waits on a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def random_logits(members=4, n=2000, k=10, scale=3.0, seed=0):

@@ -14,20 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 import rebasin  # noqa: E402
 import train_ensemble as te  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny tensors: one thread is faster, and never waits on a busy second core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def model_spec(arch, **overrides):
