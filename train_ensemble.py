@@ -15,7 +15,10 @@ Any of it can be sharpness-aware: `--sam-rho ρ` trains every member with SAM (e
 its own radius ρ), and `--flat-ratio r` adds SharpBalance (Lu et al. 2024), which gives each member SAM
 only on the examples that the other members select.
 
-The default recipe is airbench94 (Jordan 2024, arXiv 2404.00498). Measured figures: README.md.
+The default recipe is airbench94 (Jordan 2024, arXiv 2404.00498). Measured so far (CPU, 2026-11-22):
+one half-width airbench member reaches 93.75% on Fashion-MNIST in 4 epochs (347 s, 2 cores); four-member
+MLP ensembles show learner collusion (β = 1: test DIV 78x, ensemble accuracy 0.882 vs 0.893 at β = 0).
+CIFAR-10 and GPU timings are not measured yet. All figures and their commands: README.md.
 """
 
 #############################################
