@@ -1181,7 +1181,7 @@ def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = Non
             console.print(f'SharpBalance from epoch {epoch}: SAM on {shares} of the training set (per member), '
                           'plain gradients on the rest')
         order = torch.randperm(n, generator=generator, device=device)
-        sums = torch.zeros(5, device=device)   # objective, ensemble CE, correct, DIV, examples
+        sums = torch.zeros(4, device=device)   # objective, ensemble CE, correct, DIV (read once per epoch)
         steps = min(steps_per_epoch, total_steps - step)
         with Progress(TextColumn(f'epoch {epoch}'), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=console, transient=True, disable=console.quiet or not console.is_terminal) as progress:
@@ -1219,8 +1219,7 @@ def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = Non
                 with torch.no_grad():   # unsmoothed terms for the log, summed on the device (no sync)
                     _, ensemble_ce, div = ensemble_terms(logits.detach(), y, cfg.combine)
                     correct = (combine(logits.detach(), cfg.combine).argmax(-1) == y).sum()
-                    sums += torch.stack([objective.detach(), ensemble_ce.sum(), correct, div.sum(),
-                                         torch.tensor(float(len(y)), device=device)])
+                    sums += torch.stack([objective.detach(), ensemble_ce.sum(), correct, div.sum()])
                 if cfg.lookahead and epoch >= LOOKAHEAD['start_epoch'] and step % LOOKAHEAD['every'] == 0:
                     if lookahead is None:
                         lookahead = Lookahead(net)
@@ -1234,8 +1233,8 @@ def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = Non
             torch.cuda.synchronize()
         train_time += time.perf_counter() - start
 
-        objective_sum, ce_sum, correct, div_sum, count = sums.tolist()
-        count = max(count, 1)
+        objective_sum, ce_sum, correct, div_sum = sums.tolist()
+        count = max(steps * batch_size, 1)
         row = dict(epoch=epoch, time_s=train_time, lr=opt.param_groups[-1]['lr'],
                    train_objective=objective_sum / count, train_loss=ce_sum / count,
                    train_acc=correct / count, train_div=div_sum / count)
