@@ -1032,8 +1032,12 @@ class Lookahead:
     """airbench's weight averaging: every few steps the weights move to an EMA of themselves whose decay
     grows over training (fast early, strong averaging at the end)."""
 
-    def __init__(self, net):
-        self.ema = {k: v.detach().clone() for k, v in net.state_dict().items() if v.is_floating_point()}
+    def __init__(self, ema):
+        self.ema = ema
+
+    @classmethod
+    def of(cls, net):
+        return cls({k: v.detach().clone() for k, v in net.state_dict().items() if v.is_floating_point()})
 
     def update(self, net, decay):
         state = net.state_dict()
@@ -1078,8 +1082,7 @@ def load_state(path, net, opt, generator, device):
         raise EnsembleError(f'{path} is not a resume state of this run ({str(e).splitlines()[0]})') from None
     lookahead = None
     if any(k.startswith('lookahead/') for k in tensors):
-        lookahead = Lookahead.__new__(Lookahead)
-        lookahead.ema = {k[10:]: v.to(device) for k, v in tensors.items() if k.startswith('lookahead/')}
+        lookahead = Lookahead({k[10:]: v.to(device) for k, v in tensors.items() if k.startswith('lookahead/')})
     sam_mask = tensors['sharpbalance/sam_mask'].to(device) if 'sharpbalance/sam_mask' in tensors else None
     return epoch, step, lookahead, sam_mask
 
@@ -1131,7 +1134,7 @@ def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = Non
         torch.backends.cudnn.benchmark = True
 
     net = build_model(spec, members=m)
-    template = init_member(spec, cfg.seed, data.x_train) if not resume else build_model(spec)
+    template = build_model(spec)   # one member's shapes, for splitting the wide state at the end
     if not resume:
         net.load_state_dict(stack_members(initial_member_states(cfg, spec, data), net.state_dict()))
     net = net.to(device)
@@ -1222,7 +1225,7 @@ def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = Non
                     sums += torch.stack([objective.detach(), ensemble_ce.sum(), correct, div.sum()])
                 if cfg.lookahead and epoch >= LOOKAHEAD['start_epoch'] and step % LOOKAHEAD['every'] == 0:
                     if lookahead is None:
-                        lookahead = Lookahead(net)
+                        lookahead = Lookahead.of(net)
                     else:
                         decay = LOOKAHEAD['decay_base'] ** LOOKAHEAD['every'] * (step / total_steps) ** LOOKAHEAD['decay_pow']
                         lookahead.update(net, decay)

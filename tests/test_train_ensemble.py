@@ -11,9 +11,6 @@ from typer.testing import CliRunner
 
 import train_ensemble as te
 
-QUIET = dict(console=None)
-
-
 def quiet_console():
     from rich.console import Console
     return Console(quiet=True)
@@ -29,7 +26,6 @@ def member_states(run_dir):
 
 
 SMALL_AIRBENCH = dict(dataset='synthetic', arch='airbench', width=1 / 16, subset=256, batch_size=64, epochs=2)
-TINY_AIRBENCH = SMALL_AIRBENCH
 
 
 # ---- the objective ----
@@ -84,31 +80,29 @@ def float64():
     torch.set_default_dtype(torch.float32)
 
 
-def test_at_beta0_an_ensemble_trains_each_member_exactly_as_if_alone(tmp_path, float64):
-    """M-member run at β=0 == M single-member runs with the same batches (data seed) and member init,
-    to float64 precision, through the whole recipe: schedule, weight decay, Lookahead from epoch 3."""
-    options = dict(dataset='synthetic', arch='mlp', hidden=[32, 16], subset=256, batch_size=32, epochs=4,
-                   lookahead=True, label_smoothing=0.2)
-    run(tmp_path, 'ensemble', members=3, beta=0.0, seed=10, **options)
+def assert_members_train_as_if_alone(tmp_path, members, options, **tolerance):
+    """An M-member β=0 run ends with member j's weights equal to a single-member run with member j's
+    init seed (seed + j) and the ensemble's batches (data seed)."""
+    run(tmp_path, 'ensemble', members=members, beta=0.0, seed=10, **options)
     ensemble = member_states(tmp_path / 'ensemble')
-    for j in range(3):
+    for j in range(members):
         run(tmp_path, f'solo{j}', members=1, seed=10 + j, data_seed=10, **options)
         solo = member_states(tmp_path / f'solo{j}')[0]
         for key in solo:
-            assert torch.allclose(ensemble[j][key], solo[key], atol=1e-12, rtol=0), (j, key)
+            assert torch.allclose(ensemble[j][key], solo[key], **tolerance), (j, key)
+
+
+def test_at_beta0_an_ensemble_trains_each_member_exactly_as_if_alone(tmp_path, float64):
+    """To float64 precision, through the whole recipe: schedule, weight decay, Lookahead from epoch 3."""
+    options = dict(dataset='synthetic', arch='mlp', hidden=[32, 16], subset=256, batch_size=32, epochs=4,
+                   lookahead=True, label_smoothing=0.2)
+    assert_members_train_as_if_alone(tmp_path, 3, options, atol=1e-12, rtol=0)
 
 
 def test_the_wide_conv_network_with_batchnorm_trains_members_as_if_alone(tmp_path):
     """The same claim through grouped convs, BatchNorm and augmentation (float32, 2 epochs: before the
     high-lr phase amplifies rounding)."""
-    options = dict(TINY_AIRBENCH, epochs=2)
-    run(tmp_path, 'ensemble', members=2, beta=0.0, seed=10, **options)
-    ensemble = member_states(tmp_path / 'ensemble')
-    for j in range(2):
-        run(tmp_path, f'solo{j}', members=1, seed=10 + j, data_seed=10, **options)
-        solo = member_states(tmp_path / f'solo{j}')[0]
-        for key in solo:
-            assert torch.allclose(ensemble[j][key], solo[key], atol=1e-5, rtol=1e-4), (j, key)
+    assert_members_train_as_if_alone(tmp_path, 2, SMALL_AIRBENCH, atol=1e-5, rtol=1e-4)
 
 
 def test_joint_run_writes_the_run_directory_and_members_reload_exactly(tmp_path):
@@ -141,7 +135,7 @@ def test_joint_run_writes_the_run_directory_and_members_reload_exactly(tmp_path)
 
 
 def test_resume_after_interruption_finishes_with_the_same_weights(tmp_path):
-    options = dict(members=2, beta=0.5, lookahead=True, bagging=True, **{k: v for k, v in SMALL_AIRBENCH.items() if k != 'epochs'}, epochs=4)
+    options = dict(SMALL_AIRBENCH, members=2, beta=0.5, lookahead=True, bagging=True, epochs=4)
     run(tmp_path, 'straight', **options)
 
     def interrupt(epoch):
