@@ -71,6 +71,7 @@ BN_MOMENTUM = 0.4               # airbench's BatchNorm keeps 60% of the old runn
 TEMPERATURE = 1 / 9             # airbench scales its logits by a fixed 1/9
 TRANSLATE = 2                   # random-crop padding (pixels, reflect) when augmenting
 EVAL_BATCH = 2000
+PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}   # --precision: autocast dtype
 SAM_EPS = 1e-12                 # added to each member's gradient norm before SAM divides by it (a zero gradient stays put)
 PER_SAMPLE_GRAD_FLOATS = 2**27  # SharpBalance's scoring pass holds at most this many per-sample gradient floats (512 MB)
 
@@ -274,23 +275,27 @@ def load_run_data(config, device='cpu', **overrides):
                      subset=config.get('subset'), device=device)
 
 
-def augment_batch(x, generator, translate=TRANSLATE):
-    """Random translation by up to `translate` pixels (reflect padding) on a whole batch, on its device."""
-    if translate <= 0:
-        return x
-    n, _, h, w = x.shape
-    padded = F.pad(x, (translate,) * 4, mode='reflect')
-    shifts = torch.randint(0, 2 * translate + 1, (2, n), generator=generator, device=generator.device)
-    shifts = shifts.to(x.device)
-    rows = torch.empty(n, x.size(1), h, w + 2 * translate, dtype=x.dtype, device=x.device)
-    for s in range(2 * translate + 1):   # two passes of 2t+1 masked copies beat a gather on GPUs
-        m = shifts[0] == s
-        rows[m] = padded[m, :, s:s + h, :]
-    out = torch.empty_like(x)
-    for s in range(2 * translate + 1):
-        m = shifts[1] == s
-        out[m] = rows[m, :, :, s:s + w]
-    return out
+def training_images(x_uint8, dtype=None, pad=0, channels_last=False):
+    """The training set as float images in [0, 1], converted once per run (not once per step):
+    reflect-padded by `pad` pixels for random crops, in channels_last layout when asked."""
+    x = to_float_images(x_uint8, dtype)
+    if pad:
+        x = F.pad(x, (pad,) * 4, mode='reflect')
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def augment_batch(padded, idx, flip, shifts, size):
+    """Images `idx` of the padded training set, each cropped at its (row, column) offset in the (2, B)
+    `shifts` and mirrored where `flip`, as ONE gather: no boolean-mask indexing, which would make the
+    host wait for the GPU ten times a step. Mirroring is folded into the column index, since a
+    reflect-padded mirror image is the mirror of the padded image. The batch keeps the set's layout."""
+    n, (h, w), width = len(idx), size, padded.size(-1)
+    rows = shifts[0].view(n, 1) + torch.arange(h, device=padded.device)
+    cols = shifts[1].view(n, 1) + torch.arange(w, device=padded.device)
+    cols = torch.where(flip.view(n, 1), width - 1 - cols, cols)
+    nhwc = padded.permute(0, 2, 3, 1)   # index the spatial axes with the channels innermost
+    out = nhwc[idx.view(n, 1, 1), rows.view(n, h, 1), cols.view(n, 1, w)].permute(0, 3, 1, 2)
+    return out if padded.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
 
 #############################################
@@ -500,11 +505,13 @@ def init_member(spec, seed, x_train=None):
 #          The ensemble objective           #
 #############################################
 
-def combine(logits, combiner):
+def combine(logits, combiner, member_log_probs=None):
     """Log-probabilities of the ensemble from (M, B, K) member logits.
-    prob: log of the mean probability; logit: log-softmax of the mean logit."""
+    prob: log of the mean probability; logit: log-softmax of the mean logit.
+    member_log_probs: log_softmax(logits), when the caller has it already."""
     if combiner == 'prob':
-        return torch.logsumexp(F.log_softmax(logits, -1), dim=0) - math.log(logits.size(0))
+        log_p = F.log_softmax(logits, -1) if member_log_probs is None else member_log_probs
+        return torch.logsumexp(log_p, dim=0) - math.log(logits.size(0))
     if combiner == 'logit':
         return F.log_softmax(logits.mean(0), -1)
     raise EnsembleError(f"unknown combiner '{combiner}': use prob or logit")
@@ -524,24 +531,43 @@ def cross_entropy(log_probs, y, label_smoothing=0.0):
 def ensemble_terms(logits, y, combiner, label_smoothing=0.0):
     """Member CE (M, B), ensemble CE (B,) and DIV = mean member CE − ensemble CE (B,)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))   # bf16 in, fp32 (or fp64) math
-    member_ce = cross_entropy(F.log_softmax(logits, -1), y, label_smoothing)
-    ensemble_ce = cross_entropy(combine(logits, combiner), y, label_smoothing)
+    log_p = F.log_softmax(logits, -1)
+    member_ce = cross_entropy(log_p, y, label_smoothing)
+    ensemble_ce = cross_entropy(combine(logits, combiner, log_p), y, label_smoothing)
     return member_ce, ensemble_ce, member_ce.mean(0) - ensemble_ce
 
 
 def ensemble_objective(logits, y, beta, combiner, label_smoothing=0.0, weights=None):
-    """Σ_j (1 − β)·CE_j + β·M·CE(p̄), summed over the batch, and the terms it is made of.
+    """Σ_j (1 − β)·CE_j + β·M·CE(p̄), summed over the batch, and the terms it is made of:
+    (member CE (M, B), ensemble CE (B,)), smoothed as trained. At β = 0 the ensemble term is not
+    built at all (its CE is None): independent members cost no more than one member each.
 
     weights: (M, B) per-member example weights (bagging's bootstrap counts); the ensemble term is
     weighted by their mean over members.
     """
-    member_ce, ensemble_ce, div = ensemble_terms(logits, y, combiner, label_smoothing)
-    m = logits.size(0)
-    if weights is None:
-        per_example = (1 - beta) * member_ce.sum(0) + beta * m * ensemble_ce
-    else:
-        per_example = (1 - beta) * (weights * member_ce).sum(0) + beta * m * weights.mean(0) * ensemble_ce
-    return per_example.sum(), (member_ce, ensemble_ce, div)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    log_p = F.log_softmax(logits, -1)
+    member_ce = cross_entropy(log_p, y, label_smoothing)
+    per_example = (member_ce if weights is None else weights * member_ce).sum(0)
+    ensemble_ce = None
+    if beta != 0:
+        ensemble_ce = cross_entropy(combine(logits, combiner, log_p), y, label_smoothing)
+        ensemble_weight = beta * logits.size(0) * (1 if weights is None else weights.mean(0))
+        per_example = (1 - beta) * per_example + ensemble_weight * ensemble_ce
+    return per_example.sum(), (member_ce, ensemble_ce)
+
+
+@torch.no_grad()
+def batch_log(logits, y, combiner):
+    """(3,) sums over a batch for the training log, unsmoothed: ensemble CE, correct ensemble
+    predictions, DIV. Stays on the device, so the loop never waits for it."""
+    logits = logits.detach().to(torch.promote_types(logits.dtype, torch.float32))
+    log_p = F.log_softmax(logits, -1)
+    ensemble_log_p = combine(logits, combiner, log_p)
+    member_nll = cross_entropy(log_p, y)
+    ensemble_nll = cross_entropy(ensemble_log_p, y)
+    correct = (ensemble_log_p.argmax(-1) == y).sum()
+    return torch.stack([ensemble_nll.sum(), correct.to(ensemble_nll.dtype), (member_nll.mean(0) - ensemble_nll).sum()])
 
 
 #############################################
@@ -641,6 +667,23 @@ def to_float_images(x_uint8, dtype=None):
     return x_uint8.to(dtype or torch.get_default_dtype()) / 255
 
 
+def resolve_precision(precision, device):
+    """'auto' is bf16 on a GPU and fp32 on a CPU (where bf16 matmuls are slow on most processors)."""
+    if precision == 'auto':
+        return 'bf16' if device.type == 'cuda' else 'fp32'
+    if precision not in PRECISIONS:
+        raise EnsembleError(f"unknown precision '{precision}': use auto, {', '.join(PRECISIONS)}")
+    return precision
+
+
+def autocast(device, precision):
+    """Mixed precision on the device in use: matmuls and convolutions in the precision's dtype, weights,
+    optimizer state and BatchNorm statistics kept fp32. No loss scaling for fp16: the objective is a
+    sum over the batch, not a mean, so its gradients stay far above fp16's underflow (airbench94 trains
+    in fp16 the same way)."""
+    return torch.autocast(device.type, PRECISIONS[precision], enabled=precision != 'fp32')
+
+
 def tta_views(x):
     """airbench's six test-time views as (weight, images): mirror, each with no shift and ±1 pixel."""
     padded = F.pad(x, (1,) * 4, mode='reflect')
@@ -652,14 +695,14 @@ def tta_views(x):
 
 
 @torch.no_grad()
-def predict_logits(nets, x_uint8, members=None, tta=False, batch_size=EVAL_BATCH, progress=None):
+def predict_logits(nets, x_uint8, members=None, tta=False, batch_size=EVAL_BATCH, progress=None, precision='auto'):
     """(M, N, K) float32 logits of every member on uint8 images, batched, in eval mode.
 
     nets: a wide network (then `members` is its M) or a list of single-member networks.
     """
     nets = nets if isinstance(nets, (list, tuple)) else [nets]
     device = next(nets[0].parameters()).device
-    amp = device.type == 'cuda'
+    precision = resolve_precision(precision, device)
     out = []
     for i in range(0, len(x_uint8), batch_size):
         x = to_float_images(x_uint8[i:i + batch_size].to(device))
@@ -667,7 +710,7 @@ def predict_logits(nets, x_uint8, members=None, tta=False, batch_size=EVAL_BATCH
         for net in nets:
             net.eval()
             m = members if members else 1
-            with torch.autocast('cuda', torch.bfloat16, enabled=amp):
+            with autocast(device, precision):
                 views = tta_views(x) if tta else [(1.0, x)]
                 z = sum(w * member_logits(net, v, m).float() for w, v in views)
             batch.append(z)
@@ -690,9 +733,9 @@ def ensemble_metrics(logits, y, combiner):
     )
 
 
-def evaluate(nets, x_uint8, y, combiner='prob', members=None, tta=False):
+def evaluate(nets, x_uint8, y, combiner='prob', members=None, tta=False, precision='auto'):
     """ensemble_metrics of a wide network or a list of members on uint8 images."""
-    logits = predict_logits(nets, x_uint8, members, tta)
+    logits = predict_logits(nets, x_uint8, members, tta, precision=precision)
     return ensemble_metrics(logits, y.to(logits.device), combiner)
 
 
@@ -868,6 +911,8 @@ class Config:
     seed: int = 0
     data_seed: Optional[int] = None
     device: str = 'auto'
+    precision: str = 'auto'
+    channels_last: Optional[bool] = None
     compile: bool = False
     out: Optional[str] = None
     init: Optional[str] = None
@@ -918,6 +963,10 @@ def resolve_config(cfg, data=None):
         resolved['augment'] = (data.x_train.size(1) == 3) if data is not None else cfg.dataset not in ('mnist', 'fashion-mnist')
     if resolved['tta'] is None:
         resolved['tta'] = resolved['augment']
+    device = resolve_device(cfg.device)
+    resolved['precision'] = resolve_precision(cfg.precision, device)
+    if resolved['channels_last'] is None:   # the layout of the GPU's convolution kernels; no gain on a CPU
+        resolved['channels_last'] = device.type == 'cuda'
     if resolved['epochs'] <= 0 or resolved['batch_size'] < 1:
         raise EnsembleError('--epochs must be positive and --batch-size at least 1')
     if cfg.flat_ratio is not None:
@@ -1041,10 +1090,10 @@ class Lookahead:
 
     def update(self, net, decay):
         state = net.state_dict()
-        with torch.no_grad():
-            for k, ema in self.ema.items():
-                ema.lerp_(state[k], 1 - decay)
-                state[k].copy_(ema)
+        current = [state[k] for k in self.ema]
+        with torch.no_grad():   # one multi-tensor kernel each instead of two small kernels per tensor
+            torch._foreach_lerp_(list(self.ema.values()), current, 1 - decay)
+            torch._foreach_copy_(current, list(self.ema.values()))
 
 
 def save_state(path, net, opt, lookahead, generator, epoch, step, sam_mask=None):
@@ -1138,11 +1187,16 @@ def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = Non
     if not resume:
         net.load_state_dict(stack_members(initial_member_states(cfg, spec, data), net.state_dict()))
     net = net.to(device)
-    if device.type == 'cuda':
+    if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
     opt = optimizer_for(net, cfg)
     forward = torch.compile(net) if cfg.compile else net
-    amp = device.type == 'cuda'
+    # The training images once, on the device, as floats in the input dtype (bf16 under bf16 autocast)
+    # and layout the network wants; padded for random crops. A step then gathers its batch in one op.
+    pad = TRANSLATE if cfg.augment else 0
+    images = training_images(data.x_train, None if cfg.precision == 'fp32' else PRECISIONS[cfg.precision],
+                             pad, cfg.channels_last)
+    image_size = data.x_train.shape[-2:]
 
     generator = torch.Generator(device).manual_seed(cfg.data_seed)
     flip_mask = torch.rand(n, generator=torch.Generator(device).manual_seed(cfg.data_seed + 1), device=device) < 0.5
@@ -1191,19 +1245,19 @@ def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = Non
             task = progress.add_task('train', total=steps)
             for i in range(steps):
                 idx = order[i * batch_size:(i + 1) * batch_size]
-                x = to_float_images(data.x_train[idx], torch.bfloat16 if amp else None)
                 y = data.y_train[idx]
-                if cfg.augment:   # airbench's alternating flip: a fixed random half, all flipped every other epoch
+                if cfg.augment:   # airbench's alternating flip (a fixed random half, all flipped every other epoch), random crops
                     flip = flip_mask[idx] ^ bool(epoch % 2)
-                    x = augment_batch(torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x), generator)
-                if device.type == 'cuda':
-                    x = x.contiguous(memory_format=torch.channels_last)
+                    shifts = torch.randint(0, 2 * pad + 1, (2, len(idx)), generator=generator, device=device)
+                    x = augment_batch(images, idx, flip, shifts, image_size)
+                else:
+                    x = images[idx]
                 for g in opt.param_groups:
                     g['lr'] = g['initial_lr'] * lr_factor(step, total_steps)
                 weights = None if bag is None else bag[:, idx]
 
                 def logits_at():   # the wide forward pass at the current weights (SAM calls it twice)
-                    with torch.autocast('cuda', torch.bfloat16, enabled=amp):
+                    with autocast(device, cfg.precision):
                         return member_logits(forward, x, m)
 
                 def objective_of(logits):
@@ -1219,10 +1273,8 @@ def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = Non
                                                  None if sam_mask is None else sam_mask[:, idx])
                 opt.step()
                 step += 1
-                with torch.no_grad():   # unsmoothed terms for the log, summed on the device (no sync)
-                    _, ensemble_ce, div = ensemble_terms(logits.detach(), y, cfg.combine)
-                    correct = (combine(logits.detach(), cfg.combine).argmax(-1) == y).sum()
-                    sums += torch.stack([objective.detach(), ensemble_ce.sum(), correct, div.sum()])
+                sums[0] += objective.detach()
+                sums[1:] += batch_log(logits, y, cfg.combine)
                 if cfg.lookahead and epoch >= LOOKAHEAD['start_epoch'] and step % LOOKAHEAD['every'] == 0:
                     if lookahead is None:
                         lookahead = Lookahead.of(net)
@@ -1243,7 +1295,7 @@ def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = Non
                    train_acc=correct / count, train_div=div_sum / count)
         for split in ('test', 'val') if data.x_val is not None else ('test',):
             x_eval, y_eval = data.split(split)
-            r = evaluate(net, x_eval, y_eval, cfg.combine, members=m)
+            r = evaluate(net, x_eval, y_eval, cfg.combine, members=m, precision=cfg.precision)
             row.update({f'{split}_loss': r['loss'], f'{split}_acc': r['acc'], f'{split}_div': r['div']})
             if split == 'test':
                 row.update(member_test_loss=r['member_loss'], member_test_acc=r['member_acc'])
@@ -1259,7 +1311,7 @@ def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = Non
 
     summary = dict(metrics[-1], train_time_s=train_time, tta=bool(cfg.tta))
     if cfg.tta:   # airbench's six-view test-time augmentation, for the final numbers only
-        r = evaluate(net, data.x_test, data.y_test, cfg.combine, members=m, tta=True)
+        r = evaluate(net, data.x_test, data.y_test, cfg.combine, members=m, tta=True, precision=cfg.precision)
         summary.update(test_loss=r['loss'], test_acc=r['acc'], test_div=r['div'],
                        member_test_loss=r['member_loss'], member_test_acc=r['member_acc'])
     for j, state in enumerate(split_members({k: v.cpu() for k, v in net.state_dict().items()}, template.state_dict())):
@@ -1318,7 +1370,9 @@ def main(
     tta: Optional[bool] = typer_option(None, '--tta/--no-tta', help='Six-view test-time augmentation for the final numbers (default: as --augment).'),
     seed: int = typer_option(0, help='Member j starts from seed + j.'),
     data_seed: Optional[int] = typer_option(None, help='Seed of data order, augmentation, bagging and synthetic data (default: --seed).'),
-    device: str = typer_option('auto', help='auto, cpu or cuda. CUDA trains in bf16 autocast, channels_last.'),
+    device: str = typer_option('auto', help='auto, cpu or cuda.'),
+    precision: str = typer_option('auto', help='Autocast dtype of the matmuls and convolutions: fp32, bf16 or fp16 (weights, optimizer state and BatchNorm statistics stay fp32; checkpoints are fp32). auto: bf16 on CUDA, fp32 on CPU.'),
+    channels_last: Optional[bool] = typer_option(None, '--channels-last/--no-channels-last', help='channels_last memory layout for network and images (default: on for CUDA).'),
     compile: bool = typer_option(False, '--compile', help='torch.compile the network.'),
     out: Optional[str] = typer_option(None, help='Run directory (default: runs/<dataset>_<arch>_m<M>_beta<beta>_<combine>_s<seed>).'),
     init: Optional[str] = typer_option(None, help='Start every member from these weights: a member file, or a run with 1 or M members.'),
@@ -1348,7 +1402,7 @@ def main(
                      momentum=momentum, weight_decay=weight_decay, label_smoothing=label_smoothing,
                      optimizer=optimizer, lookahead=lookahead, augment=augment, tta=tta, val_size=val_size,
                      shard=shard, subset=subset, seed=seed, data_seed=data_seed, device=device,
-                     compile=compile, out=out, init=init)
+                     precision=precision, channels_last=channels_last, compile=compile, out=out, init=init)
         train(cfg)
     except EnsembleError as e:
         cli_error(e)

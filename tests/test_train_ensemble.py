@@ -61,10 +61,10 @@ def test_objective_at_beta1_is_M_times_the_ensemble_loss_and_bagging_weights_mem
     g = torch.Generator().manual_seed(2)
     logits = torch.randn(4, 32, 10, generator=g)
     y = torch.randint(10, (32,), generator=g)
-    objective, (_, ensemble_ce, _) = te.ensemble_objective(logits, y, 1.0, 'prob')
+    objective, (_, ensemble_ce) = te.ensemble_objective(logits, y, 1.0, 'prob')
     assert torch.allclose(objective, 4 * ensemble_ce.sum())
     weights = torch.randint(0, 3, (4, 32), generator=g).float()
-    objective, (member_ce, ensemble_ce, _) = te.ensemble_objective(logits, y, 0.25, 'logit', weights=weights)
+    objective, (member_ce, ensemble_ce) = te.ensemble_objective(logits, y, 0.25, 'logit', weights=weights)
     expected = 0.75 * (weights * member_ce).sum() + 0.25 * 4 * (weights.mean(0) * ensemble_ce).sum()
     assert torch.allclose(objective, expected)
 
