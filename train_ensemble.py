@@ -31,7 +31,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -903,47 +903,88 @@ def sharpbalance_masks(scores, flat_ratio, sharpest=False):
 #                Training                   #
 #############################################
 
+def option(default, help, flag=None, parse=None):
+    """A Config field: its default and its command-line help, the one place an option is written.
+    flag: the command line's own spelling ('--x/--no-x' for a switch); parse: turns the command line's
+    text into the value (the command line then takes text)."""
+    meta = dict(help=help, flag=flag, parse=parse)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def parse_ints(text):
+    try:
+        return [int(v) for v in str(text).split(',') if v.strip()]
+    except ValueError:
+        raise EnsembleError(f"expected comma-separated integers, got '{text}'") from None
+
+
 @dataclass
 class Config:
-    """Every option of a run. None means "the recipe's default for this architecture and dataset"."""
-    dataset: str = 'cifar10'
-    data_dir: str = 'data'
-    arch: str = 'airbench'
-    width: float = 1.0
-    kernel_size: int = 3
-    hidden: list = field(default_factory=lambda: [1024])
-    members: int = 1
-    beta: float = 0.0
-    combine: str = 'prob'
-    bagging: bool = False
-    allow_unstable: bool = False
-    param: str = 'standard'
-    sam_rho: Optional[float] = None         # None: plain gradients; a radius (even 0): SAM for every member
-    flat_ratio: Optional[float] = None      # SharpBalance: fraction each member selects (needs sam_rho)
-    sam_start_epoch: Optional[int] = None   # SharpBalance: plain SAM before this epoch (default: half the epochs)
-    epochs: Optional[float] = None
-    batch_size: Optional[int] = None
-    lr: Optional[float] = None
-    momentum: Optional[float] = None
-    weight_decay: Optional[float] = None
-    label_smoothing: Optional[float] = None
-    optimizer: str = 'sgd'
-    lookahead: Optional[bool] = None
-    bias_scaler: Optional[float] = None
-    whiten_bias_epochs: Optional[int] = None
-    augment: Optional[bool] = None
-    tta: Optional[bool] = None
-    val_size: int = 0
-    shard: Optional[str] = None
-    subset: Optional[int] = None
-    seed: int = 0
-    data_seed: Optional[int] = None
-    device: str = 'auto'
-    precision: str = 'auto'
-    channels_last: Optional[bool] = None
-    compile: bool = False
-    out: Optional[str] = None
-    init: Optional[str] = None
+    """Every option of a run, each with its default and help; the command line is built from these
+    fields. None means "the recipe's default for this architecture and dataset"."""
+    # The ensemble and its objective
+    members: int = option(1, 'Ensemble size M.')
+    beta: float = option(0.0, 'Diversity weight: 0 = independent members, 1 = joint training (the ensemble loss); '
+                              '> 1 needs --allow-unstable.')
+    combine: str = option('prob', "Combiner: 'prob' averages probabilities, 'logit' averages logits.")
+    bagging: bool = option(False, 'Each member weights each example by its own bootstrap count (batches stay shared).')
+    allow_unstable: bool = option(False, 'Allow --beta > 1, where the objective is unbounded below.')
+    param: str = option('standard', "Parametrization: 'standard' (PyTorch init, one lr) or 'spectral' (spectral.py: "
+                                    'init and per-layer lr from the spectral condition).')
+    sam_rho: Optional[float] = option(None, 'SAM (Foret et al. 2021) for every member with this radius (e.g. 0.05): '
+                                            'step with the gradient at w + rho*g/|g|, each member its own g. About 2x '
+                                            'the cost of a step.')
+    flat_ratio: Optional[float] = option(None, 'SharpBalance (Lu et al. 2024, needs --sam-rho): each member selects '
+                                               'this fraction of the training set by its own per-sample sharpness; '
+                                               "from --sam-start-epoch on, member j uses SAM on the other members' "
+                                               'selections and plain gradients on the rest.')
+    sam_start_epoch: Optional[int] = option(None, 'SharpBalance: plain SAM before this epoch, then score the training '
+                                                  'set once and split it (default: half the epochs).')
+    # Data
+    dataset: str = option('cifar10', 'cifar10, cifar100, fashion-mnist, mnist, synthetic, or a path to a .npz file.')
+    data_dir: str = option('data', 'Where datasets are downloaded and cached.')
+    val_size: int = option(0, 'Hold out this many training images as a validation split.')
+    shard: Optional[str] = option(None, "Train on the i-th of n disjoint class-balanced parts, as 'i/n'.")
+    subset: Optional[int] = option(None, 'Use at most this many training and test images (quick runs).')
+    # The network
+    arch: str = option('airbench', 'Network: airbench, resnet18 or mlp.')
+    width: float = option(1.0, 'Width multiplier for airbench and resnet18 channels.')
+    kernel_size: int = option(3, "airbench's conv kernel size k (k x k).")
+    hidden: list = option([1024], "mlp hidden sizes, e.g. '1024' or '512,512,512'.", parse=parse_ints)
+    # The recipe (None: the architecture's, RECIPES)
+    epochs: Optional[float] = option(None, 'Epochs (fractions allowed) (default: the recipe: airbench 9.9, resnet18 16, mlp 8).')
+    batch_size: Optional[int] = option(None, 'Batch size (default: airbench 1024, resnet18 512, mlp 256).')
+    lr: Optional[float] = option(None, 'Learning rate; for sgd per 1024 examples, decoupled from momentum '
+                                       '(default: the recipe; adam 1e-3).')
+    momentum: Optional[float] = option(None, 'Nesterov momentum for sgd (default: the recipe).')
+    weight_decay: Optional[float] = option(None, 'For sgd: fraction of the weights removed per 1024 examples; '
+                                                 'for adam: AdamW decay.')
+    label_smoothing: Optional[float] = option(None, 'Label smoothing of every cross-entropy term '
+                                                    '(default: airbench 0.2, resnet18 0.1, mlp 0).')
+    optimizer: str = option('sgd', 'sgd (Nesterov) or adam (AdamW).')
+    lookahead: Optional[bool] = option(None, "airbench's Lookahead weight averaging (default: on for airbench).",
+                                       flag='--lookahead/--no-lookahead')
+    bias_scaler: Optional[float] = option(None, "BatchNorm biases' lr multiplier (default: airbench 64, others 1).")
+    whiten_bias_epochs: Optional[int] = option(None, "Epochs the airbench whitening conv's bias trains before it "
+                                                     'freezes (default: 3).')
+    augment: Optional[bool] = option(None, 'Random flips and 2-pixel shifts (default: on for 3-channel data).',
+                                     flag='--augment/--no-augment')
+    tta: Optional[bool] = option(None, 'Six-view test-time augmentation for the final numbers (default: as --augment).',
+                                 flag='--tta/--no-tta')
+    # Seeds, device, output
+    seed: int = option(0, 'Member j starts from seed + j.')
+    data_seed: Optional[int] = option(None, 'Seed of data order, augmentation, bagging and synthetic data (default: --seed).')
+    device: str = option('auto', 'auto, cpu or cuda.')
+    precision: str = option('auto', 'Autocast dtype of the matmuls and convolutions: fp32, bf16 or fp16 (weights, '
+                                    'optimizer state and BatchNorm statistics stay fp32; checkpoints are fp32). '
+                                    'auto: bf16 on CUDA, fp32 on CPU.')
+    channels_last: Optional[bool] = option(None, 'channels_last memory layout for network and images (default: on for CUDA).',
+                                           flag='--channels-last/--no-channels-last')
+    compile: bool = option(False, 'torch.compile the network.', flag='--compile')
+    out: Optional[str] = option(None, 'Run directory (default: runs/<dataset>_<arch>_m<M>_beta<beta>_<combine>_s<seed>).')
+    init: Optional[str] = option(None, 'Start every member from these weights: a member file, or a run with 1 or M members.')
 
 
 def resolve_config(cfg, data=None):
@@ -1356,11 +1397,6 @@ def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = Non
 #                  Main                     #
 #############################################
 
-def typer_option(*args, **kwargs):
-    import typer
-    return typer.Option(*args, **kwargs)
-
-
 def cli_error(message):
     """Print a one-line error and exit non-zero: bad input never ends in a traceback."""
     from rich.console import Console
@@ -1368,75 +1404,52 @@ def cli_error(message):
     raise SystemExit(1)
 
 
-def main(
-    beta: float = typer_option(0.0, help='Diversity weight: 0 = independent members, 1 = joint training (the ensemble loss); > 1 needs --allow-unstable.'),
-    members: int = typer_option(1, help='Ensemble size M.'),
-    combine: str = typer_option('prob', '--combine', help="Combiner: 'prob' averages probabilities, 'logit' averages logits."),
-    bagging: bool = typer_option(False, help='Each member weights each example by its own bootstrap count (batches stay shared).'),
-    allow_unstable: bool = typer_option(False, help='Allow --beta > 1, where the objective is unbounded below.'),
-    param: str = typer_option('standard', '--param', help="Parametrization: 'standard' (PyTorch init, one lr) or 'spectral' (spectral.py: init and per-layer lr from the spectral condition)."),
-    sam_rho: Optional[float] = typer_option(None, help='SAM (Foret et al. 2021) for every member with this radius (e.g. 0.05): step with the gradient at w + rho*g/|g|, each member its own g. About 2x the cost of a step.'),
-    flat_ratio: Optional[float] = typer_option(None, help="SharpBalance (Lu et al. 2024, needs --sam-rho): each member selects this fraction of the training set by its own per-sample sharpness; from --sam-start-epoch on, member j uses SAM on the other members' selections and plain gradients on the rest."),
-    sam_start_epoch: Optional[int] = typer_option(None, help='SharpBalance: plain SAM before this epoch, then score the training set once and split it (default: half the epochs).'),
-    dataset: str = typer_option('cifar10', help="cifar10, cifar100, fashion-mnist, mnist, synthetic, or a path to a .npz file."),
-    data_dir: str = typer_option('data', help='Where datasets are downloaded and cached.'),
-    val_size: int = typer_option(0, help='Hold out this many training images as a validation split.'),
-    shard: Optional[str] = typer_option(None, help="Train on the i-th of n disjoint class-balanced parts, as 'i/n'."),
-    subset: Optional[int] = typer_option(None, help='Use at most this many training and test images (quick runs).'),
-    arch: str = typer_option('airbench', help='Network: airbench, resnet18 or mlp.'),
-    width: float = typer_option(1.0, help='Width multiplier for airbench and resnet18 channels.'),
-    kernel_size: int = typer_option(3, help="airbench's conv kernel size k (k x k)."),
-    hidden: str = typer_option('1024', help="mlp hidden sizes, e.g. '1024' or '512,512,512'."),
-    epochs: Optional[float] = typer_option(None, help='Epochs (fractions allowed) (default: the recipe: airbench 9.9, resnet18 16, mlp 8).'),
-    batch_size: Optional[int] = typer_option(None, help='Batch size (default: airbench 1024, resnet18 512, mlp 256).'),
-    lr: Optional[float] = typer_option(None, help='Learning rate; for sgd per 1024 examples, decoupled from momentum (default: the recipe; adam 1e-3).'),
-    momentum: Optional[float] = typer_option(None, help='Nesterov momentum for sgd (default: the recipe).'),
-    weight_decay: Optional[float] = typer_option(None, help='For sgd: fraction of the weights removed per 1024 examples; for adam: AdamW decay.'),
-    label_smoothing: Optional[float] = typer_option(None, help='Label smoothing of every cross-entropy term (default: airbench 0.2, resnet18 0.1, mlp 0).'),
-    optimizer: str = typer_option('sgd', help='sgd (Nesterov) or adam (AdamW).'),
-    lookahead: Optional[bool] = typer_option(None, '--lookahead/--no-lookahead', help="airbench's Lookahead weight averaging (default: on for airbench)."),
-    augment: Optional[bool] = typer_option(None, '--augment/--no-augment', help='Random flips and 2-pixel shifts (default: on for 3-channel data).'),
-    tta: Optional[bool] = typer_option(None, '--tta/--no-tta', help='Six-view test-time augmentation for the final numbers (default: as --augment).'),
-    seed: int = typer_option(0, help='Member j starts from seed + j.'),
-    data_seed: Optional[int] = typer_option(None, help='Seed of data order, augmentation, bagging and synthetic data (default: --seed).'),
-    device: str = typer_option('auto', help='auto, cpu or cuda.'),
-    precision: str = typer_option('auto', help='Autocast dtype of the matmuls and convolutions: fp32, bf16 or fp16 (weights, optimizer state and BatchNorm statistics stay fp32; checkpoints are fp32). auto: bf16 on CUDA, fp32 on CPU.'),
-    channels_last: Optional[bool] = typer_option(None, '--channels-last/--no-channels-last', help='channels_last memory layout for network and images (default: on for CUDA).'),
-    compile: bool = typer_option(False, '--compile', help='torch.compile the network.'),
-    out: Optional[str] = typer_option(None, help='Run directory (default: runs/<dataset>_<arch>_m<M>_beta<beta>_<combine>_s<seed>).'),
-    init: Optional[str] = typer_option(None, help='Start every member from these weights: a member file, or a run with 1 or M members.'),
-    resume: Optional[str] = typer_option(None, help='Continue the interrupted run in this directory from its last completed epoch (other options are read from it).'),
-):
-    """Train an M-member deep ensemble with the objective  Σ_j (1−β)·CE(y, p_j) + β·M·CE(y, p̄)."""
-    try:
-        if resume:
-            config_path = Path(resume) / 'config.json'
-            if not config_path.exists():
-                raise EnsembleError(f'cannot resume {resume}: it has no config.json (not a run directory)')
-            saved = json.loads(config_path.read_text())
-            cfg = Config(**{f.name: saved[f.name] for f in fields(Config) if f.name in saved})
-            cfg.out = resume
-            if not (Path(resume) / 'state.safetensors').exists():
-                raise EnsembleError(f'cannot resume {resume}: state.safetensors is missing')
-            train(cfg, resume=True)
-            return
+def config_to_resume(run_dir):
+    """The Config of the interrupted run in run_dir, from its config.json."""
+    config_path = Path(run_dir) / 'config.json'
+    if not config_path.exists():
+        raise EnsembleError(f'cannot resume {run_dir}: it has no config.json (not a run directory)')
+    if not (Path(run_dir) / 'state.safetensors').exists():
+        raise EnsembleError(f'cannot resume {run_dir}: state.safetensors is missing')
+    saved = json.loads(config_path.read_text())
+    return Config(**{**{f.name: saved[f.name] for f in fields(Config) if f.name in saved}, 'out': str(run_dir)})
+
+
+def command():
+    """The command line: one option per Config field, with the field's default and help, plus --resume.
+    Built on demand, so that importing this file needs no typer."""
+    import inspect
+    import typer
+
+    def main(resume: Optional[str] = None, **options):
+        """Train an M-member deep ensemble with the objective  Σ_j (1−β)·CE(y, p_j) + β·M·CE(y, p̄)."""
         try:
-            hidden_sizes = [int(h) for h in hidden.split(',') if h.strip()]
-        except ValueError:
-            raise EnsembleError(f"--hidden must be comma-separated integers, got '{hidden}'") from None
-        cfg = Config(dataset=dataset, data_dir=data_dir, arch=arch, width=width, kernel_size=kernel_size,
-                     hidden=hidden_sizes, members=members, beta=beta, combine=combine, bagging=bagging,
-                     allow_unstable=allow_unstable, param=param, sam_rho=sam_rho, flat_ratio=flat_ratio,
-                     sam_start_epoch=sam_start_epoch, epochs=epochs, batch_size=batch_size, lr=lr,
-                     momentum=momentum, weight_decay=weight_decay, label_smoothing=label_smoothing,
-                     optimizer=optimizer, lookahead=lookahead, augment=augment, tta=tta, val_size=val_size,
-                     shard=shard, subset=subset, seed=seed, data_seed=data_seed, device=device,
-                     precision=precision, channels_last=channels_last, compile=compile, out=out, init=init)
-        train(cfg)
-    except EnsembleError as e:
-        cli_error(e)
+            if resume:
+                train(config_to_resume(resume), resume=True)
+                return
+            for f in fields(Config):
+                if f.metadata['parse'] is not None:
+                    options[f.name] = f.metadata['parse'](options[f.name])
+            train(Config(**options))
+        except EnsembleError as e:
+            cli_error(e)
+
+    params = []
+    for f in fields(Config):
+        default = f.default_factory() if f.default is MISSING else f.default
+        annotation = f.type
+        if f.metadata['parse'] is not None:   # the command line takes text
+            annotation, default = str, ','.join(map(str, default))
+        flags = [f.metadata['flag']] if f.metadata['flag'] else []
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                        default=typer.Option(default, *flags, help=f.metadata['help'])))
+    params.append(inspect.Parameter('resume', inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
+        None, help='Continue the interrupted run in this directory from its last completed epoch (other options are read from it).')))
+    main.__signature__ = inspect.Signature(params)
+    main.__annotations__ = {p.name: p.annotation for p in params}
+    return main
 
 
 if __name__ == '__main__':
     import typer
-    typer.run(main)
+    typer.run(command())

@@ -7,22 +7,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import train_ensemble as te
+from test_train_ensemble import cli, member_states, quiet_console, run
 
 TINY_AIRBENCH = dict(dataset='synthetic', arch='airbench', width=1 / 16, subset=128, batch_size=32, epochs=2, tta=False)
 TINY_MLP = dict(dataset='synthetic', arch='mlp', hidden=[32], subset=256, batch_size=64, epochs=3)
-
-
-def quiet_console():
-    from rich.console import Console
-    return Console(quiet=True)
-
-
-def run(tmp_path, name, **options):
-    return te.train(te.Config(out=str(tmp_path / name), device='cpu', **options), console=quiet_console())
-
-
-def member_states(run_dir):
-    return [load_file(p) for p in te.member_paths(run_dir)]
 
 
 def wide_airbench(members=3, seed=0):
@@ -163,13 +151,6 @@ def test_sharpbalance_trains_resumes_exactly_and_records_its_options(tmp_path):
 
 
 # ---- the command line ----
-
-def cli():
-    import typer
-    app = typer.Typer()
-    app.command()(te.main)
-    return app
-
 
 @pytest.mark.parametrize('args, message', [
     (['--sam-rho', '-0.1'], 'radius'),

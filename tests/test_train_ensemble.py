@@ -208,7 +208,7 @@ def test_on_fashion_mnist_models_learn_and_joint_training_inflates_diversity(tmp
 def cli():
     import typer
     app = typer.Typer()
-    app.command()(te.main)
+    app.command()(te.command())
     return app
 
 
