@@ -36,7 +36,6 @@ from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
-import typer
 from scipy.optimize import linear_sum_assignment
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
@@ -630,10 +629,9 @@ def repair(model_a, model_b, model_mix, lam, batches):
 #############################################
 #               Command line                #
 #############################################
-# The only part that needs train_ensemble.py: it rebuilds networks from checkpoints and loads data.
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help='Git re-basin: permutation specs (spec), weight matching (align), MergeMany (merge).')
+# The only part that needs train_ensemble.py (it rebuilds networks from checkpoints and loads data),
+# typer and rich: all imported when the command line runs, so that a copied rebasin.py needs only
+# torch and scipy.
 
 
 def _te():
@@ -738,117 +736,125 @@ def _print_spec(spec, state, title):
     console.print(left)
 
 
-@app.command('spec')
-def spec_command(
-    model: Path = typer.Argument(..., help='A member_<i>.safetensors file, or a run directory (its first member).'),
-    json_out: Optional[Path] = typer.Option(None, '--json', help='Also write the spec as JSON to this file.'),
-):
-    """Print a model's permutation structure: each permutation, its size, the tensors and axes it touches,
-    and which tensors are left unpermuted and why."""
-    with _user_errors():
-        m = _load_models([model])[0]
-        _, spec = _spec_of(m.spec)
-        _print_spec(spec, m.state, f"Permutation spec of {m.path} ({m.spec.get('arch', '?')})")
-        if json_out:
-            _te().write_json(json_out, asdict(spec))
+def make_app():
+    """The typer application: spec, align, merge."""
+    import typer
+    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                      help='Git re-basin: permutation specs (spec), weight matching (align), MergeMany (merge).')
+
+    @app.command('spec')
+    def spec_command(
+        model: Path = typer.Argument(..., help='A member_<i>.safetensors file, or a run directory (its first member).'),
+        json_out: Optional[Path] = typer.Option(None, '--json', help='Also write the spec as JSON to this file.'),
+    ):
+        """Print a model's permutation structure: each permutation, its size, the tensors and axes it touches,
+        and which tensors are left unpermuted and why."""
+        with _user_errors():
+            m = _load_models([model])[0]
+            _, spec = _spec_of(m.spec)
+            _print_spec(spec, m.state, f"Permutation spec of {m.path} ({m.spec.get('arch', '?')})")
+            if json_out:
+                _te().write_json(json_out, asdict(spec))
 
 
-@app.command()
-def align(
-    a: Path = typer.Argument(..., help='The reference: a member file, or a run directory (its member_0).'),
-    b: Path = typer.Argument(..., help='The models to permute: a member file, or a run directory (every member).'),
-    out: Optional[Path] = typer.Option(None, help='Output run directory (default: runs/<B>_aligned).'),
-    max_iter: int = typer.Option(MAX_SWEEPS, help='Most weight-matching sweeps over all permutations.'),
-    seed: int = typer.Option(0, help='Seed of the random order of the permutations within a sweep.'),
-    device: str = typer.Option('auto', help='Where cost matrices are built: auto (cuda if available), cpu or cuda.'),
-    force: bool = typer.Option(False, '--force', help='Replace --out if it already exists.'),
-):
-    """Permute B's members into A's basin by weight matching. Each output member computes exactly the same
-    function as its source; only the order of its hidden channels changes."""
-    from rich.console import Console
-    with _user_errors():
-        te, start = _te(), time.perf_counter()
-        ref, models, dev = _load_models([a])[0], _load_models([b]), te.resolve_device(device)
-        _, spec = _spec_of(ref.spec)
-        check_compatible(spec, [ref.state] + [m.state for m in models], [str(m.path) for m in [ref] + models])
-        keys, states, members = _matched_keys(spec, ref.state), [], []
-        for m in models:
-            perm = weight_matching(spec, ref.state, m.state, max_iter, seed, device=dev)
-            states.append(apply_permutation(spec, perm, m.state))
-            dist = [math.sqrt(_sq_distance({k: ref.state[k] for k in keys}, s)) for s in (m.state, states[-1])]
-            members.append(dict(source=str(m.path), sweeps=len(perm.objective) - 1, objective=perm.objective,
-                                distance_before=dist[0], distance_after=dist[1],
-                                channels_moved=sum(int((q != torch.arange(len(q))).sum()) for q in perm.values())))
-            Console(soft_wrap=True).print(
-                f'{m.path}: ‖A − B‖ {dist[0]:.4g} -> {dist[1]:.4g} after {members[-1]["sweeps"]} sweep(s), '
-                f'{members[-1]["channels_moved"]} of {sum(spec.perms.values())} channels moved')
-        out = out or Path('runs') / f'{b.name if b.is_dir() else b.parent.name + "_" + b.stem}_aligned'
-        config = dict(command='align', reference=str(ref.path), sources=[str(m.path) for m in models], model=ref.spec,
-                      seed=seed, max_iter=max_iter, members=members, **_data_options(b, None, None),
-                      time_s=time.perf_counter() - start, **te.environment(dev))
-        _write_run(out, states, config['sources'], ref.spec, config, force)
-        Console(soft_wrap=True).print(f'wrote {out}')
+    @app.command()
+    def align(
+        a: Path = typer.Argument(..., help='The reference: a member file, or a run directory (its member_0).'),
+        b: Path = typer.Argument(..., help='The models to permute: a member file, or a run directory (every member).'),
+        out: Optional[Path] = typer.Option(None, help='Output run directory (default: runs/<B>_aligned).'),
+        max_iter: int = typer.Option(MAX_SWEEPS, help='Most weight-matching sweeps over all permutations.'),
+        seed: int = typer.Option(0, help='Seed of the random order of the permutations within a sweep.'),
+        device: str = typer.Option('auto', help='Where cost matrices are built: auto (cuda if available), cpu or cuda.'),
+        force: bool = typer.Option(False, '--force', help='Replace --out if it already exists.'),
+    ):
+        """Permute B's members into A's basin by weight matching. Each output member computes exactly the same
+        function as its source; only the order of its hidden channels changes."""
+        from rich.console import Console
+        with _user_errors():
+            te, start = _te(), time.perf_counter()
+            ref, models, dev = _load_models([a])[0], _load_models([b]), te.resolve_device(device)
+            _, spec = _spec_of(ref.spec)
+            check_compatible(spec, [ref.state] + [m.state for m in models], [str(m.path) for m in [ref] + models])
+            keys, states, members = _matched_keys(spec, ref.state), [], []
+            for m in models:
+                perm = weight_matching(spec, ref.state, m.state, max_iter, seed, device=dev)
+                states.append(apply_permutation(spec, perm, m.state))
+                dist = [math.sqrt(_sq_distance({k: ref.state[k] for k in keys}, s)) for s in (m.state, states[-1])]
+                members.append(dict(source=str(m.path), sweeps=len(perm.objective) - 1, objective=perm.objective,
+                                    distance_before=dist[0], distance_after=dist[1],
+                                    channels_moved=sum(int((q != torch.arange(len(q))).sum()) for q in perm.values())))
+                Console(soft_wrap=True).print(
+                    f'{m.path}: ‖A − B‖ {dist[0]:.4g} -> {dist[1]:.4g} after {members[-1]["sweeps"]} sweep(s), '
+                    f'{members[-1]["channels_moved"]} of {sum(spec.perms.values())} channels moved')
+            out = out or Path('runs') / f'{b.name if b.is_dir() else b.parent.name + "_" + b.stem}_aligned'
+            config = dict(command='align', reference=str(ref.path), sources=[str(m.path) for m in models], model=ref.spec,
+                          seed=seed, max_iter=max_iter, members=members, **_data_options(b, None, None),
+                          time_s=time.perf_counter() - start, **te.environment(dev))
+            _write_run(out, states, config['sources'], ref.spec, config, force)
+            Console(soft_wrap=True).print(f'wrote {out}')
 
 
-@app.command()
-def merge(
-    models: List[Path] = typer.Argument(..., help='Member files or run directories (every member is merged).'),
-    out: Optional[Path] = typer.Option(None, help='Output run directory (default: runs/merge_<N>).'),
-    max_iter: int = typer.Option(MAX_SWEEPS, help='Most weight-matching sweeps per alignment step.'),
-    max_passes: int = typer.Option(MAX_PASSES, help='Most MergeMany passes over all models.'),
-    tol: float = typer.Option(PASS_TOL, help='Stop when a pass shrinks the total distance by less than this fraction.'),
-    seed: int = typer.Option(0, help='Seed of the random orders (models within a pass, permutations within a sweep).'),
-    reset_bn_: bool = typer.Option(False, '--reset-bn', help='Recompute the merged BatchNorm statistics on training data.'),
-    repair_: bool = typer.Option(False, '--repair', help="REPAIR: give each channel the mean of the models' channel mean and std."),
-    dataset: Optional[str] = typer.Option(None, help="Training data for --reset-bn/--repair (default: the first source run's)."),
-    data_dir: Optional[Path] = typer.Option(None, help="Where that dataset lives (default: the source run's, else data/)."),
-    bn_examples: int = typer.Option(BN_EXAMPLES, help='Training images that --reset-bn/--repair average over.'),
-    batch_size: int = typer.Option(BN_BATCH, help='Batch size of those passes.'),
-    device: str = typer.Option('auto', help='Where to match and compute statistics: auto (cuda if available), cpu or cuda.'),
-    force: bool = typer.Option(False, '--force', help='Replace --out if it already exists.'),
-):
-    """MergeMany: align every model to the mean of the others until that distance stops shrinking, then
-    average them (BatchNorm statistics too) into one model in the first model's basin."""
-    from rich.console import Console
-    console = Console(soft_wrap=True)
-    with _user_errors():
-        te, start, found = _te(), time.perf_counter(), _load_models(models)
-        if len(found) < 2:
-            raise RebasinError(f'merge needs at least two models; {", ".join(map(str, models))} hold {len(found)}')
-        if reset_bn_ and repair_:
-            raise RebasinError('--reset-bn and --repair are alternatives (--repair also recomputes the statistics)')
-        net, spec = _spec_of(found[0].spec)
-        check_compatible(spec, [m.state for m in found], [str(m.path) for m in found])
-        if reset_bn_ and not _batchnorms(net):
-            raise RebasinError('--reset-bn: these models have no BatchNorm layers (--repair rescales their layers)')
-        dev, data, distance = te.resolve_device(device), _data_options(models[0], dataset, data_dir), []
-        if reset_bn_ or repair_:   # load the data first: fail before the long part
-            batches = _training_batches(data, found[0].spec, bn_examples, batch_size, dev)
+    @app.command()
+    def merge(
+        models: List[Path] = typer.Argument(..., help='Member files or run directories (every member is merged).'),
+        out: Optional[Path] = typer.Option(None, help='Output run directory (default: runs/merge_<N>).'),
+        max_iter: int = typer.Option(MAX_SWEEPS, help='Most weight-matching sweeps per alignment step.'),
+        max_passes: int = typer.Option(MAX_PASSES, help='Most MergeMany passes over all models.'),
+        tol: float = typer.Option(PASS_TOL, help='Stop when a pass shrinks the total distance by less than this fraction.'),
+        seed: int = typer.Option(0, help='Seed of the random orders (models within a pass, permutations within a sweep).'),
+        reset_bn_: bool = typer.Option(False, '--reset-bn', help='Recompute the merged BatchNorm statistics on training data.'),
+        repair_: bool = typer.Option(False, '--repair', help="REPAIR: give each channel the mean of the models' channel mean and std."),
+        dataset: Optional[str] = typer.Option(None, help="Training data for --reset-bn/--repair (default: the first source run's)."),
+        data_dir: Optional[Path] = typer.Option(None, help="Where that dataset lives (default: the source run's, else data/)."),
+        bn_examples: int = typer.Option(BN_EXAMPLES, help='Training images that --reset-bn/--repair average over.'),
+        batch_size: int = typer.Option(BN_BATCH, help='Batch size of those passes.'),
+        device: str = typer.Option('auto', help='Where to match and compute statistics: auto (cuda if available), cpu or cuda.'),
+        force: bool = typer.Option(False, '--force', help='Replace --out if it already exists.'),
+    ):
+        """MergeMany: align every model to the mean of the others until that distance stops shrinking, then
+        average them (BatchNorm statistics too) into one model in the first model's basin."""
+        from rich.console import Console
+        console = Console(soft_wrap=True)
+        with _user_errors():
+            te, start, found = _te(), time.perf_counter(), _load_models(models)
+            if len(found) < 2:
+                raise RebasinError(f'merge needs at least two models; {", ".join(map(str, models))} hold {len(found)}')
+            if reset_bn_ and repair_:
+                raise RebasinError('--reset-bn and --repair are alternatives (--repair also recomputes the statistics)')
+            net, spec = _spec_of(found[0].spec)
+            check_compatible(spec, [m.state for m in found], [str(m.path) for m in found])
+            if reset_bn_ and not _batchnorms(net):
+                raise RebasinError('--reset-bn: these models have no BatchNorm layers (--repair rescales their layers)')
+            dev, data, distance = te.resolve_device(device), _data_options(models[0], dataset, data_dir), []
+            if reset_bn_ or repair_:   # load the data first: fail before the long part
+                batches = _training_batches(data, found[0].spec, bn_examples, batch_size, dev)
 
-        def progress(record):
-            if 'distance' in record:
-                distance.append(record['distance'])
-                console.print(f"{'start' if record['pass'] == 0 else 'pass ' + str(record['pass'])}: "
-                              f"Σ‖θ_i − mean of the others‖² = {record['distance']:.6g}")
+            def progress(record):
+                if 'distance' in record:
+                    distance.append(record['distance'])
+                    console.print(f"{'start' if record['pass'] == 0 else 'pass ' + str(record['pass'])}: "
+                                  f"Σ‖θ_i − mean of the others‖² = {record['distance']:.6g}")
 
-        merged, perms = merge_many(spec, [m.state for m in found], max_iter, seed, dev, max_passes, tol, progress)
-        if reset_bn_ or repair_:
-            net.load_state_dict(merged)
-            net.to(dev)
-            ends = [copy.deepcopy(net) for _ in found] if repair_ else []
-            for end, m, q in zip(ends, found, perms):
-                end.load_state_dict(apply_permutation(spec, q, m.state))
-            merged = repair_many(ends, [1 / len(ends)] * len(ends), net, batches) if repair_ else reset_bn(net, batches)
-        out = out or Path('runs') / f'merge_{len(found)}'
-        config = dict(command='merge', sources=[str(m.path) for m in found], model=found[0].spec, seed=seed,
-                      max_iter=max_iter, max_passes=max_passes, tol=tol, passes=len(distance) - 1, distance=distance,
-                      sweeps=[len(q.objective) - 1 for q in perms], reset_bn=reset_bn_, repair=repair_,
-                      bn_examples=bn_examples if reset_bn_ or repair_ else None, **data,
-                      time_s=time.perf_counter() - start, **te.environment(dev))
-        _write_run(out, [merged], [config['sources']], found[0].spec, config, force)
-        console.print(f'merged {len(found)} models in {len(distance) - 1} passes, {time.perf_counter() - start:.1f} s: '
-                      f'wrote {out}')
+            merged, perms = merge_many(spec, [m.state for m in found], max_iter, seed, dev, max_passes, tol, progress)
+            if reset_bn_ or repair_:
+                net.load_state_dict(merged)
+                net.to(dev)
+                ends = [copy.deepcopy(net) for _ in found] if repair_ else []
+                for end, m, q in zip(ends, found, perms):
+                    end.load_state_dict(apply_permutation(spec, q, m.state))
+                merged = repair_many(ends, [1 / len(ends)] * len(ends), net, batches) if repair_ else reset_bn(net, batches)
+            out = out or Path('runs') / f'merge_{len(found)}'
+            config = dict(command='merge', sources=[str(m.path) for m in found], model=found[0].spec, seed=seed,
+                          max_iter=max_iter, max_passes=max_passes, tol=tol, passes=len(distance) - 1, distance=distance,
+                          sweeps=[len(q.objective) - 1 for q in perms], reset_bn=reset_bn_, repair=repair_,
+                          bn_examples=bn_examples if reset_bn_ or repair_ else None, **data,
+                          time_s=time.perf_counter() - start, **te.environment(dev))
+            _write_run(out, [merged], [config['sources']], found[0].spec, config, force)
+            console.print(f'merged {len(found)} models in {len(distance) - 1} passes, {time.perf_counter() - start:.1f} s: '
+                          f'wrote {out}')
+
+    return app
 
 
 if __name__ == '__main__':
-    app()
+    make_app()()

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 REFERENCE_WIDTH = 256       # channels of the reference layer that trains at exactly --lr (airbench's width)
 POWER_ITERS = 20            # power-iteration steps per call; warm-started calls need only a few
@@ -211,13 +212,29 @@ def spectral_param_groups(net, members, lr, weight_decay, optimizer='sgd', base_
 # standard one lets the logits grow with width, because an SGD step moves W·h by lr·‖h‖² ∝ lr·width.
 # One finite-size effect remains under spectral: a layer with fan_out < fan_in (the input layer while
 # the width is below the input dimension d) starts at mean |W·x| ∝ √n/(√n + √d), not yet flat in n.
-# Hence the mlp check's 48-dimensional inputs. This part builds networks with train_ensemble.
+# Hence the mlp check's 48-dimensional inputs.
+# A network enters the checks as a builder: build(width, x) returns a freshly initialized network at
+# that width multiplier (x: the uint8 training images, for data-dependent inits such as airbench's
+# whitening), taking float images in [0, 1]. The default is a plain MLP; the command line also
+# builds train_ensemble's networks.
 
-def model_spec(arch, width, hidden, image_size, num_classes=10):
-    """train_ensemble's model spec at a width multiplier (the mlp's hidden sizes are scaled here)."""
-    return dict(arch=arch, in_channels=3, image_size=image_size, num_classes=num_classes, kernel_size=3,
-                width=1.0 if arch == 'mlp' else width, hidden=[max(1, round(h * width)) for h in hidden],
-                mean=[0.5] * 3, std=[0.25] * 3)
+class Standardize(nn.Module):
+    """(x − 0.5)/0.25: the synthetic images' pixels, centred and scaled."""
+
+    def forward(self, x):
+        return (x - 0.5) / 0.25
+
+
+def mlp(hidden=(256, 256), image_size=IMAGE_SIZE['mlp'], num_classes=10):
+    """The default builder: a plain MLP on (3, image_size, image_size) images, its hidden sizes scaled by
+    the width multiplier (the same network as train_ensemble's mlp with input statistics 0.5, 0.25)."""
+    def build(width, x=None):
+        sizes = [3 * image_size ** 2] + [max(1, round(h * width)) for h in hidden]
+        layers = [Standardize(), nn.Flatten()]
+        for fan_in, fan_out in zip(sizes, sizes[1:]):
+            layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+        return nn.Sequential(*layers, nn.Linear(sizes[-1], num_classes))
+    return build
 
 
 def synthetic_batch(n, image_size, num_classes=10, seed=0, noise=4.0):
@@ -230,6 +247,10 @@ def synthetic_batch(n, image_size, num_classes=10, seed=0, noise=4.0):
     return (128 + 40 * x).clamp(0, 255).to(torch.uint8), y
 
 
+def as_float(x_uint8):
+    return x_uint8.to(torch.get_default_dtype()) / 255
+
+
 def make_optimizer(net, parametrization, lr, optimizer='sgd'):
     """Plain SGD or Adam for one member: one lr for every parameter ('standard'), or spectral groups."""
     if parametrization == 'spectral':
@@ -239,17 +260,17 @@ def make_optimizer(net, parametrization, lr, optimizer='sgd'):
     return torch.optim.SGD(groups, lr=lr) if optimizer == 'sgd' else torch.optim.Adam(groups, lr=lr)
 
 
-def train_member(spec, parametrization, lr, steps, optimizer, x, y, batch_size=64, seed=0):
-    """A member built from `spec` (PyTorch's default init, or spectral_init_) after `steps` steps on (x, y)."""
-    import train_ensemble as te
-    net = te.init_member(spec, seed, x_train=x)
+def train_member(build, width, parametrization, lr, steps, optimizer, x, y, batch_size=64, seed=0):
+    """build(width, x) from seed (PyTorch's default init, or spectral_init_) after `steps` steps on (x, y)."""
+    torch.manual_seed(seed)
+    net = build(width, x)
     if parametrization == 'spectral':
         spectral_init_(net)
     opt = make_optimizer(net, parametrization, lr, optimizer)
     net.train()
     for step in range(steps):
         i = (step * batch_size) % len(x)
-        loss = F.cross_entropy(net(te.to_float_images(x[i:i + batch_size])), y[i:i + batch_size])
+        loss = F.cross_entropy(net(as_float(x[i:i + batch_size])), y[i:i + batch_size])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -271,24 +292,22 @@ def activation_scales(net, x_float):
     return scales
 
 
-def coord_check(arch='mlp', widths=(0.25, 0.5, 1, 2, 4), hidden=(256, 256), steps=10, lr=0.5, optimizer='sgd',
-                batch_size=64, examples=COORD['examples'], image_size=None, seed=0, progress=None):
-    """Mean |activation| of every layer after `steps` steps, per parametrization and width.
+def coord_check(build=None, widths=(0.25, 0.5, 1, 2, 4), steps=10, lr=0.5, optimizer='sgd', batch_size=64,
+                examples=COORD['examples'], image_size=IMAGE_SIZE['mlp'], seed=0, progress=None):
+    """Mean |activation| of every layer of build(width, x) (default: mlp()) after `steps` steps on
+    synthetic images of side image_size, per parametrization and width.
 
     Returns {'layers', 'kinds', 'standard': {layer: [per width]}, 'spectral': {...}, 'drift': {parametrization:
     the worst layer's largest / smallest value across widths}} (1 = flat) with the settings.
     """
-    import train_ensemble as te
-    image_size = image_size or IMAGE_SIZE[arch]
+    build = build or mlp(image_size=image_size)
     x, y = synthetic_batch(examples, image_size, seed=seed)
-    probe = te.to_float_images(x[:batch_size])
-    out = dict(arch=arch, widths=list(widths), hidden=list(hidden), steps=steps, lr=lr, optimizer=optimizer,
-               image_size=image_size)
+    probe = as_float(x[:batch_size])
+    out = dict(widths=list(widths), steps=steps, lr=lr, optimizer=optimizer, image_size=image_size)
     for p in PARAMETRIZATIONS:
         per_width = []
         for width in widths:
-            net = train_member(model_spec(arch, width, hidden, image_size), p, lr, steps, optimizer, x, y,
-                               batch_size, seed)
+            net = train_member(build, width, p, lr, steps, optimizer, x, y, batch_size, seed)
             per_width.append(activation_scales(net, probe))
             if progress:
                 progress()
@@ -302,32 +321,29 @@ def coord_check(arch='mlp', widths=(0.25, 0.5, 1, 2, 4), hidden=(256, 256), step
 @torch.no_grad()
 def train_loss(net, x, y, batch_size=256):
     """Mean cross-entropy on the whole training set; None when training diverged."""
-    import train_ensemble as te
-    total = sum(F.cross_entropy(net(te.to_float_images(x[i:i + batch_size])), y[i:i + batch_size],
+    total = sum(F.cross_entropy(net(as_float(x[i:i + batch_size])), y[i:i + batch_size],
                                 reduction='sum').item() for i in range(0, len(x), batch_size))
     loss = total / len(x)
     return loss if math.isfinite(loss) else None
 
 
-def lr_sweep(arch='mlp', widths=(0.25, 1, 4), lrs=(0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2), hidden=(256, 256),
-             steps=20, optimizer='sgd', batch_size=64, examples=COORD['examples'], image_size=None, seed=0,
-             progress=None):
-    """Training loss after `steps` steps for every (parametrization, width, lr), and the best lr per width.
+def lr_sweep(build=None, widths=(0.25, 1, 4), lrs=(0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2), steps=20, optimizer='sgd',
+             batch_size=64, examples=COORD['examples'], image_size=IMAGE_SIZE['mlp'], seed=0, progress=None):
+    """Training loss of build(width, x) (default: mlp()) after `steps` steps for every (parametrization,
+    width, lr), and the best lr per width.
 
     Returns {'standard': {'loss': [[per lr] per width], 'best_lr': [per width]}, 'spectral': ...} with the
     settings. A parametrization that transfers keeps the best lr in place as the width grows.
     """
-    image_size = image_size or IMAGE_SIZE[arch]
+    build = build or mlp(image_size=image_size)
     x, y = synthetic_batch(examples, image_size, seed=seed)
-    out = dict(arch=arch, widths=list(widths), lrs=list(lrs), hidden=list(hidden), steps=steps,
-               optimizer=optimizer, image_size=image_size)
+    out = dict(widths=list(widths), lrs=list(lrs), steps=steps, optimizer=optimizer, image_size=image_size)
     for p in PARAMETRIZATIONS:
         losses = []
         for width in widths:
             row = []
             for lr in lrs:
-                net = train_member(model_spec(arch, width, hidden, image_size), p, lr, steps, optimizer, x, y,
-                                   batch_size, seed)
+                net = train_member(build, width, p, lr, steps, optimizer, x, y, batch_size, seed)
                 row.append(train_loss(net, x, y))
                 if progress:
                     progress()
@@ -369,6 +385,19 @@ def plot_panels(path, x, series, x_label, y_label, title, y_log=True):
 
 def numbers(text, kind=float):
     return [kind(t) for t in str(text).split(',') if t.strip()]
+
+
+def train_ensemble_network(arch, hidden, image_size, seed):
+    """A builder of train_ensemble's networks for the checks: its mlp, airbench or resnet18 at a width
+    multiplier (the mlp's hidden sizes scaled here); for the command line, which may import train_ensemble."""
+    import train_ensemble as te
+
+    def build(width, x):
+        spec = dict(arch=arch, in_channels=3, image_size=image_size, num_classes=10, kernel_size=3,
+                    width=1.0 if arch == 'mlp' else width, hidden=[max(1, round(h * width)) for h in hidden],
+                    mean=[0.5] * 3, std=[0.25] * 3)
+        return te.init_member(spec, seed, x_train=x)
+    return build
 
 
 def make_app():
@@ -457,8 +486,11 @@ def make_app():
             json_path: Path = json_opt):
         """Mean |activation| of every layer after a few steps, against width: flat under spectral."""
         ws, hs = check_options(arch, optimizer, widths, hidden)
+        image_size = image_size or IMAGE_SIZE[arch]
+        build = train_ensemble_network(arch, hs, image_size, seed)
         result = with_progress('coord-check', 2 * len(ws), lambda tick: coord_check(
-            arch, ws, hs, steps, lr, optimizer, batch_size, image_size=image_size, seed=seed, progress=tick))
+            build, ws, steps, lr, optimizer, batch_size, image_size=image_size, seed=seed, progress=tick))
+        result.update(arch=arch, hidden=hs)
         table = Table(title=f'mean |activation| after {steps} {optimizer} steps at lr {lr:g} ({arch})')
         for col in ['layer'] + [f'×{w:g}' for w in ws] + ['drift']:
             table.add_column(col, justify='left' if col == 'layer' else 'right', no_wrap=col == 'layer')
@@ -491,8 +523,11 @@ def make_app():
             rates = numbers(lrs)
         except ValueError:
             fail('--lrs takes comma-separated numbers, e.g. 0.1,0.2,0.4')
+        image_size = image_size or IMAGE_SIZE[arch]
+        build = train_ensemble_network(arch, hs, image_size, seed)
         result = with_progress('lr-sweep', 2 * len(ws) * len(rates), lambda tick: lr_sweep(
-            arch, ws, rates, hs, steps, optimizer, batch_size, image_size=image_size, seed=seed, progress=tick))
+            build, ws, rates, steps, optimizer, batch_size, image_size=image_size, seed=seed, progress=tick))
+        result.update(arch=arch, hidden=hs)
         table = Table(title=f'training loss after {steps} {optimizer} steps ({arch}); - = diverged')
         table.add_column('base lr', justify='right')
         for p in PARAMETRIZATIONS:

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import spectral   # the spectral parametrization (--param spectral); spectral.py needs nothing from here
+
 # One recipe per architecture. SGD hyperparameters are decoupled as in airbench: `lr` is the step per
 # 1024 examples (loss summed over the batch, divided by the Nesterov gain 1 + 1/(1 − momentum)), and
 # `weight_decay` is the fraction of the weights removed per 1024 examples, independent of `lr`.
@@ -1089,7 +1091,6 @@ def initial_member_states(cfg, spec, data):
     if not cfg.init:
         members = [template] + [init_member(spec, cfg.seed + j, data.x_train) for j in range(1, cfg.members)]
         if cfg.param == 'spectral':
-            import spectral
             for member in members:
                 spectral.spectral_init_(member)
         return [member.state_dict() for member in members]
@@ -1126,7 +1127,6 @@ def optimizer_for(net, cfg):
     groups = [g for g in (dict(params=norm, lr=lr * scaler, name='norms'), dict(params=other, lr=lr, name='weights'))
               if g['params']]
     if cfg.param == 'spectral':
-        import spectral
         groups = spectral.spectral_param_groups(net, cfg.members, lr, 0.0, cfg.optimizer, base_groups=groups)
     if cfg.optimizer == 'adam':
         opt = torch.optim.AdamW([dict(g, weight_decay=cfg.weight_decay) for g in groups])

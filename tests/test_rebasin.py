@@ -324,7 +324,7 @@ def test_repair_without_batchnorm_gives_hidden_layers_the_interpolated_statistic
 
 def cli(*args):
     from typer.testing import CliRunner
-    return CliRunner().invoke(rebasin.app, [str(a) for a in args])
+    return CliRunner().invoke(rebasin.make_app(), [str(a) for a in args])
 
 
 def write_run(path, nets, s, config=None):

@@ -11,7 +11,10 @@ import train_ensemble as te
 
 
 def spec_for(arch, width):
-    return sp.model_spec(arch, width, hidden=[256, 256], image_size=16)
+    """train_ensemble's model spec at a width multiplier (the mlp's hidden sizes scaled)."""
+    return dict(arch=arch, in_channels=3, image_size=16, num_classes=10, kernel_size=3,
+                width=1.0 if arch == 'mlp' else width, hidden=[max(1, round(256 * width))] * 2,
+                mean=[0.5] * 3, std=[0.25] * 3)
 
 
 def member(arch, width, seed=0):
@@ -69,7 +72,7 @@ def test_fans_count_the_kernel_and_divide_out_the_members():
 
 def test_coordinate_check_spectral_is_flat_in_width_and_standard_drifts():
     # widths 64 and 1024; 10 SGD steps at lr 0.5 make the standard parametrization's logits grow ~4x
-    result = sp.coord_check('mlp', widths=(0.25, 4))
+    result = sp.coord_check(widths=(0.25, 4))
     assert result['drift']['spectral'] < 2.0, result['spectral']
     assert result['drift']['standard'] > 3.0, result['standard']
     assert result['drift']['standard'] > 2 * result['drift']['spectral']
