@@ -23,7 +23,7 @@ so airbench's and resnet18's square 3x3 convs keep the recipe's SGD lr. It must 
 network itself: dividing by a width-dependent scale would undo the scaling that makes lrs transfer.
 Not covered by the paper, chosen here: biases and BatchNorm keep their init and base lr (μP would
 raise SGD bias lrs with fan_out); airbench's frozen whitening conv is neither rescaled nor optimized;
-its DiracConv's identity part is rescaled with the rest of the kernel; its fixed logit temperature 1/9
+its DiracConv's identity part is rescaled with the rest of the kernel; its fixed logit scale 1/9
 is a width-independent constant and stays.
 
 Measured on CPU (coord-check defaults, mlp hidden 64..1024): after 10 SGD steps the worst layer's
@@ -35,7 +35,6 @@ lr-sweep's best lr moves 0.8 → 0.4 → 0.2 from width x0.25 to x4 under standa
 #              Hyperparameters              #
 #############################################
 
-import json
 import math
 from pathlib import Path
 
@@ -411,13 +410,12 @@ def make_app():
                       help='Spectral norms, the spectral parametrization, and coordinate checks.')
     console = Console()
 
-    def fail(message):
-        console.print(f'[red]error:[/red] {message}')
-        raise typer.Exit(1)
+    import train_ensemble as te   # the command line's: one-line errors, atomic writes, networks, checkpoints
+    fail = te.cli_error   # one line on stderr, exit status 1
 
     def write_json(path, obj):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(obj, indent=2) + '\n')
+        te.write_json(path, obj)
         console.print(f'wrote {path}')
 
     def with_progress(description, total, work):
@@ -440,7 +438,6 @@ def make_app():
                sigma: float = typer.Option(1.0, help='σ in the target σ·√(fan_out/fan_in)'),
                json_path: Path = typer.Option(None, '--json', help='write the numbers to this JSON file')):
         """Spectral norm of every weight against its spectral target √(fan_out/fan_in)."""
-        import train_ensemble as te
         try:
             net = te.load_member(model)
         except te.EnsembleError as e:

@@ -29,7 +29,6 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
@@ -70,7 +69,7 @@ ADAM_LR = 1e-3                  # plain Adam(W) learning rate when --optimizer a
 LOOKAHEAD = dict(start_epoch=3, every=5, decay_base=0.95, decay_pow=3.0)
 LR_SCHEDULE = dict(start=0.2, peak=0.23, end=0.07)  # fraction of lr at step 0, peak position, end
 BN_MOMENTUM = 0.4               # airbench's BatchNorm keeps 60% of the old running statistics
-TEMPERATURE = 1 / 9             # airbench scales its logits by a fixed 1/9
+LOGIT_SCALE = 1 / 9             # airbench multiplies its logits by a fixed 1/9
 TRANSLATE = 2                   # random-crop padding (pixels, reflect) when augmenting
 EVAL_BATCH = 2000
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}   # --precision: autocast dtype
@@ -356,15 +355,15 @@ class BatchNorm(nn.BatchNorm2d):
 class Linear(nn.Linear):
     def __init__(self, d_in, d_out, members=1, shared_input=False, bias=True):
         super().__init__(d_in, d_out * members, bias=bias)
-        self.members = 1 if shared_input else members
+        self.groups = 1 if shared_input else members   # blocks of the input, one per member
         self.d_out = d_out
 
     def forward(self, x):
-        if self.members == 1:
+        if self.groups == 1:
             return F.linear(x, self.weight, self.bias)
         # One batched matmul over the members, reading each member's block of x in place (a strided
         # view: no copy of the activations, which einsum made in both passes).
-        m, b = self.members, x.size(0)
+        m, b = self.groups, x.size(0)
         y = torch.bmm(x.view(b, m, -1).transpose(0, 1), self.weight.view(m, self.d_out, -1).transpose(1, 2))
         y = y.transpose(0, 1).reshape(b, -1)
         return y if self.bias is None else y + self.bias
@@ -433,7 +432,7 @@ def build_model(spec, members=1):
         layers += [whiten, nn.GELU()]
         for c_in, c_out in zip([whiten_width] + widths[:-1], widths):
             layers.append(ConvGroup(c_in, c_out, spec.get('kernel_size', 3), m))
-        layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), Linear(widths[-1], k, m, bias=False), Mul(TEMPERATURE)]
+        layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), Linear(widths[-1], k, m, bias=False), Mul(LOGIT_SCALE)]
     elif arch == 'resnet18':
         widths = [scale(64), scale(128), scale(256), scale(512)]
         layers += [Conv(c, widths[0], 3, m, shared_input=True, padding=1), nn.BatchNorm2d(widths[0] * m), nn.ReLU()]
@@ -522,9 +521,6 @@ def combine(logits, combiner, member_log_probs=None):
     if combiner == 'logit':
         return F.log_softmax(logits.mean(0), -1)
     raise EnsembleError(f"unknown combiner '{combiner}': use prob or logit")
-
-
-ensemble_logits = combine  # the name other scripts reach for
 
 
 def cross_entropy(log_probs, y, label_smoothing=0.0):
@@ -1048,7 +1044,7 @@ def resolve_config(cfg, data=None):
                                 f"(the last epoch), got {resolved['sam_start_epoch']}")
     if resolved['out'] is None:
         name = Path(str(cfg.dataset)).stem
-        tags = f"_bag" * cfg.bagging + (f'_shard{cfg.shard.replace("/", "of")}' if cfg.shard else '')
+        tags = "_bag" * cfg.bagging + (f'_shard{cfg.shard.replace("/", "of")}' if cfg.shard else '')
         tags += f'_sam{cfg.sam_rho:g}' if cfg.sam_rho is not None else ''
         tags += f'_flat{cfg.flat_ratio:g}' if cfg.flat_ratio is not None else ''
         resolved['out'] = f'runs/{name}_{cfg.arch}_m{cfg.members}_beta{cfg.beta:g}_{cfg.combine}{tags}_s{cfg.seed}'
@@ -1228,169 +1224,212 @@ def format_row(row=None):
     return ' | '.join(c.rjust(len(label)) for c, (_, label, _) in zip(cells, COLUMNS))
 
 
-def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = None, resume=False):
-    """Train an ensemble as `cfg` says and write its run directory; returns the summary dict."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    console = console or Console()
-    cfg = resolve_config(cfg)
-    device = resolve_device(cfg.device)
-    data = load_run_data(cfg, device)
-    cfg = resolve_config(cfg, data)   # again, now that the data's channels are known
-    out = Path(cfg.out)
-    if (out / 'config.json').exists() and not resume:
-        raise EnsembleError(f'{out} already holds a run: pass --out elsewhere, --resume {out} to continue it, '
-                            'or delete it')
-    spec = model_spec(cfg, data)
-    if resume:
-        spec = json.loads((out / 'config.json').read_text())['model']
-    m, n = cfg.members, len(data.y_train)
-    batch_size = min(cfg.batch_size, n)
-    steps_per_epoch = n // batch_size
-    total_steps = math.ceil(steps_per_epoch * cfg.epochs)
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
+class Training:
+    """One run between its steps: the wide network, its optimizer and schedule, the training images on
+    the device and the data streams. Built fresh (writing config.json) or from a run directory's
+    resume state; train() below drives it."""
 
-    net = build_model(spec, members=m)
-    template = build_model(spec)   # one member's shapes, for splitting the wide state at the end
-    if not resume:
-        net.load_state_dict(stack_members(initial_member_states(cfg, spec, data), net.state_dict()))
-    net = net.to(device)
-    if cfg.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    opt = optimizer_for(net, cfg)
-    # The training images once, on the device, already through the network's fixed first layer
-    # (Normalize), in the input dtype and layout; padded for random crops. A step then gathers its
-    # batch in one op, and trains the rest of the network on it.
-    pad = TRANSLATE if cfg.augment else 0
-    images = training_images(data.x_train, net[0], None if cfg.precision == 'fp32' else PRECISIONS[cfg.precision],
-                             pad, cfg.channels_last)
-    forward = torch.compile(net[1:]) if cfg.compile else net[1:]
-    image_size = data.x_train.shape[-2:]
-
-    generator = torch.Generator(device).manual_seed(cfg.data_seed)
-    flip_mask = torch.rand(n, generator=torch.Generator(device).manual_seed(cfg.data_seed + 1), device=device) < 0.5
-    bag = None
-    if cfg.bagging:   # bootstrap counts: member j sees example i bag[j, i] times (in expectation per epoch)
-        g = torch.Generator(device).manual_seed(cfg.data_seed + 2)
-        draws = torch.randint(n, (m, n), generator=g, device=device)
-        bag = torch.zeros(m, n, device=device).scatter_add_(1, draws, torch.ones(m, n, device=device))
-
-    epoch, step, lookahead, metrics = 0, 0, None, []
-    sam_mask = None   # SharpBalance: (M, n) bool, member j's SAM set, fixed once sam_start_epoch is reached
-    if resume:
-        epoch, step, lookahead, sam_mask = load_state(out / 'state.safetensors', net, opt, generator, device)
-        lines = (out / 'metrics.jsonl').read_text().splitlines() if (out / 'metrics.jsonl').exists() else []
-        metrics = [json.loads(line) for line in lines][:epoch]
-        if epoch >= math.ceil(cfg.epochs):
-            raise EnsembleError(f'{out} is already complete ({epoch} epochs); nothing to resume')
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / 'config.json', {**asdict(cfg), 'model': spec, **environment(device)})
-    train_time = metrics[-1]['time_s'] if metrics else 0.0
-
-    sharpness = '' if cfg.sam_rho is None else f', SAM rho={cfg.sam_rho:g}' + (
-        f', SharpBalance flat_ratio={cfg.flat_ratio:g} from epoch {cfg.sam_start_epoch}' if cfg.flat_ratio else '')
-    console.print(f'[bold]{out}[/]: {m} member(s) of {cfg.arch} on {cfg.dataset} ({n} images), '
-                  f'beta={cfg.beta:g}, combine={cfg.combine}{", bagging" if cfg.bagging else ""}{sharpness}, '
-                  f'{cfg.epochs:g} epochs of {steps_per_epoch} steps, {device.type}')
-    console.print(format_row(), soft_wrap=True)
-    for epoch in range(epoch, math.ceil(cfg.epochs)):
-        net.train()
-        if spec['arch'] == 'airbench':
-            net[1].bias.requires_grad = epoch < cfg.whiten_bias_epochs
+    def __init__(self, cfg, console, resume=False):
+        cfg = resolve_config(cfg)
+        self.device = device = resolve_device(cfg.device)
+        self.data = data = load_run_data(cfg, device)
+        self.cfg = cfg = resolve_config(cfg, data)   # again, now that the data's channels are known
+        self.console, self.out = console, Path(cfg.out)
+        if (self.out / 'config.json').exists() and not resume:
+            raise EnsembleError(f'{self.out} already holds a run: pass --out elsewhere, --resume {self.out} to '
+                                'continue it, or delete it')
+        self.spec = json.loads((self.out / 'config.json').read_text())['model'] if resume else model_spec(cfg, data)
+        self.m, self.n = cfg.members, len(data.y_train)
+        self.batch_size = min(cfg.batch_size, self.n)
+        self.steps_per_epoch = self.n // self.batch_size
+        self.total_steps, self.epochs = math.ceil(self.steps_per_epoch * cfg.epochs), math.ceil(cfg.epochs)
         if device.type == 'cuda':
+            torch.backends.cudnn.benchmark = True
+
+        net = build_model(self.spec, members=self.m)
+        if not resume:
+            net.load_state_dict(stack_members(initial_member_states(cfg, self.spec, data), net.state_dict()))
+        self.net = net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+        self.opt = optimizer_for(self.net, cfg)
+        # The training images once, on the device, already through the network's fixed first layer
+        # (Normalize), in the input dtype and layout; padded for random crops. A step then gathers its
+        # batch in one op, and trains the rest of the network on it.
+        self.pad = TRANSLATE if cfg.augment else 0
+        self.images = training_images(data.x_train, self.net[0], None if cfg.precision == 'fp32' else
+                                      PRECISIONS[cfg.precision], self.pad, cfg.channels_last)
+        self.forward = torch.compile(self.net[1:]) if cfg.compile else self.net[1:]
+
+        self.generator = torch.Generator(device).manual_seed(cfg.data_seed)   # order and crops
+        flips = torch.Generator(device).manual_seed(cfg.data_seed + 1)
+        self.flip_mask = torch.rand(self.n, generator=flips, device=device) < 0.5
+        self.bag = None
+        if cfg.bagging:   # bootstrap counts: member j sees example i bag[j, i] times (in expectation per epoch)
+            draws = torch.randint(self.n, (self.m, self.n), device=device,
+                                  generator=torch.Generator(device).manual_seed(cfg.data_seed + 2))
+            self.bag = torch.zeros(self.m, self.n, device=device).scatter_add_(1, draws, torch.ones(self.m, self.n, device=device))
+
+        self.epoch, self.step, self.lookahead, self.metrics = 0, 0, None, []
+        self.sam_mask = None   # SharpBalance: (M, n) bool, member j's SAM set, fixed once sam_start_epoch is reached
+        if resume:
+            self.epoch, self.step, self.lookahead, self.sam_mask = load_state(
+                self.out / 'state.safetensors', self.net, self.opt, self.generator, device)
+            lines = (self.out / 'metrics.jsonl').read_text().splitlines() if (self.out / 'metrics.jsonl').exists() else []
+            self.metrics = [json.loads(line) for line in lines][:self.epoch]
+            if self.epoch >= self.epochs:
+                raise EnsembleError(f'{self.out} is already complete ({self.epoch} epochs); nothing to resume')
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / 'config.json', {**asdict(cfg), 'model': self.spec, **environment(device)})
+        self.train_time = self.metrics[-1]['time_s'] if self.metrics else 0.0
+
+    def announce(self):
+        cfg = self.cfg
+        sharpness = '' if cfg.sam_rho is None else f', SAM rho={cfg.sam_rho:g}' + (
+            f', SharpBalance flat_ratio={cfg.flat_ratio:g} from epoch {cfg.sam_start_epoch}' if cfg.flat_ratio else '')
+        self.console.print(f'[bold]{self.out}[/]: {self.m} member(s) of {cfg.arch} on {cfg.dataset} ({self.n} images), '
+                           f'beta={cfg.beta:g}, combine={cfg.combine}{", bagging" if cfg.bagging else ""}{sharpness}, '
+                           f'{cfg.epochs:g} epochs of {self.steps_per_epoch} steps, {self.device.type}')
+        self.console.print(format_row(), soft_wrap=True)
+
+    def clock(self):
+        """Seconds, after the device has finished its queued work."""
+        if self.device.type == 'cuda':
             torch.cuda.synchronize()
-        start = time.perf_counter()
-        if cfg.flat_ratio and epoch >= cfg.sam_start_epoch and sam_mask is None:   # once, on the whole training set
-            sam_mask = sharpbalance_masks(sharpness_scores(net, data.x_train, data.y_train, m), cfg.flat_ratio)
-            shares = ', '.join(f'{share:.0%}' for share in sam_mask.float().mean(1).tolist())
-            console.print(f'SharpBalance from epoch {epoch}: SAM on {shares} of the training set (per member), '
-                          'plain gradients on the rest')
-        order = torch.randperm(n, generator=generator, device=device)
-        log = TrainingLog(cfg.combine)
-        steps = min(steps_per_epoch, total_steps - step)
-        with Progress(TextColumn(f'epoch {epoch}'), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=console, transient=True, disable=console.quiet or not console.is_terminal) as progress:
-            task = progress.add_task('train', total=steps)
-            for i in range(steps):
-                idx = order[i * batch_size:(i + 1) * batch_size]
-                y = data.y_train.index_select(0, idx)
-                if cfg.augment:   # airbench's alternating flip (a fixed random half, all flipped every other epoch), random crops
-                    flip = flip_mask[idx] ^ bool(epoch % 2)
-                    shifts = torch.randint(0, 2 * pad + 1, (2, len(idx)), generator=generator, device=device)
-                    x = augment_batch(images, idx, flip, shifts, image_size)
-                else:
-                    x = images.index_select(0, idx)   # on a CPU 5x faster than images[idx]
-                for g in opt.param_groups:
-                    g['lr'] = g['initial_lr'] * lr_factor(step, total_steps)
-                weights = None if bag is None else bag[:, idx]
+        return time.perf_counter()
 
-                def logits_at():   # the wide forward pass at the current weights (SAM calls it twice)
-                    with autocast(device, cfg.precision):
-                        return member_logits(forward, x, m)
+    def begin_epoch(self, epoch):
+        self.epoch = epoch
+        self.net.train()
+        if self.spec['arch'] == 'airbench':
+            self.net[1].bias.requires_grad = epoch < self.cfg.whiten_bias_epochs
+        cfg = self.cfg
+        if cfg.flat_ratio and epoch >= cfg.sam_start_epoch and self.sam_mask is None:   # once, on the whole training set
+            scores = sharpness_scores(self.net, self.data.x_train, self.data.y_train, self.m)
+            self.sam_mask = sharpbalance_masks(scores, cfg.flat_ratio)
+            shares = ', '.join(f'{share:.0%}' for share in self.sam_mask.float().mean(1).tolist())
+            self.console.print(f'SharpBalance from epoch {epoch}: SAM on {shares} of the training set (per member), '
+                               'plain gradients on the rest')
 
-                def objective_of(logits):
-                    return ensemble_objective(logits, y, cfg.beta, cfg.combine, cfg.label_smoothing, weights)[0]
+    def steps_in_epoch(self):
+        return min(self.steps_per_epoch, self.total_steps - self.step)
 
-                opt.zero_grad(set_to_none=True)
-                if cfg.sam_rho is None:
-                    logits = logits_at()
-                    objective = objective_of(logits)
-                    objective.backward()
-                else:
-                    logits, objective = sam_step(net, m, cfg.sam_rho, logits_at, objective_of,
-                                                 None if sam_mask is None else sam_mask[:, idx])
-                opt.step()
-                step += 1
-                log.add(objective, logits, y)
-                if cfg.lookahead and epoch >= LOOKAHEAD['start_epoch'] and step % LOOKAHEAD['every'] == 0:
-                    if lookahead is None:
-                        lookahead = Lookahead.of(net)
-                    else:
-                        decay = LOOKAHEAD['decay_base'] ** LOOKAHEAD['every'] * (step / total_steps) ** LOOKAHEAD['decay_pow']
-                        lookahead.update(net, decay)
-                progress.advance(task)
-        log.reduce()   # inside the timed part: the log is work of the loop
-        if lookahead is not None:
-            lookahead.update(net, 1.0)   # end each epoch on the averaged weights
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        train_time += time.perf_counter() - start
+    def batches(self, epoch):
+        """The epoch's batches as (indices, images, labels), from the data stream: a fresh order, and
+        airbench's augmentation (a fixed random half mirrored, all of them every other epoch; random crops)."""
+        order = torch.randperm(self.n, generator=self.generator, device=self.device)
+        for i in range(self.steps_in_epoch()):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            if self.cfg.augment:
+                flip = self.flip_mask[idx] ^ bool(epoch % 2)
+                shifts = torch.randint(0, 2 * self.pad + 1, (2, len(idx)), generator=self.generator, device=self.device)
+                x = augment_batch(self.images, idx, flip, shifts, self.data.x_train.shape[-2:])
+            else:
+                x = self.images.index_select(0, idx)   # on a CPU 5x faster than images[idx]
+            yield idx, x, self.data.y_train.index_select(0, idx)
 
+    def train_step(self, idx, x, y):
+        """One optimizer step on a batch (SAM or plain), the schedule and Lookahead; returns (objective, logits)."""
+        cfg, net = self.cfg, self.net
+        for g in self.opt.param_groups:
+            g['lr'] = g['initial_lr'] * lr_factor(self.step, self.total_steps)
+        weights = None if self.bag is None else self.bag[:, idx]
+
+        def logits_at():   # the wide forward pass at the current weights (SAM calls it twice)
+            with autocast(self.device, cfg.precision):
+                return member_logits(self.forward, x, self.m)
+
+        def objective_of(logits):
+            return ensemble_objective(logits, y, cfg.beta, cfg.combine, cfg.label_smoothing, weights)[0]
+
+        self.opt.zero_grad(set_to_none=True)
+        if cfg.sam_rho is None:
+            logits = logits_at()
+            objective = objective_of(logits)
+            objective.backward()
+        else:
+            logits, objective = sam_step(net, self.m, cfg.sam_rho, logits_at, objective_of,
+                                         None if self.sam_mask is None else self.sam_mask[:, idx])
+        self.opt.step()
+        self.step += 1
+        if cfg.lookahead and self.epoch >= LOOKAHEAD['start_epoch'] and self.step % LOOKAHEAD['every'] == 0:
+            if self.lookahead is None:
+                self.lookahead = Lookahead.of(net)
+            else:
+                decay = LOOKAHEAD['decay_base'] ** LOOKAHEAD['every'] * (self.step / self.total_steps) ** LOOKAHEAD['decay_pow']
+                self.lookahead.update(net, decay)
+        if self.step == self.total_steps and self.lookahead is not None:
+            self.lookahead.update(net, 1.0)   # as airbench94: end training on the averaged weights
+        return objective, logits
+
+    def end_epoch(self, epoch, log, steps):
+        """The epoch's metrics row (training log, test and validation evaluation); write it and the resume state."""
+        cfg = self.cfg
         objective_sum, ce_sum, correct, div_sum = log.totals()
-        count = max(steps * batch_size, 1)
-        row = dict(epoch=epoch, time_s=train_time, lr=opt.param_groups[-1]['lr'],
+        count = max(steps * self.batch_size, 1)
+        row = dict(epoch=epoch, time_s=self.train_time, lr=self.opt.param_groups[-1]['lr'],
                    train_objective=objective_sum / count, train_loss=ce_sum / count,
                    train_acc=correct / count, train_div=div_sum / count)
-        for split in ('test', 'val') if data.x_val is not None else ('test',):
-            x_eval, y_eval = data.split(split)
-            r = evaluate(net, x_eval, y_eval, cfg.combine, members=m, precision=cfg.precision)
+        for split in ('test', 'val') if self.data.x_val is not None else ('test',):
+            x_eval, y_eval = self.data.split(split)
+            r = evaluate(self.net, x_eval, y_eval, cfg.combine, members=self.m, precision=cfg.precision)
             row.update({f'{split}_loss': r['loss'], f'{split}_acc': r['acc'], f'{split}_div': r['div']})
             if split == 'test':
                 row.update(member_test_loss=r['member_loss'], member_test_acc=r['member_acc'])
-        metrics.append(row)
-        atomic_write(out / 'metrics.jsonl', lambda tmp: Path(tmp).write_text(''.join(json.dumps(r) + '\n' for r in metrics)))
-        save_state(out / 'state.safetensors', net, opt, lookahead, generator, epoch + 1, step, sam_mask)
-        console.print(format_row(row), soft_wrap=True)
+        self.metrics.append(row)
+        lines = ''.join(json.dumps(r) + '\n' for r in self.metrics)
+        atomic_write(self.out / 'metrics.jsonl', lambda tmp: Path(tmp).write_text(lines))
+        save_state(self.out / 'state.safetensors', self.net, self.opt, self.lookahead, self.generator, epoch + 1,
+                   self.step, self.sam_mask)
+        self.console.print(format_row(row), soft_wrap=True)
         if not math.isfinite(row['train_objective']):
             raise EnsembleError(f'training diverged at epoch {epoch} (objective {row["train_objective"]}); '
                                 'lower --lr' + (' or --beta' if cfg.beta > 1 else ''))
+
+    def finish(self):
+        """The final numbers (with airbench's six-view TTA when asked), the member files and summary.json."""
+        cfg, m = self.cfg, self.m
+        summary = dict(self.metrics[-1], train_time_s=self.train_time, tta=bool(cfg.tta))
+        if cfg.tta:
+            r = evaluate(self.net, self.data.x_test, self.data.y_test, cfg.combine, members=m, tta=True,
+                         precision=cfg.precision)
+            summary.update(test_loss=r['loss'], test_acc=r['acc'], test_div=r['div'],
+                           member_test_loss=r['member_loss'], member_test_acc=r['member_acc'])
+        wide = {k: v.cpu() for k, v in self.net.state_dict().items()}
+        for j, state in enumerate(split_members(wide, build_model(self.spec).state_dict())):
+            save_member(self.out / f'member_{j}.safetensors', state, self.spec, member=j, seed=cfg.seed + j,
+                        run=str(self.out))
+        write_json(self.out / 'summary.json', summary)
+        self.console.print(f"test accuracy: ensemble {summary['test_acc']:.4f}, mean member "
+                           f"{sum(summary['member_test_acc']) / m:.4f}{' (TTA)' if cfg.tta else ''}; "
+                           f'{self.train_time:.1f} s of training; wrote {self.out}/')
+        return summary
+
+
+def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = None, resume=False):
+    """Train an ensemble as `cfg` says and write its run directory; returns the summary dict.
+    on_epoch_end(epoch) is called after each epoch's row and resume state are written."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    console = console or Console()
+    run = Training(cfg, console, resume)
+    run.announce()
+    for epoch in range(run.epoch, run.epochs):
+        start = run.clock()
+        run.begin_epoch(epoch)
+        log, steps = TrainingLog(run.cfg.combine), run.steps_in_epoch()
+        with Progress(TextColumn(f'epoch {epoch}'), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=console, transient=True, disable=console.quiet or not console.is_terminal) as bar:
+            task = bar.add_task('train', total=steps)
+            for idx, x, y in run.batches(epoch):
+                objective, logits = run.train_step(idx, x, y)
+                log.add(objective, logits, y)
+                bar.advance(task)
+        log.reduce()   # inside the timed part: the log is work of the loop
+        run.train_time += run.clock() - start
+        run.end_epoch(epoch, log, steps)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
-
-    summary = dict(metrics[-1], train_time_s=train_time, tta=bool(cfg.tta))
-    if cfg.tta:   # airbench's six-view test-time augmentation, for the final numbers only
-        r = evaluate(net, data.x_test, data.y_test, cfg.combine, members=m, tta=True, precision=cfg.precision)
-        summary.update(test_loss=r['loss'], test_acc=r['acc'], test_div=r['div'],
-                       member_test_loss=r['member_loss'], member_test_acc=r['member_acc'])
-    for j, state in enumerate(split_members({k: v.cpu() for k, v in net.state_dict().items()}, template.state_dict())):
-        save_member(out / f'member_{j}.safetensors', state, spec, member=j, seed=cfg.seed + j, run=str(out))
-    write_json(out / 'summary.json', summary)
-    mean_member = sum(summary['member_test_acc']) / m
-    console.print(f"test accuracy: ensemble {summary['test_acc']:.4f}, mean member {mean_member:.4f}"
-                  f"{' (TTA)' if cfg.tta else ''}; {train_time:.1f} s of training; wrote {out}/")
-    return summary
+    return run.finish()
 
 
 #############################################

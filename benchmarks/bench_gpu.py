@@ -249,8 +249,9 @@ def main(
         table.add_row(r['name'], f"{r['median_s']:.3f}", f"{r['min_s']:.3f}–{r['max_s']:.3f}", f"{r['warmup_s']:.2f}",
                       f"{r['test_acc']:.4f}", f"{r['peak_gib']:.2f}", 'yes' if r['sane'] else 'NO')
     console.print(table)
-    for goal, ratio, limit in goals(log):
-        console.print(f"{goal}: {ratio:.2f}x (goal <= {limit:g}x) {'met' if ratio <= limit else 'MISSED'}", highlight=False)
+    for goal, ratio, limit in goals(log):   # the goals are a GPU's: on a CPU every member already fills the cores
+        verdict = ('met' if ratio <= limit else 'MISSED') if dev.type == 'cuda' else '(a GPU goal; not judged on a CPU)'
+        console.print(f'{goal}: {ratio:.2f}x (goal <= {limit:g}x) {verdict}', highlight=False)
     save()
     console.print(f'wrote {json_path}')
 
