@@ -160,138 +160,153 @@ def permutation_spec(model, example_input):
         raise RebasinError(f'torch.fx cannot trace {type(model).__name__}: {e}') from e
     with _eval_mode(model), torch.no_grad():   # one forward pass records every node's output shape
         ShapeProp(fx.GraphModule(model, graph)).propagate(example_input)
-    state, modules, groups = model.state_dict(), dict(model.named_modules()), _Groups()
-    group, slots, notes = {}, {}, {}   # node -> its channel group; (key, axis) -> group; key -> why left alone
+    builder = _SpecBuilder(model)
+    for node in graph.nodes:
+        builder.visit(node)
+    return builder.spec()
 
-    def tie(key, axis, g):
-        if key in state:
-            slots[key, axis] = groups.union(slots[key, axis], g) if (key, axis) in slots else g
 
-    def opaque(node, what):   # not known to commute with permutations: fix what goes in and comes out
+class _SpecBuilder:
+    """Walks the traced graph once, in order: gives every node's output its channel group, ties each
+    tensor axis to the group it runs along, and fixes what must not move (with the reason)."""
+
+    def __init__(self, model):
+        self.model, self.state, self.modules = model, model.state_dict(), dict(model.named_modules())
+        self.groups = _Groups()
+        self.group, self.slots, self.notes = {}, {}, {}   # node -> group; (key, axis) -> group; key -> why left alone
+
+    def tie(self, key, axis, g):
+        if key in self.state:
+            self.slots[key, axis] = self.groups.union(self.slots[key, axis], g) if (key, axis) in self.slots else g
+
+    def opaque(self, node, what):
+        """Not known to commute with permutations: fix what goes in and comes out."""
         for arg in node.all_input_nodes:
-            if group.get(arg) is not None:
-                groups.fix(group[arg], f'read by {what}')
+            if self.group.get(arg) is not None:
+                self.groups.fix(self.group[arg], f'read by {what}')
             if arg.op == 'get_attr':
-                notes.setdefault(arg.target, f'used directly by {what}')
+                self.notes.setdefault(arg.target, f'used directly by {what}')
         if node.op == 'call_module':
-            for name in modules[node.target].state_dict():
-                notes.setdefault(f'{node.target}.{name}', f'inside {what}')
+            for name in self.modules[node.target].state_dict():
+                self.notes.setdefault(f'{node.target}.{name}', f'inside {what}')
         shape = _shape(node)
-        group[node] = groups.new(shape[1], node.name, f'made by {what}') if shape and len(shape) > 1 else None
+        self.group[node] = self.groups.new(shape[1], node.name, f'made by {what}') if shape and len(shape) > 1 else None
 
-    def layer(node, m, x, s_in):
+    def visit(self, node):
+        shape = _shape(node)
+        target = self.modules[node.target] if node.op == 'call_module' else node.target
+        what = (f'{node.target} ({type(target).__name__})' if node.op == 'call_module' else
+                f'.{target}()' if node.op == 'call_method' else getattr(target, '__name__', str(target)))
+        inputs = [a for a in node.all_input_nodes if _shape(a) is not None]   # tensors, not sizes
+        x, s_in = (self.group.get(inputs[0]), _shape(inputs[0])) if inputs else (None, None)
+        function = node.op != 'call_module'
+        if node.op == 'placeholder':
+            self.group[node] = self.groups.new(shape[1], 'input', 'network input') if shape and len(shape) > 1 else None
+        elif node.op == 'output':
+            for arg in node.all_input_nodes:
+                if self.group.get(arg) is not None:
+                    self.groups.fix(self.group[arg], 'network output')
+        elif node.op == 'get_attr':
+            self.group[node] = None
+        elif shape is None or len(shape) < 2:
+            if target not in SHAPE_QUERIES:
+                self.opaque(node, what)
+        elif function and target in ELEMENTWISE_OPS:
+            self.elementwise(node, shape, what)
+        elif x is None or len(inputs) > 1:
+            self.opaque(node, what)
+        elif isinstance(target, LAYERS):
+            self.layer(node, target, x, s_in)
+        elif isinstance(target, PER_CHANNEL_MODULES) or (function and target in PER_CHANNEL_OPS):
+            self.group[node] = x
+        elif (isinstance(target, nn.Flatten) or (function and target in RESHAPE_OPS)) and _merges_channels(s_in, shape):
+            self.group[node] = x   # a flattened channel is a block of positions: Linear weights move in blocks
+        elif function and target in REDUCE_OPS and _reduces_positions(node, len(s_in)):
+            self.group[node] = x
+        else:
+            self.opaque(node, what)
+
+    def layer(self, node, m, x, s_in):
         key = lambda name: f'{node.target}.{name}'  # noqa: E731
         if isinstance(m, nn.modules.conv._ConvNd):
             out_axis, in_axis = (1, 0) if m.transposed else (0, 1)
             if m.groups == 1:
-                y = groups.new(m.out_channels, node.target)
-                tie(key('weight'), out_axis, y)
-                tie(key('weight'), in_axis, x)
+                y = self.groups.new(m.out_channels, node.target)
+                self.tie(key('weight'), out_axis, y)
+                self.tie(key('weight'), in_axis, x)
             elif m.groups == m.in_channels == m.out_channels:   # depthwise: channel c reads channel c only
                 y = x
-                tie(key('weight'), 0, y)
+                self.tie(key('weight'), 0, y)
             else:
-                return opaque(node, f'{node.target} (convolution with groups={m.groups})')
-            tie(key('bias'), 0, y)
+                return self.opaque(node, f'{node.target} (convolution with groups={m.groups})')
+            self.tie(key('bias'), 0, y)
         elif isinstance(m, nn.Linear):
             if len(s_in) != 2:
-                return opaque(node, f'{node.target} (Linear on a {len(s_in)}-d input)')
-            y = groups.new(m.out_features, node.target)
-            tie(key('weight'), 0, y)
-            tie(key('weight'), 1, x)
-            tie(key('bias'), 0, y)
+                return self.opaque(node, f'{node.target} (Linear on a {len(s_in)}-d input)')
+            y = self.groups.new(m.out_features, node.target)
+            self.tie(key('weight'), 0, y)
+            self.tie(key('weight'), 1, x)
+            self.tie(key('bias'), 0, y)
         elif isinstance(m, nn.GroupNorm) and m.num_groups not in (1, m.num_channels):
-            return opaque(node, f'{node.target} (GroupNorm normalizes fixed groups of channels)')
+            return self.opaque(node, f'{node.target} (GroupNorm normalizes fixed groups of channels)')
         elif isinstance(m, nn.LayerNorm) and len(m.normalized_shape) < len(s_in) - 1:
             y = x   # normalizes each channel on its own; its weights run along the other axes
             for name in m.state_dict():
-                notes[key(name)] = 'LayerNorm over trailing axes: no channel axis to permute'
+                self.notes[key(name)] = 'LayerNorm over trailing axes: no channel axis to permute'
         else:       # BatchNorm, InstanceNorm, GroupNorm over 1 or C groups, LayerNorm over channels, PReLU
             y = x
             for name in ('weight', 'bias', 'running_mean', 'running_var'):
                 if getattr(m, name, None) is not None and getattr(m, name).numel() > 1:
-                    tie(key(name), 0, y)
+                    self.tie(key(name), 0, y)
                 elif getattr(m, name, None) is not None:
-                    notes[key(name)] = 'one value shared by every channel'
-        group[node] = y
+                    self.notes[key(name)] = 'one value shared by every channel'
+        self.group[node] = y
 
-    def elementwise(node, shape, what):
+    def elementwise(self, node, shape, what):
         joined, constants = None, []
         for arg in node.all_input_nodes:
             s = _shape(arg)
             axis = 1 - (len(shape) - len(s)) if s is not None else -1   # arg's axis that lines up with channels
             if axis < 0 or s[axis] == 1:
                 if arg.op == 'get_attr':
-                    notes.setdefault(arg.target, f'operand of {what}, the same for every channel')
+                    self.notes.setdefault(arg.target, f'operand of {what}, the same for every channel')
                 continue
             if arg.op == 'get_attr':
                 constants.append((arg.target, axis))
-            elif len(s) != len(shape) or group.get(arg) is None:
-                return opaque(node, f'{what} (broadcasting between tensors of different rank)')
+            elif len(s) != len(shape) or self.group.get(arg) is None:
+                return self.opaque(node, f'{what} (broadcasting between tensors of different rank)')
             else:
-                joined = group[arg] if joined is None else groups.union(joined, group[arg])
-        joined = groups.new(shape[1], node.name) if joined is None else joined
+                joined = self.group[arg] if joined is None else self.groups.union(joined, self.group[arg])
+        joined = self.groups.new(shape[1], node.name) if joined is None else joined
         for key, axis in constants:
-            if key in state:
-                tie(key, axis, joined)
+            if key in self.state:
+                self.tie(key, axis, joined)
             else:
-                groups.fix(joined, f'{what} with {key}, which is not in the state dict')
-        group[node] = joined
+                self.groups.fix(joined, f'{what} with {key}, which is not in the state dict')
+        self.group[node] = joined
 
-    for node in graph.nodes:
-        shape = _shape(node)
-        target = modules[node.target] if node.op == 'call_module' else node.target
-        what = (f'{node.target} ({type(target).__name__})' if node.op == 'call_module' else
-                f'.{target}()' if node.op == 'call_method' else getattr(target, '__name__', str(target)))
-        inputs = [a for a in node.all_input_nodes if _shape(a) is not None]   # tensors, not sizes
-        x, s_in = (group.get(inputs[0]), _shape(inputs[0])) if inputs else (None, None)
-        if node.op == 'placeholder':
-            group[node] = groups.new(shape[1], 'input', 'network input') if shape and len(shape) > 1 else None
-        elif node.op == 'output':
-            for arg in node.all_input_nodes:
-                if group.get(arg) is not None:
-                    groups.fix(group[arg], 'network output')
-        elif node.op == 'get_attr':
-            group[node] = None
-        elif shape is None or len(shape) < 2:
-            if target not in SHAPE_QUERIES:
-                opaque(node, what)
-        elif node.op != 'call_module' and target in ELEMENTWISE_OPS:
-            elementwise(node, shape, what)
-        elif x is None or len(inputs) > 1:
-            opaque(node, what)
-        elif isinstance(target, LAYERS):
-            layer(node, target, x, s_in)
-        elif isinstance(target, PER_CHANNEL_MODULES) or (node.op != 'call_module' and target in PER_CHANNEL_OPS):
-            group[node] = x
-        elif (isinstance(target, nn.Flatten) or (node.op != 'call_module' and target in RESHAPE_OPS)) \
-                and _merges_channels(s_in, shape):
-            group[node] = x   # a flattened channel is a block of positions: Linear weights move in blocks
-        elif node.op != 'call_module' and target in REDUCE_OPS and _reduces_positions(node, len(s_in)):
-            group[node] = x
-        else:
-            opaque(node, what)
-
-    names, perms, axes, unpermuted = {}, {}, {}, {}
-    for root in sorted({groups.find(g) for g in slots.values()}):   # in the order the network makes them
-        if not groups.fixed[root] and groups.size[root] > 1:
-            name = f'P_{groups.name[root]}'
-            names[root] = name if name not in perms else f'{name}#{root}'
-            perms[names[root]] = groups.size[root]
-    for key, t in state.items():
-        per_axis, why = [], []
-        for axis in range(t.dim()):
-            root = groups.find(slots[key, axis]) if (key, axis) in slots else None
-            per_axis.append(names.get(root))
-            if root is not None and groups.fixed[root] and groups.size[root] > 1:
-                why.append(f'axis {axis}: {groups.fixed[root]}')
-        if t.dim() and not any((key, axis) in slots for axis in range(t.dim())):
-            why = [notes.get(key, 'not read by any layer the tracer understands')]
-        axes[key] = tuple(per_axis)
-        if why:
-            unpermuted[key] = '; '.join(why)
-    buffers = [k for k, _ in model.named_buffers() if k in state]
-    return PermutationSpec(perms, axes, unpermuted, buffers)
+    def spec(self):
+        """The PermutationSpec: a named permutation per free group of more than one channel."""
+        groups, names, perms, axes, unpermuted = self.groups, {}, {}, {}, {}
+        for root in sorted({groups.find(g) for g in self.slots.values()}):   # in the order the network makes them
+            if not groups.fixed[root] and groups.size[root] > 1:
+                name = f'P_{groups.name[root]}'
+                names[root] = name if name not in perms else f'{name}#{root}'
+                perms[names[root]] = groups.size[root]
+        for key, t in self.state.items():
+            per_axis, why = [], []
+            for axis in range(t.dim()):
+                root = groups.find(self.slots[key, axis]) if (key, axis) in self.slots else None
+                per_axis.append(names.get(root))
+                if root is not None and groups.fixed[root] and groups.size[root] > 1:
+                    why.append(f'axis {axis}: {groups.fixed[root]}')
+            if t.dim() and not any((key, axis) in self.slots for axis in range(t.dim())):
+                why = [self.notes.get(key, 'not read by any layer the tracer understands')]
+            axes[key] = tuple(per_axis)
+            if why:
+                unpermuted[key] = '; '.join(why)
+        buffers = [k for k, _ in self.model.named_buffers() if k in self.state]
+        return PermutationSpec(perms, axes, unpermuted, buffers)
 
 
 def _reduces_positions(node, ndim):
@@ -741,7 +756,13 @@ def make_app():
     import typer
     app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                       help='Git re-basin: permutation specs (spec), weight matching (align), MergeMany (merge).')
+    for add_command in (_add_spec, _add_align, _add_merge):
+        add_command(app, typer)
+    return app
 
+
+def _add_spec(app, typer):
+    """Register `rebasin.py spec` (typer is passed in: it is imported only when the command line runs)."""
     @app.command('spec')
     def spec_command(
         model: Path = typer.Argument(..., help='A member_<i>.safetensors file, or a run directory (its first member).'),
@@ -757,6 +778,8 @@ def make_app():
                 _te().write_json(json_out, asdict(spec))
 
 
+def _add_align(app, typer):
+    """Register `rebasin.py align` (typer is passed in: it is imported only when the command line runs)."""
     @app.command()
     def align(
         a: Path = typer.Argument(..., help='The reference: a member file, or a run directory (its member_0).'),
@@ -794,6 +817,8 @@ def make_app():
             Console(soft_wrap=True).print(f'wrote {out}')
 
 
+def _add_merge(app, typer):
+    """Register `rebasin.py merge` (typer is passed in: it is imported only when the command line runs)."""
     @app.command()
     def merge(
         models: List[Path] = typer.Argument(..., help='Member files or run directories (every member is merged).'),
@@ -852,8 +877,6 @@ def make_app():
             _write_run(out, [merged], [config['sources']], found[0].spec, config, force)
             console.print(f'merged {len(found)} models in {len(distance) - 1} passes, {time.perf_counter() - start:.1f} s: '
                           f'wrote {out}')
-
-    return app
 
 
 if __name__ == '__main__':

@@ -403,35 +403,59 @@ def make_app():
     """The typer application, built on demand so that importing this file needs only torch."""
     import typer
     from rich.console import Console
-    from rich.progress import Progress
-    from rich.table import Table
 
     app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                       help='Spectral norms, the spectral parametrization, and coordinate checks.')
     console = Console()
+    for add_command in (_add_report, _add_coord_check, _add_lr_sweep):
+        add_command(app, typer, console)
+    return app
 
-    import train_ensemble as te   # the command line's: one-line errors, atomic writes, networks, checkpoints
-    fail = te.cli_error   # one line on stderr, exit status 1
 
-    def write_json(path, obj):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        te.write_json(path, obj)
-        console.print(f'wrote {path}')
+def _write_json(console, path, obj):
+    import train_ensemble as te
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    te.write_json(path, obj)   # atomic
+    console.print(f'wrote {path}')
 
-    def with_progress(description, total, work):
-        with Progress(console=console, transient=True) as bar:
-            task = bar.add_task(description, total=total)
-            return work(lambda: bar.advance(task))
 
-    def check_options(arch, optimizer, widths, hidden):
-        if arch not in IMAGE_SIZE:
-            fail(f"unknown --arch '{arch}': use {', '.join(IMAGE_SIZE)}")
-        if optimizer not in ('sgd', 'adam'):
-            fail(f"unknown --optimizer '{optimizer}': use sgd or adam")
-        try:
-            return numbers(widths), numbers(hidden, int)
-        except ValueError:
-            fail('--widths and --hidden take comma-separated numbers, e.g. 0.25,0.5,1 and 256,256')
+def _with_progress(console, description, total, work):
+    from rich.progress import Progress
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        return work(lambda: bar.advance(task))
+
+
+def _check_options(arch, optimizer, widths, hidden):
+    """The parsed widths and hidden sizes; a one-line error (train_ensemble.cli_error) for bad options."""
+    import train_ensemble as te
+    if arch not in IMAGE_SIZE:
+        te.cli_error(f"unknown --arch '{arch}': use {', '.join(IMAGE_SIZE)}")
+    if optimizer not in ('sgd', 'adam'):
+        te.cli_error(f"unknown --optimizer '{optimizer}': use sgd or adam")
+    try:
+        return numbers(widths), numbers(hidden, int)
+    except ValueError:
+        te.cli_error('--widths and --hidden take comma-separated numbers, e.g. 0.25,0.5,1 and 256,256')
+
+
+def _shared_options(typer):
+    """The options coord-check and lr-sweep share."""
+    return dict(
+        arch=typer.Option('mlp', '--arch', help='mlp, airbench or resnet18'),
+        hidden=typer.Option(COORD['hidden'], '--hidden', help='mlp hidden sizes at width 1, comma-separated'),
+        optimizer=typer.Option('sgd', '--optimizer', help='sgd or adam'),
+        batch=typer.Option(COORD['batch_size'], '--batch-size', help='examples per step'),
+        image=typer.Option(None, '--image-size', help='side of the synthetic images (default: mlp 4, resnet18 8, '
+                                                      'airbench 16)'),
+        seed=typer.Option(0, '--seed', help='seed of the data and of every network'),
+        json=typer.Option(None, '--json', help='write the numbers to this JSON file'),
+    )
+
+
+def _add_report(app, typer, console):
+    import train_ensemble as te
+    from rich.table import Table
 
     @app.command()
     def report(model: Path = typer.Argument(..., help='a member_<i>.safetensors checkpoint'),
@@ -441,7 +465,7 @@ def make_app():
         try:
             net = te.load_member(model)
         except te.EnsembleError as e:
-            fail(str(e))
+            te.cli_error(str(e))
         params = dict(net.named_parameters())
         rows = []
         for name, fan_in, fan_out, kind in layer_fans(net):
@@ -460,32 +484,27 @@ def make_app():
                           f"{r['spectral_norm']:.4g}", f"{r['target']:.4g}", f"{r['ratio']:.3f}")
         console.print(table)
         if json_path:
-            write_json(json_path, dict(model=str(model), sigma=sigma, layers=rows))
+            _write_json(console, json_path, dict(model=str(model), sigma=sigma, layers=rows))
 
-    # Options shared by coord-check and lr-sweep.
-    arch_opt = typer.Option('mlp', '--arch', help='mlp, airbench or resnet18')
-    hidden_opt = typer.Option(COORD['hidden'], '--hidden', help='mlp hidden sizes at width 1, comma-separated')
-    optimizer_opt = typer.Option('sgd', '--optimizer', help='sgd or adam')
-    batch_opt = typer.Option(COORD['batch_size'], '--batch-size', help='examples per step')
-    image_opt = typer.Option(None, '--image-size', help='side of the synthetic images (default: mlp 4, resnet18 8, '
-                                                        'airbench 16)')
-    seed_opt = typer.Option(0, '--seed', help='seed of the data and of every network')
-    json_opt = typer.Option(None, '--json', help='write the numbers to this JSON file')
+
+def _add_coord_check(app, typer, console):
+    from rich.table import Table
+    shared = _shared_options(typer)
 
     @app.command('coord-check')
     def coord_check_command(
-            arch: str = arch_opt, hidden: str = hidden_opt, optimizer: str = optimizer_opt,
-            batch_size: int = batch_opt, image_size: int = image_opt, seed: int = seed_opt,
+            arch: str = shared['arch'], hidden: str = shared['hidden'], optimizer: str = shared['optimizer'],
+            batch_size: int = shared['batch'], image_size: int = shared['image'], seed: int = shared['seed'],
             widths: str = typer.Option(COORD['widths'], help='comma-separated width multipliers'),
             steps: int = typer.Option(COORD['steps'], help='training steps before measuring'),
             lr: float = typer.Option(COORD['lr'], help="base learning rate (the reference layer's under spectral)"),
             plot: Path = typer.Option(None, help='write the activation-vs-width PNG here'),
-            json_path: Path = json_opt):
+            json_path: Path = shared['json']):
         """Mean |activation| of every layer after a few steps, against width: flat under spectral."""
-        ws, hs = check_options(arch, optimizer, widths, hidden)
+        ws, hs = _check_options(arch, optimizer, widths, hidden)
         image_size = image_size or IMAGE_SIZE[arch]
         build = train_ensemble_network(arch, hs, image_size, seed)
-        result = with_progress('coord-check', 2 * len(ws), lambda tick: coord_check(
+        result = _with_progress(console, 'coord-check', 2 * len(ws), lambda tick: coord_check(
             build, ws, steps, lr, optimizer, batch_size, image_size=image_size, seed=seed, progress=tick))
         result.update(arch=arch, hidden=hs)
         table = Table(title=f'mean |activation| after {steps} {optimizer} steps at lr {lr:g} ({arch})')
@@ -503,26 +522,32 @@ def make_app():
                         f'coordinate check: {arch}, {steps} {optimizer} steps at lr {lr:g}')
             console.print(f'wrote {plot}')
         if json_path:
-            write_json(json_path, result)
+            _write_json(console, json_path, result)
+
+
+def _add_lr_sweep(app, typer, console):
+    import train_ensemble as te
+    from rich.table import Table
+    shared = _shared_options(typer)
 
     @app.command('lr-sweep')
     def lr_sweep_command(
-            arch: str = arch_opt, hidden: str = hidden_opt, optimizer: str = optimizer_opt,
-            batch_size: int = batch_opt, image_size: int = image_opt, seed: int = seed_opt,
+            arch: str = shared['arch'], hidden: str = shared['hidden'], optimizer: str = shared['optimizer'],
+            batch_size: int = shared['batch'], image_size: int = shared['image'], seed: int = shared['seed'],
             widths: str = typer.Option(SWEEP['widths'], help='comma-separated width multipliers'),
             lrs: str = typer.Option(SWEEP['lrs'], help='comma-separated base learning rates'),
             steps: int = typer.Option(SWEEP['steps'], help='training steps per run'),
             plot: Path = typer.Option(None, help='write the loss-vs-lr PNG here'),
-            json_path: Path = json_opt):
+            json_path: Path = shared['json']):
         """Training loss against learning rate at several widths: the best lr stays put under spectral."""
-        ws, hs = check_options(arch, optimizer, widths, hidden)
+        ws, hs = _check_options(arch, optimizer, widths, hidden)
         try:
             rates = numbers(lrs)
         except ValueError:
-            fail('--lrs takes comma-separated numbers, e.g. 0.1,0.2,0.4')
+            te.cli_error('--lrs takes comma-separated numbers, e.g. 0.1,0.2,0.4')
         image_size = image_size or IMAGE_SIZE[arch]
         build = train_ensemble_network(arch, hs, image_size, seed)
-        result = with_progress('lr-sweep', 2 * len(ws) * len(rates), lambda tick: lr_sweep(
+        result = _with_progress(console, 'lr-sweep', 2 * len(ws) * len(rates), lambda tick: lr_sweep(
             build, ws, rates, steps, optimizer, batch_size, image_size=image_size, seed=seed, progress=tick))
         result.update(arch=arch, hidden=hs)
         table = Table(title=f'training loss after {steps} {optimizer} steps ({arch}); - = diverged')
@@ -541,9 +566,7 @@ def make_app():
                         f'learning-rate transfer: {arch}, {steps} {optimizer} steps', y_log=False)
             console.print(f'wrote {plot}')
         if json_path:
-            write_json(json_path, result)
-
-    return app
+            _write_json(console, json_path, result)
 
 
 if __name__ == '__main__':
