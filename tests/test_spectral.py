@@ -148,6 +148,16 @@ def test_coord_check_command_writes_a_plot(tmp_path):
     assert set(json.loads(js.read_text())['drift']) == {'standard', 'spectral'}
 
 
+def test_learning_rates_transfer_across_widths_under_spectral_and_not_under_standard():
+    """The paper's practical claim, on the default MLP (hidden 64 vs 1024, 20 SGD steps): the best lr
+    halves twice from width x0.25 to x4 under standard, and stays put (inside the grid) under spectral."""
+    sweep = sp.lr_sweep(widths=(0.25, 4), lrs=(0.1, 0.2, 0.4, 0.8, 1.6, 3.2), steps=20)
+    narrow, wide = sweep['spectral']['best_lr']
+    assert narrow == wide and 0.1 < wide < 3.2, sweep['spectral']
+    narrow, wide = sweep['standard']['best_lr']
+    assert wide <= narrow / 2, sweep['standard']
+
+
 def test_lr_sweep_command_reports_a_best_lr_per_width(tmp_path):
     from typer.testing import CliRunner
     js = tmp_path / 'sweep.json'
