@@ -32,7 +32,7 @@ import json
 import math
 from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -226,12 +226,6 @@ def drop_learners(logits, y, combiner, fractions, draws=DROP_DRAWS, seed=0):
 #              Loss landscape               #
 #############################################
 
-def interpolate_states(a, b, lam):
-    """(1 − λ)·A + λ·B for every floating tensor, BatchNorm statistics included; integer buffers (step
-    counts) are A's. torch.lerp is exact at λ = 0 and λ = 1, so the endpoints are A and B bit for bit."""
-    return {k: torch.lerp(v, b[k].to(v), lam) if v.is_floating_point() else v.clone() for k, v in a.items()}
-
-
 def barrier(values, lams=None):
     """max_λ L(λ) − ((1 − λ)·L(0) + λ·L(1)) of a curve sampled at `lams` (default: evenly from 0 to 1)."""
     values = torch.as_tensor(values, dtype=torch.float64)
@@ -255,7 +249,7 @@ def interpolation_curve(net, state_a, state_b, lams, evaluate, bn=None, batches=
             end.load_state_dict(state)
     rows = []
     for lam in lams:
-        net.load_state_dict(interpolate_states(state_a, state_b, lam))
+        net.load_state_dict(rebasin.average([state_a, state_b], [1 - lam, lam]))   # exact at both ends
         if bn and 0 < lam < 1:
             net.load_state_dict(rebasin.reset_bn(net, batches) if bn == 'reset'
                                 else rebasin.repair(ends[0], ends[1], net, lam, batches))
@@ -392,10 +386,14 @@ def plot_interpolation(path, curves, title):
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help='Metrics, diversity, collusion diagnostics, interpolation and sharpness of trained ensembles.')
 
-JSON_HELP = 'Write every number shown to this JSON file.'
-DEVICE_HELP = 'auto (cuda when there is one), cpu or cuda.'
-DATASET_HELP = "Evaluate on this dataset instead of the one in the run's config.json."
 EXAMPLES_HELP = 'Use at most this many images of each split (they are class-balanced in order).'
+# The options several commands share, each written once (typer reads the metadata from the annotation).
+RunDir = Annotated[Path, typer.Argument(help='A run directory.')]
+Combine = Annotated[Optional[str], typer.Option(help="Combiner: prob or logit (default: the run's).")]
+Examples = Annotated[Optional[int], typer.Option(help=EXAMPLES_HELP)]
+Dataset = Annotated[Optional[str], typer.Option(help="Evaluate on this dataset instead of the one in the run's config.json.")]
+Device = Annotated[str, typer.Option(help='auto (cuda when there is one), cpu or cuda.')]
+JsonOut = Annotated[Optional[Path], typer.Option('--json', help='Write every number shown to this JSON file.')]
 
 
 @contextmanager
@@ -459,14 +457,14 @@ def _settings(config, keys=('dataset', 'arch', 'members', 'beta', 'combine')):
 
 @app.command()
 def evaluate(
-    run: Path = typer.Argument(..., help='A run directory.'),
+    run: RunDir,
     split: List[str] = typer.Option(['test'], help='train, val or test; repeat it (--split train --split test) for the generalization gap.'),
-    combine: Optional[str] = typer.Option(None, help="Combiner: prob or logit (default: the run's)."),
+    combine: Combine = None,
     bins: int = typer.Option(ECE_BINS, help='Confidence bins of the ECE.'),
-    examples: Optional[int] = typer.Option(None, help=EXAMPLES_HELP),
-    dataset: Optional[str] = typer.Option(None, help=DATASET_HELP),
-    device: str = typer.Option('auto', help=DEVICE_HELP),
-    json_out: Optional[Path] = typer.Option(None, '--json', help=JSON_HELP),
+    examples: Examples = None,
+    dataset: Dataset = None,
+    device: Device = 'auto',
+    json_out: JsonOut = None,
 ):
     """Members and ensemble: accuracy, NLL, Brier, ECE, diversity and generalization gaps.
 
@@ -559,8 +557,8 @@ def compare(
     runs: List[Path] = typer.Argument(..., help='Run directories (e.g. runs/beta_*).'),
     recompute: bool = typer.Option(False, '--recompute', help="Evaluate train and test cleanly (eval mode, no augmentation) instead of reading summary.json, whose train numbers are running averages over augmented batches in train mode."),
     examples: Optional[int] = typer.Option(None, help=EXAMPLES_HELP + ' (with --recompute)'),
-    device: str = typer.Option('auto', help=DEVICE_HELP),
-    json_out: Optional[Path] = typer.Option(None, '--json', help=JSON_HELP),
+    device: Device = 'auto',
+    json_out: JsonOut = None,
     plot: Optional[Path] = typer.Option(None, help='Write test error, DIV (train, test) and the loss gap against β to this PNG.'),
 ):
     """The β sweep: one row per run; --plot draws error, DIV and gap against β.
@@ -596,14 +594,14 @@ def compare(
 
 @app.command('debias')
 def debias_command(
-    run: Path = typer.Argument(..., help='A run directory.'),
+    run: RunDir,
     fit_split: str = typer.Option('train', help='Split on which the member biases are estimated.'),
     split: str = typer.Option('test', help='Split on which they are removed and DIV is measured.'),
     combine: Optional[str] = typer.Option(None, help="Combiner of DIV and the ensemble loss: prob or logit (default: the run's)."),
-    examples: Optional[int] = typer.Option(None, help=EXAMPLES_HELP),
-    dataset: Optional[str] = typer.Option(None, help=DATASET_HELP),
-    device: str = typer.Option('auto', help=DEVICE_HELP),
-    json_out: Optional[Path] = typer.Option(None, '--json', help=JSON_HELP),
+    examples: Examples = None,
+    dataset: Dataset = None,
+    device: Device = 'auto',
+    json_out: JsonOut = None,
 ):
     """How much of the diversity is collusion: DIV before and after removing member biases.
 
@@ -647,16 +645,16 @@ def _fractions(text):
 
 @app.command()
 def drop(
-    run: Path = typer.Argument(..., help='A run directory.'),
+    run: RunDir,
     fractions: str = typer.Option('0.2,0.4,0.6', help='Comma-separated fractions p of members to drop (keeps M − ⌊pM⌋).'),
     draws: int = typer.Option(DROP_DRAWS, help='Random member subsets per fraction (every subset when there are fewer).'),
     seed: int = typer.Option(0, help='Seed of the random subsets.'),
     split: str = typer.Option('test', help='train, val or test.'),
-    combine: Optional[str] = typer.Option(None, help="Combiner: prob or logit (default: the run's)."),
-    examples: Optional[int] = typer.Option(None, help=EXAMPLES_HELP),
-    dataset: Optional[str] = typer.Option(None, help=DATASET_HELP),
-    device: str = typer.Option('auto', help=DEVICE_HELP),
-    json_out: Optional[Path] = typer.Option(None, '--json', help=JSON_HELP),
+    combine: Combine = None,
+    examples: Examples = None,
+    dataset: Dataset = None,
+    device: Device = 'auto',
+    json_out: JsonOut = None,
     plot: Optional[Path] = typer.Option(None, help='Write the increase against the fraction dropped to this PNG.'),
 ):
     """What dropping members at test time costs the ensemble's loss and error.
@@ -714,9 +712,9 @@ def interpolate(
     member: str = typer.Option('0', help="Which member of a run directory is the endpoint: 'i' for both, 'i,j' for A's and B's."),
     examples: int = typer.Option(INTERP_EXAMPLES, help=EXAMPLES_HELP),
     bn_examples: int = typer.Option(rebasin.BN_EXAMPLES, help='Training images for --reset-bn/--repair statistics.'),
-    dataset: Optional[str] = typer.Option(None, help=DATASET_HELP),
-    device: str = typer.Option('auto', help=DEVICE_HELP),
-    json_out: Optional[Path] = typer.Option(None, '--json', help=JSON_HELP),
+    dataset: Dataset = None,
+    device: Device = 'auto',
+    json_out: JsonOut = None,
     plot: Optional[Path] = typer.Option(None, help='Write loss and error against λ (train and test) to this PNG.'),
 ):
     """Loss and error along the line between two networks, and its barrier (linear mode connectivity).
@@ -782,15 +780,15 @@ def interpolate(
 
 @app.command('sharpness')
 def sharpness_command(
-    run: Path = typer.Argument(..., help='A run directory.'),
+    run: RunDir,
     rho: float = typer.Option(SHARP_RHO, help='Radius of the ball (relative to |w| + η when adaptive).'),
     steps: int = typer.Option(SHARP_STEPS, help='Projected gradient ascent steps (1 = the SAM/ASAM estimate).'),
     adaptive: bool = typer.Option(True, '--adaptive/--no-adaptive', help="Scale the ball by |w| + η as ASAM does (else a plain ℓ2 ball)."),
     examples: int = typer.Option(SHARP_EXAMPLES, help='Fixed training images the loss is measured on.'),
     batch_size: int = typer.Option(SHARP_BATCH, help='Batch size of those passes.'),
-    dataset: Optional[str] = typer.Option(None, help=DATASET_HELP),
-    device: str = typer.Option('auto', help=DEVICE_HELP),
-    json_out: Optional[Path] = typer.Option(None, '--json', help=JSON_HELP),
+    dataset: Dataset = None,
+    device: Device = 'auto',
+    json_out: JsonOut = None,
 ):
     """Sharpness of each member: the worst training-loss increase within a ball of radius ρ.
 

@@ -66,6 +66,10 @@ RECIPES = {
     ),
 }
 ADAM_LR = 1e-3                  # plain Adam(W) learning rate when --optimizer adam and no --lr
+# Lookahead: from epoch 3, every 5 steps, the weights move to an EMA of themselves; training ends on the
+# EMA, once, as in airbench94. (Snapping to it at every epoch end instead, as this file did before,
+# discards the steps since the last update; measured on 10,000 Fashion-MNIST images, airbench width
+# 0.25, 9.9 epochs of 19 steps, seeds 0-2: test accuracy 0.8972 vs 0.8984, within the seeds' spread.)
 LOOKAHEAD = dict(start_epoch=3, every=5, decay_base=0.95, decay_pow=3.0)
 LR_SCHEDULE = dict(start=0.2, peak=0.23, end=0.07)  # fraction of lr at step 0, peak position, end
 BN_MOMENTUM = 0.4               # airbench's BatchNorm keeps 60% of the old running statistics

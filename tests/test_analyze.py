@@ -13,6 +13,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import analyze  # noqa: E402
+import rebasin  # noqa: E402
 import train_ensemble as te  # noqa: E402
 
 
@@ -104,12 +105,13 @@ def test_barrier_of_a_known_curve():
     assert math.isclose(analyze.barrier([0, 3, 0], lams=[0, 0.25, 1]), 3)
 
 
-def test_interpolate_states_is_exact_at_the_ends_and_mixes_batchnorm_statistics(runs):
+def test_interpolation_is_exact_at_the_ends_and_mixes_batchnorm_statistics(runs):
+    """The one interpolation of state dicts (rebasin.average, which analyze.py's curves use)."""
     (_, a, _), (_, b, _) = (te.load_member_state(p) for p in te.member_paths(runs['bn']))
     for lam, end in ((0.0, a), (1.0, b)):
-        mixed = analyze.interpolate_states(a, b, lam)
+        mixed = rebasin.average([a, b], [1 - lam, lam])
         assert all(torch.equal(mixed[k], end[k]) for k in end if end[k].is_floating_point())
-    mid = analyze.interpolate_states(a, b, 0.5)
+    mid = rebasin.average([a, b], [0.5, 0.5])
     key = '3.norm1.running_var'
     torch.testing.assert_close(mid[key], (a[key] + b[key]) / 2)
 
