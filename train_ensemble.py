@@ -618,8 +618,21 @@ def atomic_write(path, write):
             tmp.unlink()
 
 
+def json_safe(obj):
+    """obj with every non-finite float as None: JSON has no NaN or Infinity (json.dumps would write bare
+    tokens that strict readers refuse)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path, obj):
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + '\n'))
+    text = json.dumps(json_safe(obj), indent=2, allow_nan=False) + '\n'
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_member(path, state, spec, **meta):
@@ -1231,7 +1244,9 @@ def format_row(row=None):
 class Training:
     """One run between its steps: the wide network, its optimizer and schedule, the training images on
     the device and the data streams. Built fresh (writing config.json) or from a run directory's
-    resume state; train() below drives it."""
+    resume state; train() below drives it. A run killed at any moment resumes: before its first resume
+    state it starts over from config.json (same seeds, same result); with its last epoch's state but
+    no summary.json (killed while writing the members), it writes the final files without training."""
 
     def __init__(self, cfg, console, resume=False):
         cfg = resolve_config(cfg)
@@ -1242,7 +1257,11 @@ class Training:
         if (self.out / 'config.json').exists() and not resume:
             raise EnsembleError(f'{self.out} already holds a run: pass --out elsewhere, --resume {self.out} to '
                                 'continue it, or delete it')
+        if resume and (self.out / 'summary.json').exists():
+            raise EnsembleError(f'{self.out} is already complete (it has summary.json); nothing to resume')
+        state_path = self.out / 'state.safetensors'
         self.spec = json.loads((self.out / 'config.json').read_text())['model'] if resume else model_spec(cfg, data)
+        resume = resume and state_path.exists()   # no state yet: start over, from the same seeds
         self.m, self.n = cfg.members, len(data.y_train)
         self.batch_size = min(cfg.batch_size, self.n)
         self.steps_per_epoch = self.n // self.batch_size
@@ -1276,14 +1295,14 @@ class Training:
         self.sam_mask = None   # SharpBalance: (M, n) bool, member j's SAM set, fixed once sam_start_epoch is reached
         if resume:
             self.epoch, self.step, self.lookahead, self.sam_mask = load_state(
-                self.out / 'state.safetensors', self.net, self.opt, self.generator, device)
+                state_path, self.net, self.opt, self.generator, device)
             lines = (self.out / 'metrics.jsonl').read_text().splitlines() if (self.out / 'metrics.jsonl').exists() else []
             self.metrics = [json.loads(line) for line in lines][:self.epoch]
-            if self.epoch >= self.epochs:
-                raise EnsembleError(f'{self.out} is already complete ({self.epoch} epochs); nothing to resume')
         else:
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.out / 'config.json', {**asdict(cfg), 'model': self.spec, **environment(device)})
+        for stale in self.out.glob('.*.tmp*'):   # half-written files of a killed run (atomic_write's temporaries)
+            stale.unlink()
         self.train_time = self.metrics[-1]['time_s'] if self.metrics else 0.0
 
     def announce(self):
@@ -1379,15 +1398,17 @@ class Training:
             row.update({f'{split}_loss': r['loss'], f'{split}_acc': r['acc'], f'{split}_div': r['div']})
             if split == 'test':
                 row.update(member_test_loss=r['member_loss'], member_test_acc=r['member_acc'])
+        self.console.print(format_row(row), soft_wrap=True)
+        if not (math.isfinite(row['train_objective']) and math.isfinite(row['test_loss'])):
+            # Before anything is written: the run directory keeps the last good epoch's state.
+            raise EnsembleError(f'training diverged at epoch {epoch} (objective {row["train_objective"]}, test loss '
+                                f'{row["test_loss"]}); the last good epoch is kept. Lower --lr'
+                                + (' or --beta' if cfg.beta > 1 else ''))
         self.metrics.append(row)
-        lines = ''.join(json.dumps(r) + '\n' for r in self.metrics)
+        lines = ''.join(json.dumps(json_safe(r), allow_nan=False) + '\n' for r in self.metrics)
         atomic_write(self.out / 'metrics.jsonl', lambda tmp: Path(tmp).write_text(lines))
         save_state(self.out / 'state.safetensors', self.net, self.opt, self.lookahead, self.generator, epoch + 1,
                    self.step, self.sam_mask)
-        self.console.print(format_row(row), soft_wrap=True)
-        if not math.isfinite(row['train_objective']):
-            raise EnsembleError(f'training diverged at epoch {epoch} (objective {row["train_objective"]}); '
-                                'lower --lr' + (' or --beta' if cfg.beta > 1 else ''))
 
     def finish(self):
         """The final numbers (with airbench's six-view TTA when asked), the member files and summary.json."""
@@ -1452,9 +1473,10 @@ def config_to_resume(run_dir):
     config_path = Path(run_dir) / 'config.json'
     if not config_path.exists():
         raise EnsembleError(f'cannot resume {run_dir}: it has no config.json (not a run directory)')
-    if not (Path(run_dir) / 'state.safetensors').exists():
-        raise EnsembleError(f'cannot resume {run_dir}: state.safetensors is missing')
-    saved = json.loads(config_path.read_text())
+    try:
+        saved = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise EnsembleError(f'cannot resume {run_dir}: its config.json is not valid JSON ({e})') from None
     return Config(**{**{f.name: saved[f.name] for f in fields(Config) if f.name in saved}, 'out': str(run_dir)})
 
 

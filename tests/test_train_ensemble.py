@@ -24,6 +24,7 @@ def member_states(run_dir):
 
 
 SMALL_AIRBENCH = dict(dataset='synthetic', arch='airbench', width=1 / 16, subset=256, batch_size=64, epochs=2)
+TINY_MLP = dict(dataset='synthetic', arch='mlp', hidden=[32], subset=256, batch_size=64, epochs=3)
 
 
 # ---- the objective ----
@@ -218,5 +219,54 @@ def test_corrupt_or_missing_checkpoints_get_a_one_line_error(tmp_path):
         assert result.exit_code == 1 and message in result.output, result.output
     run(tmp_path, 'r', members=1, **SMALL_AIRBENCH)
     (tmp_path / 'r' / 'state.safetensors').write_bytes(b'\x00' * 10)
+    (tmp_path / 'r' / 'summary.json').unlink()   # an unfinished run, so that --resume reads the state
     result = CliRunner().invoke(cli(), ['--resume', str(tmp_path / 'r')])
     assert result.exit_code == 1 and 'safetensors' in result.output
+
+
+# ---- nothing lost ----
+
+def test_a_run_killed_before_its_first_resume_state_resumes_from_its_config(tmp_path):
+    """Killed during epoch 0: only config.json (and maybe a stale temporary) is there. --resume starts
+    over from the same seeds and ends with the weights of an uninterrupted run."""
+    options = dict(TINY_MLP, members=2, beta=0.5)
+    run(tmp_path, 'straight', **options)
+    killed = tmp_path / 'killed'
+    killed.mkdir()
+    (killed / 'config.json').write_text((tmp_path / 'straight' / 'config.json').read_text()
+                                        .replace(str(tmp_path / 'straight'), str(killed)))
+    (killed / '.state.safetensors.tmp4242').write_bytes(b'half a file')
+    result = CliRunner().invoke(cli(), ['--resume', str(killed)])
+    assert result.exit_code == 0, result.output
+    for a, b in zip(member_states(tmp_path / 'straight'), member_states(killed)):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    assert not list(killed.glob('.*tmp*'))
+
+
+def test_a_run_killed_while_writing_its_members_is_finished_without_training(tmp_path):
+    """Killed after the last epoch's resume state but before the member files: --resume writes them
+    (and summary.json, last) from the state; the weights are those of the finished run."""
+    run(tmp_path, 'done', members=2, beta=1.0, **TINY_MLP)
+    before = member_states(tmp_path / 'done')
+    summary = json.loads((tmp_path / 'done' / 'summary.json').read_text())
+    for name in ['summary.json', 'member_1.safetensors', 'member_0.safetensors']:
+        (tmp_path / 'done' / name).unlink()
+    result = CliRunner().invoke(cli(), ['--resume', str(tmp_path / 'done')])
+    assert result.exit_code == 0, result.output
+    for a, b in zip(before, member_states(tmp_path / 'done')):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    again = json.loads((tmp_path / 'done' / 'summary.json').read_text())
+    assert again['test_acc'] == summary['test_acc'] and again['train_time_s'] == summary['train_time_s']
+    result = CliRunner().invoke(cli(), ['--resume', str(tmp_path / 'done')])
+    assert result.exit_code == 1 and 'already complete' in result.output
+
+
+def test_divergence_is_refused_before_anything_is_written_and_json_never_holds_nan(tmp_path):
+    with pytest.raises(te.EnsembleError, match='diverged'):
+        run(tmp_path, 'boom', lr=1e9, **TINY_MLP)
+    out = tmp_path / 'boom'
+    assert not (out / 'state.safetensors').exists() and not (out / 'metrics.jsonl').exists()
+    for path in out.glob('*.json*'):
+        for line in path.read_text().splitlines():
+            assert 'NaN' not in line and 'Infinity' not in line, path
+    assert te.json_safe({'a': [1.0, float('nan')], 'b': float('inf')}) == {'a': [1.0, None], 'b': None}
