@@ -702,15 +702,23 @@ def _training_batches(data, model_spec, examples, batch_size, device):
     return [te.to_float_images(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
 
 
-def _write_run(out, states, sources, model_spec, config, force):
-    """member_<i>.safetensors and config.json, written into a temporary directory that is then renamed to
-    `out`: a failure never leaves a half-written run."""
-    te, out = _te(), Path(out)
+def _check_out(out, force):
+    """The output directory, if it may be written: new, empty, or (with --force) a run this toolkit wrote.
+    Checked before the work starts, and again just before writing."""
+    out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force:
             raise RebasinError(f'{out} already exists; pass --force to replace it')
-        if not (out / 'config.json').exists() and not list(out.glob('member_*.safetensors')):
-            raise RebasinError(f'refusing to replace {out}: it is not a run directory')
+        if not out.is_dir() or not _te().is_our_run_dir(out):
+            raise RebasinError(f'refusing to replace {out}: --force replaces only a run directory this toolkit '
+                               'wrote, holding nothing else; move or delete it yourself')
+    return out
+
+
+def _write_run(out, states, sources, model_spec, config, force):
+    """member_<i>.safetensors and config.json, written into a temporary directory that is then renamed to
+    `out`: a failure never leaves a half-written run."""
+    te, out = _te(), _check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f'.{out.name}.tmp{os.getpid()}'
     shutil.rmtree(tmp, ignore_errors=True)
@@ -718,7 +726,7 @@ def _write_run(out, states, sources, model_spec, config, force):
     try:
         for i, (state, source) in enumerate(zip(states, sources)):
             te.save_member(tmp / f'member_{i}.safetensors', state, model_spec, source=source)
-        te.write_json(tmp / 'config.json', config)
+        te.write_json(tmp / 'config.json', {**config, 'format': te.FORMAT})
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(tmp, out)
@@ -795,6 +803,7 @@ def _add_align(app, typer):
         from rich.console import Console
         with _user_errors():
             te, start = _te(), time.perf_counter()
+            out = _check_out(out or Path('runs') / f'{b.name if b.is_dir() else b.parent.name + "_" + b.stem}_aligned', force)
             ref, models, dev = _load_models([a])[0], _load_models([b]), te.resolve_device(device)
             _, spec = _spec_of(ref.spec)
             check_compatible(spec, [ref.state] + [m.state for m in models], [str(m.path) for m in [ref] + models])
@@ -809,7 +818,6 @@ def _add_align(app, typer):
                 Console(soft_wrap=True).print(
                     f'{m.path}: ‖A − B‖ {dist[0]:.4g} -> {dist[1]:.4g} after {members[-1]["sweeps"]} sweep(s), '
                     f'{members[-1]["channels_moved"]} of {sum(spec.perms.values())} channels moved')
-            out = out or Path('runs') / f'{b.name if b.is_dir() else b.parent.name + "_" + b.stem}_aligned'
             config = dict(command='align', reference=str(ref.path), sources=[str(m.path) for m in models], model=ref.spec,
                           seed=seed, max_iter=max_iter, members=members, **_data_options(b, None, None),
                           time_s=time.perf_counter() - start, **te.environment(dev))
@@ -846,6 +854,7 @@ def _add_merge(app, typer):
                 raise RebasinError(f'merge needs at least two models; {", ".join(map(str, models))} hold {len(found)}')
             if reset_bn_ and repair_:
                 raise RebasinError('--reset-bn and --repair are alternatives (--repair also recomputes the statistics)')
+            out = _check_out(out or Path('runs') / f'merge_{len(found)}', force)
             net, spec = _spec_of(found[0].spec)
             check_compatible(spec, [m.state for m in found], [str(m.path) for m in found])
             if reset_bn_ and not _batchnorms(net):
@@ -868,7 +877,6 @@ def _add_merge(app, typer):
                 for end, m, q in zip(ends, found, perms):
                     end.load_state_dict(apply_permutation(spec, q, m.state))
                 merged = repair_many(ends, [1 / len(ends)] * len(ends), net, batches) if repair_ else reset_bn(net, batches)
-            out = out or Path('runs') / f'merge_{len(found)}'
             config = dict(command='merge', sources=[str(m.path) for m in found], model=found[0].spec, seed=seed,
                           max_iter=max_iter, max_passes=max_passes, tol=tol, passes=len(distance) - 1, distance=distance,
                           sweeps=[len(q.objective) - 1 for q in perms], reset_bn=reset_bn_, repair=repair_,

@@ -630,6 +630,29 @@ def json_safe(obj):
     return obj
 
 
+def lock_run_dir(run_dir):
+    """Hold an OS lock on run_dir/.lock for as long as the returned file stays open (the OS releases it
+    when the process dies, however it dies): one writer per run directory. None where the OS has no flock."""
+    try:
+        import fcntl
+    except ImportError:   # not a POSIX system: no guard
+        return None
+    handle = open(Path(run_dir) / '.lock', 'a+')
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or 'another process'
+        handle.close()
+        raise EnsembleError(f'{run_dir} is being written by {owner}: wait for it, or pass another --out') from None
+    import platform
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f'process {os.getpid()} on {platform.node()}\n')
+    handle.flush()
+    return handle
+
+
 def write_json(path, obj):
     text = json.dumps(json_safe(obj), indent=2, allow_nan=False) + '\n'
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
@@ -678,11 +701,41 @@ def load_member(path, device='cpu'):
     return net.to(device).eval()
 
 
+def read_config(run_dir):
+    """A run directory's config.json as a dict ({} when there is none)."""
+    path = Path(run_dir) / 'config.json'
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EnsembleError(f'{path} is not valid JSON ({e})') from None
+
+
+def is_our_run_dir(path):
+    """Whether `path` is a run directory this toolkit wrote (its config.json carries FORMAT) holding nothing
+    but the toolkit's files: the only kind of directory a --force may replace."""
+    path = Path(path)
+    ours = {'config.json', 'summary.json', 'metrics.jsonl', 'state.safetensors', '.lock'}
+    try:
+        marked = read_config(path).get('format') == FORMAT
+    except EnsembleError:
+        return False
+    return marked and all(p.name in ours or (p.name.startswith('member_') and p.suffix == '.safetensors')
+                          or (p.name.startswith('.') and '.tmp' in p.name) for p in path.iterdir())
+
+
 def member_paths(path):
-    """The member files a path stands for: a member file itself, or every member_<i> of a run directory."""
+    """The member files a path stands for: a member file itself, or every member_<i> of a run directory.
+    An unfinished training run (no summary.json, or fewer members than its config.json says) is refused:
+    it is finished with --resume, not read as a smaller ensemble."""
     path = Path(path)
     if path.is_dir():
         found = sorted(path.glob('member_*.safetensors'), key=lambda p: int(p.stem.split('_')[1]))
+        config = read_config(path)
+        if 'members' in config and isinstance(config['members'], int) and 'command' not in config:   # a training run
+            if not (path / 'summary.json').exists() or len(found) != config['members']:
+                raise EnsembleError(f'{path} is an unfinished run ({len(found)} of {config["members"]} member files, '
+                                    f'{"no " if not (path / "summary.json").exists() else ""}summary.json): finish it '
+                                    f'with python train_ensemble.py --resume {path}')
         if not found:
             raise EnsembleError(f'{path} holds no member_<i>.safetensors files')
         return found
@@ -696,9 +749,7 @@ def load_run(run_dir, device='cpu'):
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EnsembleError(f'run directory {run_dir} does not exist')
-    config_path = run_dir / 'config.json'
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    return config, [load_member(p, device) for p in member_paths(run_dir)]
+    return read_config(run_dir), [load_member(p, device) for p in member_paths(run_dir)]
 
 
 #############################################
@@ -1257,11 +1308,12 @@ class Training:
         if (self.out / 'config.json').exists() and not resume:
             raise EnsembleError(f'{self.out} already holds a run: pass --out elsewhere, --resume {self.out} to '
                                 'continue it, or delete it')
+        if self.out.exists() and not self.out.is_dir():
+            raise EnsembleError(f'--out {self.out} is a file, not a directory')
         if resume and (self.out / 'summary.json').exists():
             raise EnsembleError(f'{self.out} is already complete (it has summary.json); nothing to resume')
-        state_path = self.out / 'state.safetensors'
-        self.spec = json.loads((self.out / 'config.json').read_text())['model'] if resume else model_spec(cfg, data)
-        resume = resume and state_path.exists()   # no state yet: start over, from the same seeds
+        self.spec = read_config(self.out)['model'] if resume else model_spec(cfg, data)
+        has_state = resume and (self.out / 'state.safetensors').exists()   # none yet: start over, same seeds
         self.m, self.n = cfg.members, len(data.y_train)
         self.batch_size = min(cfg.batch_size, self.n)
         self.steps_per_epoch = self.n // self.batch_size
@@ -1270,7 +1322,7 @@ class Training:
             torch.backends.cudnn.benchmark = True
 
         net = build_model(self.spec, members=self.m)
-        if not resume:
+        if not has_state:
             net.load_state_dict(stack_members(initial_member_states(cfg, self.spec, data), net.state_dict()))
         self.net = net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
         self.opt = optimizer_for(self.net, cfg)
@@ -1293,17 +1345,30 @@ class Training:
 
         self.epoch, self.step, self.lookahead, self.metrics = 0, 0, None, []
         self.sam_mask = None   # SharpBalance: (M, n) bool, member j's SAM set, fixed once sam_start_epoch is reached
-        if resume:
+        self.take_directory(resume, has_state)
+        self.train_time = self.metrics[-1]['time_s'] if self.metrics else 0.0
+
+    def take_directory(self, resume, has_state):
+        """Everything is checked: now hold the run directory (one writer at a time), then read its resume
+        state or write its config.json, and remove a killed run's half-written temporaries."""
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise EnsembleError(f'cannot create --out {self.out}: {e.strerror}') from None
+        self.lock = lock_run_dir(self.out)   # held as long as this object lives
+        if (self.out / 'config.json').exists() and not resume:   # written meanwhile by a run that held the lock
+            raise EnsembleError(f'{self.out} already holds a run: pass --out elsewhere, --resume {self.out} to '
+                                'continue it, or delete it')
+        if has_state:
             self.epoch, self.step, self.lookahead, self.sam_mask = load_state(
-                state_path, self.net, self.opt, self.generator, device)
+                self.out / 'state.safetensors', self.net, self.opt, self.generator, self.device)
             lines = (self.out / 'metrics.jsonl').read_text().splitlines() if (self.out / 'metrics.jsonl').exists() else []
             self.metrics = [json.loads(line) for line in lines][:self.epoch]
         else:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_json(self.out / 'config.json', {**asdict(cfg), 'model': self.spec, **environment(device)})
+            write_json(self.out / 'config.json', {**asdict(self.cfg), 'format': FORMAT, 'model': self.spec,
+                                                  **environment(self.device)})
         for stale in self.out.glob('.*.tmp*'):   # half-written files of a killed run (atomic_write's temporaries)
             stale.unlink()
-        self.train_time = self.metrics[-1]['time_s'] if self.metrics else 0.0
 
     def announce(self):
         cfg = self.cfg
@@ -1427,6 +1492,8 @@ class Training:
         self.console.print(f"test accuracy: ensemble {summary['test_acc']:.4f}, mean member "
                            f"{sum(summary['member_test_acc']) / m:.4f}{' (TTA)' if cfg.tta else ''}; "
                            f'{self.train_time:.1f} s of training; wrote {self.out}/')
+        if self.lock is not None:
+            self.lock.close()   # the directory is complete: another command may write it now
         return summary
 
 

@@ -379,6 +379,21 @@ def test_cli_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path):
     assert not out.exists() and not list(tmp_path.glob('.out*'))
 
 
+def test_force_replaces_only_a_directory_the_toolkit_wrote(tmp_path):
+    s = model_spec('mlp')
+    a, b = (write_run(tmp_path / name, [member(s, i)], s) for i, name in enumerate('ab'))
+    out = tmp_path / 'aligned'
+    assert cli('align', a, b, '--out', out).exit_code == 0
+    assert 'already exists' in one_line_error(cli('align', a, b, '--out', out))
+    assert cli('align', a, b, '--out', out, '--force').exit_code == 0   # its own output: replaced
+    foreign = tmp_path / 'project'
+    foreign.mkdir()
+    (foreign / 'config.json').write_text('{"members": 2}')
+    (foreign / 'code.py').write_text('print("my work")')
+    assert 'refusing to replace' in one_line_error(cli('align', a, b, '--out', foreign, '--force'))
+    assert (foreign / 'code.py').read_text() == 'print("my work")'
+
+
 def test_every_command_documents_itself():
     for command in ('spec', 'align', 'merge'):
         result = cli(command, '--help')

@@ -270,3 +270,27 @@ def test_divergence_is_refused_before_anything_is_written_and_json_never_holds_n
         for line in path.read_text().splitlines():
             assert 'NaN' not in line and 'Infinity' not in line, path
     assert te.json_safe({'a': [1.0, float('nan')], 'b': float('inf')}) == {'a': [1.0, None], 'b': None}
+
+
+def test_one_writer_per_run_directory(tmp_path):
+    """A second writer is refused at once, naming the owner, and writes nothing; the lock dies with its owner."""
+    out = tmp_path / 'busy'
+    out.mkdir()
+    owner = te.lock_run_dir(out)
+    with pytest.raises(te.EnsembleError, match='being written by process'):
+        run(tmp_path, 'busy', **TINY_MLP)
+    assert not (out / 'config.json').exists()
+    owner.close()   # the owner ends (a killed process's lock is released by the OS the same way)
+    run(tmp_path, 'busy', **TINY_MLP)
+    assert (out / 'summary.json').exists()
+
+
+def test_readers_refuse_an_unfinished_run_and_say_how_to_finish_it(tmp_path):
+    run(tmp_path, 'r', members=2, **TINY_MLP)
+    (tmp_path / 'r' / 'member_1.safetensors').unlink()   # as if killed while writing the members
+    (tmp_path / 'r' / 'summary.json').unlink()
+    with pytest.raises(te.EnsembleError, match='unfinished run .*--resume'):
+        te.load_run(tmp_path / 'r')
+    with pytest.raises(te.EnsembleError, match='unfinished run'):
+        run(tmp_path, 'init', members=2, init=str(tmp_path / 'r'), **TINY_MLP)
+    assert not (tmp_path / 'init').exists()
