@@ -78,6 +78,8 @@ TRANSLATE = 2                   # random-crop padding (pixels, reflect) when aug
 EVAL_BATCH = 2000
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}   # --precision: autocast dtype
 SAM_EPS = 1e-12                 # added to each member's gradient norm before SAM divides by it (a zero gradient stays put)
+DIVERGED_LOSS = 1e4             # nats per example: an objective or test loss above this is divergence, not training
+MAX_MEMBER_PARAMETERS = 2**31   # a model spec describing more is refused before anything is allocated (8 GiB fp32)
 LOG_CHUNK = 2**22                # the training log reduces its steps' logits in chunks of about this many values
 PER_SAMPLE_GRAD_FLOATS = 2**27  # SharpBalance's scoring pass holds at most this many per-sample gradient floats (512 MB)
 
@@ -220,6 +222,31 @@ def _balanced_order(y, seed):
     return perm[torch.from_numpy(np.lexsort((y[perm].numpy(), rank.numpy())))]
 
 
+def _checked_arrays(path, x_train, y_train, x_test, y_test):
+    """An .npz's arrays as tensors, after every check that would otherwise fail later or silently:
+    uint8 images of one shape, 1-D integer labels, one per image, every class 0..K-1 in the training set."""
+    x_train, x_test = _as_nchw(x_train), _as_nchw(x_test)
+    for split, x, y in (('train', x_train, y_train), ('test', x_test, y_test)):
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise EnsembleError(f'{path}: y_{split} must be a 1-D array of integer labels, got {y.dtype} {y.shape}')
+        if len(y) != len(x) or len(y) == 0:
+            raise EnsembleError(f'{path}: x_{split} holds {len(x)} images and y_{split} {len(y)} labels; '
+                                'they must match and not be empty')
+        if y.min() < 0:
+            raise EnsembleError(f'{path}: y_{split} holds a negative label ({y.min()}); labels are 0..K-1')
+    if x_test.shape[1:] != x_train.shape[1:]:
+        raise EnsembleError(f'{path}: test images are {tuple(x_test.shape[1:])}, training images '
+                            f'{tuple(x_train.shape[1:])}; they must match')
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    missing = sorted(set(range(num_classes)) - set(np.unique(y_train).tolist()))
+    if missing:
+        raise EnsembleError(f'{path}: labels run 0..{num_classes - 1} but the training set has no image of class '
+                            f'{", ".join(map(str, missing[:10]))}{"..." if len(missing) > 10 else ""}; '
+                            'relabel the classes as 0..K-1')
+    return (x_train, torch.as_tensor(y_train.astype(np.int64)), x_test, torch.as_tensor(y_test.astype(np.int64)),
+            num_classes)
+
+
 def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None, device='cpu'):
     """Load a dataset as uint8 NCHW tensors on `device`.
 
@@ -234,12 +261,11 @@ def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None
             raise EnsembleError(f'dataset file {path} does not exist')
         try:
             with np.load(path, allow_pickle=False) as f:
-                x_train, x_test = _as_nchw(f['x_train']), _as_nchw(f['x_test'])
-                y_train = torch.as_tensor(f['y_train'].astype(np.int64))
-                y_test = torch.as_tensor(f['y_test'].astype(np.int64))
-        except (KeyError, ValueError, OSError) as e:
-            raise EnsembleError(f'cannot read {path}: needs arrays x_train, y_train, x_test, y_test ({e})') from None
-        num_classes = int(max(y_train.max(), y_test.max())) + 1
+                arrays = {k: f[k] for k in ('x_train', 'y_train', 'x_test', 'y_test')}
+        except Exception as e:  # noqa: BLE001 - a bad file raises KeyError, ValueError, BadZipFile, EOFError...
+            raise EnsembleError(f'cannot read {path}: needs a .npz with arrays x_train, y_train, x_test, y_test '
+                                f'({type(e).__name__}: {e})') from None
+        x_train, y_train, x_test, y_test, num_classes = _checked_arrays(path, **arrays)
     elif name == 'synthetic':   # i.i.d. examples: a subset can simply be generated smaller
         sizes = dict(n_train=min(50000, subset), n_test=min(10000, subset)) if subset and not (val_size or shard) else {}
         x_train, y_train, x_test, y_test, num_classes = _synthetic(seed, **sizes)
@@ -458,6 +484,36 @@ def build_model(spec, members=1):
     return nn.Sequential(*layers)
 
 
+def architecture(spec):
+    """A model spec without its data statistics (input mean and std): two members with the same
+    architecture can be compared, interpolated and merged even when trained on different data."""
+    return {k: v for k, v in spec.items() if k not in ('mean', 'std')}
+
+
+def check_model_spec(spec, source):
+    """Refuse a model spec (from a checkpoint's metadata or a config.json) that would not build, or would
+    build a member of more than MAX_MEMBER_PARAMETERS, before anything is allocated (counted on the meta device)."""
+    def bad(why):
+        return EnsembleError(f'{source}: its model spec {why}; the file was not written by this toolkit or was edited')
+    if not isinstance(spec, dict) or spec.get('arch') not in RECIPES:
+        raise bad(f"has no known 'arch' ({', '.join(RECIPES)})")
+    for key in ('in_channels', 'image_size', 'num_classes', 'kernel_size'):
+        if not isinstance(spec.get(key, 3 if key == 'kernel_size' else None), int) or spec.get(key, 3) < 1:
+            raise bad(f"needs '{key}' as a positive integer, got {spec.get(key)!r}")
+    if not (_finite(spec.get('width', 1.0)) and spec.get('width', 1.0) > 0):
+        raise bad(f"needs 'width' > 0, got {spec.get('width')!r}")
+    if not (isinstance(spec.get('hidden', []), list) and all(isinstance(h, int) and h >= 1 for h in spec.get('hidden', []))):
+        raise bad(f"needs 'hidden' as a list of positive integers, got {spec.get('hidden')!r}")
+    for key in ('mean', 'std'):
+        if not (isinstance(spec.get(key), list) and len(spec[key]) == spec['in_channels'] and all(map(_finite, spec[key]))):
+            raise bad(f"needs '{key}' as {spec['in_channels']} finite numbers, got {spec.get(key)!r}")
+    with torch.device('meta'):
+        count = sum(p.numel() for p in build_model(spec).parameters())
+    if count > MAX_MEMBER_PARAMETERS:
+        raise bad(f'describes {count:,} parameters per member, over the limit of {MAX_MEMBER_PARAMETERS:,}')
+    return spec
+
+
 def member_logits(net, x, members):
     """(M, B, K) logits of every member for a batch of images."""
     out = net(x)
@@ -613,6 +669,8 @@ def atomic_write(path, write):
     try:
         write(str(tmp))
         os.replace(tmp, path)
+    except Exception as e:  # noqa: BLE001 - a full disk or a read-only directory (OSError, SafetensorError)
+        raise EnsembleError(f'cannot write {path}: {e}') from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -686,13 +744,18 @@ def load_member_state(path):
     state, metadata = read_checkpoint(path)
     if 'model' not in metadata:
         raise EnsembleError(f"{path} has no 'model' metadata: not a member checkpoint of this toolkit")
-    meta = {k: json.loads(v) for k, v in metadata.items() if k != 'format'}
-    return meta.pop('model'), state, meta
+    try:
+        meta = {k: json.loads(v) for k, v in metadata.items() if k != 'format'}
+    except json.JSONDecodeError as e:
+        raise EnsembleError(f'{path} has malformed metadata ({e}): not a member checkpoint of this toolkit') from None
+    return check_model_spec(meta.pop('model'), path), state, meta
 
 
 def load_member(path, device='cpu'):
     """Rebuild the exact nn.Module stored in a member_<i>.safetensors file (in eval mode)."""
     spec, state, _ = load_member_state(path)
+    if any(t.is_floating_point() and not torch.isfinite(t).all() for t in state.values()):
+        raise EnsembleError(f'{path} holds non-finite weights (NaN or inf): its run diverged')
     net = build_model(spec)
     try:
         net.load_state_dict(state)
@@ -1053,10 +1116,37 @@ class Config:
     init: Optional[str] = option(None, 'Start every member from these weights: a member file, or a run with 1 or M members.')
 
 
+def _finite(v):
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+# What each numeric option must be (None, "the recipe's", always passes): (field, test, requirement).
+OPTION_RANGES = [
+    ('members', lambda v: v >= 1, 'at least 1'),
+    ('beta', lambda v: _finite(v) and v >= 0, 'a finite number >= 0 (0 independent, 1 joint)'),
+    ('width', lambda v: _finite(v) and v > 0, 'a finite number > 0'),
+    ('kernel_size', lambda v: v >= 1, 'at least 1'),
+    ('hidden', lambda v: all(h >= 1 for h in v), 'a list of sizes of at least 1'),
+    ('epochs', lambda v: _finite(v) and v > 0, 'a finite number > 0'),
+    ('batch_size', lambda v: v >= 1, 'at least 1'),
+    ('lr', lambda v: _finite(v) and v > 0, 'a finite number > 0'),
+    ('momentum', lambda v: _finite(v) and 0 <= v < 1, 'in [0, 1)'),
+    ('weight_decay', lambda v: _finite(v) and v >= 0, 'a finite number >= 0'),
+    ('label_smoothing', lambda v: _finite(v) and 0 <= v < 1, 'in [0, 1)'),
+    ('bias_scaler', lambda v: _finite(v) and v > 0, 'a finite number > 0'),
+    ('whiten_bias_epochs', lambda v: v >= 0, 'at least 0'),
+    ('val_size', lambda v: v >= 0, 'at least 0'),
+    ('subset', lambda v: v >= 1, 'at least 1 (leave it out for all the data)'),
+    ('sam_rho', lambda v: _finite(v) and v >= 0, 'a radius: a finite number >= 0'),
+]
+
+
 def resolve_config(cfg, data=None):
     """Check the options and fill every None from the recipe; raises EnsembleError on bad input."""
-    if cfg.members < 1:
-        raise EnsembleError(f'--members must be at least 1, got {cfg.members}')
+    for name, ok, requirement in OPTION_RANGES:
+        value = getattr(cfg, name)
+        if value is not None and not ok(value):
+            raise EnsembleError(f"--{name.replace('_', '-')} must be {requirement}, got {value}")
     if cfg.beta > 1 and not cfg.allow_unstable:
         raise EnsembleError(f'--beta {cfg.beta} > 1 makes the objective unbounded below: the members can '
                             'grow DIV without limit (Jeffares et al. 2023, Thm 5.1; the Hessian at any '
@@ -1073,8 +1163,6 @@ def resolve_config(cfg, data=None):
         raise EnsembleError(f"unknown dataset '{cfg.dataset}': use one of {', '.join(DATASETS)} or a .npz file")
     if cfg.shard is not None:
         parse_shard(cfg.shard)
-    if cfg.sam_rho is not None and not cfg.sam_rho >= 0:
-        raise EnsembleError(f'--sam-rho is a radius and must be >= 0, got {cfg.sam_rho}')
     if cfg.flat_ratio is None and cfg.sam_start_epoch is not None:
         raise EnsembleError('--sam-start-epoch only applies to SharpBalance: pass --flat-ratio too')
     if cfg.flat_ratio is not None:
@@ -1312,7 +1400,8 @@ class Training:
             raise EnsembleError(f'--out {self.out} is a file, not a directory')
         if resume and (self.out / 'summary.json').exists():
             raise EnsembleError(f'{self.out} is already complete (it has summary.json); nothing to resume')
-        self.spec = read_config(self.out)['model'] if resume else model_spec(cfg, data)
+        self.spec = check_model_spec(read_config(self.out).get('model'), self.out / 'config.json') if resume \
+            else model_spec(cfg, data)
         has_state = resume and (self.out / 'state.safetensors').exists()   # none yet: start over, same seeds
         self.m, self.n = cfg.members, len(data.y_train)
         self.batch_size = min(cfg.batch_size, self.n)
@@ -1464,7 +1553,7 @@ class Training:
             if split == 'test':
                 row.update(member_test_loss=r['member_loss'], member_test_acc=r['member_acc'])
         self.console.print(format_row(row), soft_wrap=True)
-        if not (math.isfinite(row['train_objective']) and math.isfinite(row['test_loss'])):
+        if not all(math.isfinite(row[k]) and abs(row[k]) < DIVERGED_LOSS for k in ('train_objective', 'test_loss')):
             # Before anything is written: the run directory keeps the last good epoch's state.
             raise EnsembleError(f'training diverged at epoch {epoch} (objective {row["train_objective"]}, test loss '
                                 f'{row["test_loss"]}); the last good epoch is kept. Lower --lr'
@@ -1557,7 +1646,12 @@ def command():
         """Train an M-member deep ensemble with the objective  Σ_j (1−β)·CE(y, p_j) + β·M·CE(y, p̄)."""
         try:
             if resume:
-                train(config_to_resume(resume), resume=True)
+                cfg = config_to_resume(resume)
+                given = [f.name for f in fields(Config) if options[f.name] != params_by_name[f.name].default.default]
+                if given:
+                    raise EnsembleError(f'--resume reads every option from the run; drop '
+                                        f"{', '.join('--' + g.replace('_', '-') for g in given)}")
+                train(cfg, resume=True)
                 return
             for f in fields(Config):
                 if f.metadata['parse'] is not None:
@@ -1577,6 +1671,7 @@ def command():
                                         default=typer.Option(default, *flags, help=f.metadata['help'])))
     params.append(inspect.Parameter('resume', inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
         None, help='Continue the interrupted run in this directory from its last completed epoch (other options are read from it).')))
+    params_by_name = {p.name: p for p in params}
     main.__signature__ = inspect.Signature(params)
     main.__annotations__ = {p.name: p.annotation for p in params}
     return main

@@ -202,6 +202,14 @@ def cli():
     (['--dataset', 'imagenet'], 'unknown dataset'),
     (['--combine', 'median'], 'unknown combiner'),
     (['--shard', '3/2'], 'shard'),
+    (['--beta', '-0.5'], '--beta must be'), (['--beta', 'nan'], '--beta must be'),
+    (['--lr', '-1'], '--lr must be'), (['--lr', '0'], '--lr must be'), (['--momentum', '1'], '--momentum must be'),
+    (['--epochs', 'nan'], '--epochs must be'), (['--epochs', 'inf'], '--epochs must be'),
+    (['--label-smoothing', '2'], '--label-smoothing must be'), (['--subset', '0'], '--subset must be'),
+    (['--subset', '-5'], '--subset must be'), (['--arch', 'mlp', '--hidden', '0'], '--hidden must be'),
+    (['--arch', 'mlp', '--hidden', '64,-3'], '--hidden must be'), (['--width', '0'], '--width must be'),
+    (['--width', '-1'], '--width must be'), (['--kernel-size', '0'], '--kernel-size must be'),
+    (['--hidden', '1,x'], 'comma-separated integers'),
 ])
 def test_bad_options_get_a_one_line_error(args, message, tmp_path):
     result = CliRunner().invoke(cli(), args + ['--out', str(tmp_path / 'x')])
@@ -294,3 +302,62 @@ def test_readers_refuse_an_unfinished_run_and_say_how_to_finish_it(tmp_path):
     with pytest.raises(te.EnsembleError, match='unfinished run'):
         run(tmp_path, 'init', members=2, init=str(tmp_path / 'r'), **TINY_MLP)
     assert not (tmp_path / 'init').exists()
+
+
+def npz(path, **overrides):
+    g = np.random.default_rng(0)
+    arrays = dict(x_train=g.integers(0, 255, (40, 8, 8, 3), dtype=np.uint8), y_train=np.arange(40) % 4,
+                  x_test=g.integers(0, 255, (12, 8, 8, 3), dtype=np.uint8), y_test=np.arange(12) % 4)
+    np.savez(path, **{**arrays, **overrides})
+    return path
+
+
+@pytest.mark.parametrize('make, message', [
+    (lambda p: npz(p, y_train=-(np.arange(40) % 4)), 'negative label'),
+    (lambda p: npz(p, y_train=np.zeros((40, 2), dtype=np.int64)), '1-D array of integer labels'),
+    (lambda p: npz(p, y_train=(np.arange(40) % 4).astype(np.float32)), '1-D array of integer labels'),
+    (lambda p: npz(p, y_train=np.arange(30) % 4), 'must match'),
+    (lambda p: npz(p, x_train=np.zeros((0, 8, 8, 3), np.uint8), y_train=np.zeros(0, np.int64)), 'must match and not be empty'),
+    (lambda p: npz(p, x_test=np.zeros((12, 6, 6, 3), np.uint8)), 'test images are'),
+    (lambda p: npz(p, y_test=np.full(12, 12)), 'no image of class'),
+    (lambda p: (np.save(str(p) + '.npy', np.zeros(3)), (p.parent / (p.name + '.npy')).rename(p))[1], 'cannot read'),
+    (lambda p: p.write_bytes(b''), 'cannot read'),
+])
+def test_bad_npz_datasets_get_a_one_line_error_and_nothing_is_written(tmp_path, make, message):
+    data = tmp_path / 'data.npz'
+    make(data)
+    result = CliRunner().invoke(cli(), ['--dataset', str(data), '--arch', 'mlp', '--hidden', '8', '--epochs', '1',
+                                        '--out', str(tmp_path / 'x')])
+    assert result.exit_code == 1 and message in result.output and 'Traceback' not in result.output, result.output
+    assert not (tmp_path / 'x').exists()
+
+
+def test_bad_output_places_and_resume_misuse_get_a_one_line_error(tmp_path):
+    (tmp_path / 'file').write_text('not a directory')
+    common = ['--dataset', 'synthetic', '--subset', '64', '--arch', 'mlp', '--hidden', '8', '--epochs', '1']
+    for out, message in [(tmp_path / 'file', 'is a file'), (tmp_path / 'file' / 'run', 'cannot create')]:
+        result = CliRunner().invoke(cli(), common + ['--out', str(out)])
+        assert result.exit_code == 1 and message in result.output and 'Traceback' not in result.output, result.output
+    run(tmp_path, 'r', **TINY_MLP)
+    (tmp_path / 'r' / 'summary.json').unlink()
+    result = CliRunner().invoke(cli(), ['--resume', str(tmp_path / 'r'), '--members', '3'])
+    assert result.exit_code == 1 and 'drop --members' in result.output
+    (tmp_path / 'r' / 'config.json').write_text('{"members": ')
+    result = CliRunner().invoke(cli(), ['--resume', str(tmp_path / 'r')])
+    assert result.exit_code == 1 and 'not valid JSON' in result.output
+
+
+def test_edited_checkpoint_metadata_is_refused_before_anything_is_allocated(tmp_path):
+    spec = dict(arch='mlp', in_channels=1, image_size=28, num_classes=10, width=1.0, kernel_size=3, hidden=[8],
+                mean=[0.5], std=[0.25])
+    net = te.build_model(spec)
+    for edit, message in [(dict(hidden=[10**6, 10**6]), 'over the limit'), (dict(arch='vit'), "known 'arch'"),
+                          (dict(hidden=[0]), "'hidden'"), (dict(mean=[0.5, 0.5]), "'mean'")]:
+        te.save_member(tmp_path / 'm.safetensors', net.state_dict(), {**spec, **edit})
+        with pytest.raises(te.EnsembleError, match=message):
+            te.load_member(tmp_path / 'm.safetensors')
+    state = net.state_dict()
+    state['2.weight'][0, 0] = float('nan')
+    te.save_member(tmp_path / 'nan.safetensors', state, spec)
+    with pytest.raises(te.EnsembleError, match='non-finite'):
+        te.load_member(tmp_path / 'nan.safetensors')
