@@ -662,13 +662,29 @@ class TrainingLog:
 # safetensors only (no pickle). Every write goes to a temporary file in the same directory and is
 # renamed into place, so a killed run never leaves a half-written file.
 
+# Test hook: TRAIN_ENSEMBLE_KILL_AT='NAME:before|after:N' kills this process (SIGKILL) at the N-th write
+# of the file NAME, just before or just after its rename (tests/test_recovery.py).
+KILL_AT = os.environ.get('TRAIN_ENSEMBLE_KILL_AT', '').split(':')
+_writes = {}
+
+
+def _kill_point(path, moment):
+    if len(KILL_AT) == 3 and KILL_AT[0] == path.name and KILL_AT[1] == moment:
+        _writes[path.name] = _writes.get(path.name, 0) + 1
+        if _writes[path.name] == int(KILL_AT[2]):
+            import signal
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write(path, write):
     """Call write(tmp_path), then rename tmp_path to path."""
     path = Path(path)
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
     try:
         write(str(tmp))
+        _kill_point(path, 'before')
         os.replace(tmp, path)
+        _kill_point(path, 'after')
     except Exception as e:  # noqa: BLE001 - a full disk or a read-only directory (OSError, SafetensorError)
         raise EnsembleError(f'cannot write {path}: {e}') from None
     finally:
@@ -748,19 +764,20 @@ def load_member_state(path):
         meta = {k: json.loads(v) for k, v in metadata.items() if k != 'format'}
     except json.JSONDecodeError as e:
         raise EnsembleError(f'{path} has malformed metadata ({e}): not a member checkpoint of this toolkit') from None
+    if any(t.is_floating_point() and not torch.isfinite(t).all() for t in state.values()):
+        raise EnsembleError(f'{path} holds non-finite weights (NaN or inf): its run diverged')
     return check_model_spec(meta.pop('model'), path), state, meta
 
 
 def load_member(path, device='cpu'):
     """Rebuild the exact nn.Module stored in a member_<i>.safetensors file (in eval mode)."""
     spec, state, _ = load_member_state(path)
-    if any(t.is_floating_point() and not torch.isfinite(t).all() for t in state.values()):
-        raise EnsembleError(f'{path} holds non-finite weights (NaN or inf): its run diverged')
     net = build_model(spec)
     try:
         net.load_state_dict(state)
-    except RuntimeError as e:
-        raise EnsembleError(f'{path} does not match its own model spec: {str(e).splitlines()[0]}') from None
+    except RuntimeError as e:   # its second line names the first tensor that does not fit
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise EnsembleError(f'{path} does not match its own model spec: {lines[1] if len(lines) > 1 else lines[0]}') from None
     return net.to(device).eval()
 
 
@@ -810,6 +827,8 @@ def member_paths(path):
 def load_run(run_dir, device='cpu'):
     """(config, members) of a run directory: its config.json (or {}) and its members as modules."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise EnsembleError(f'{run_dir} is a file; this takes a run directory (the folder that holds member files)')
     if not run_dir.is_dir():
         raise EnsembleError(f'run directory {run_dir} does not exist')
     return read_config(run_dir), [load_member(p, device) for p in member_paths(run_dir)]
@@ -1388,10 +1407,10 @@ class Training:
     no summary.json (killed while writing the members), it writes the final files without training."""
 
     def __init__(self, cfg, console, resume=False):
-        cfg = resolve_config(cfg)
-        self.device = device = resolve_device(cfg.device)
-        self.data = data = load_run_data(cfg, device)
-        self.cfg = cfg = resolve_config(cfg, data)   # again, now that the data's channels are known
+        checked = resolve_config(cfg)   # every option checked before the data is loaded
+        self.device = device = resolve_device(checked.device)
+        self.data = data = load_run_data(checked, device)
+        self.cfg = cfg = resolve_config(cfg, data)   # the defaults that depend on the data (augment: 3 channels)
         self.console, self.out = console, Path(cfg.out)
         if (self.out / 'config.json').exists() and not resume:
             raise EnsembleError(f'{self.out} already holds a run: pass --out elsewhere, --resume {self.out} to '
@@ -1627,6 +1646,9 @@ def cli_error(message):
 def config_to_resume(run_dir):
     """The Config of the interrupted run in run_dir, from its config.json."""
     config_path = Path(run_dir) / 'config.json'
+    if not config_path.exists() and (Path(run_dir) / '.lock').exists():
+        raise EnsembleError(f'cannot resume {run_dir}: it was stopped before it wrote config.json, so nothing was '
+                            'trained; run the original command again (same --out)')
     if not config_path.exists():
         raise EnsembleError(f'cannot resume {run_dir}: it has no config.json (not a run directory)')
     try:
