@@ -669,11 +669,12 @@ def _load_models(paths):
     te, found = _te(), []
     for path in (p for arg in paths for p in te.member_paths(arg)):
         model_spec, state, _ = te.load_member_state(path)
-        found.append(SimpleNamespace(path=path, spec=model_spec, state=state))
+        found.append(SimpleNamespace(path=path, model_spec=model_spec, state=state))
     return found
 
 
-def _spec_of(model_spec):
+def _permutation_spec_of(model_spec):
+    """The network a model spec describes, and its permutation spec."""
     net = _te().build_model(model_spec)
     size = model_spec['image_size']
     return net, permutation_spec(net, torch.zeros(1, model_spec['in_channels'], size, size))
@@ -780,8 +781,8 @@ def _add_spec(app, typer):
         and which tensors are left unpermuted and why."""
         with _user_errors():
             m = _load_models([model])[0]
-            _, spec = _spec_of(m.spec)
-            _print_spec(spec, m.state, f"Permutation spec of {m.path} ({m.spec.get('arch', '?')})")
+            _, spec = _permutation_spec_of(m.model_spec)
+            _print_spec(spec, m.state, f"Permutation spec of {m.path} ({m.model_spec.get('arch', '?')})")
             if json_out:
                 _te().write_json(json_out, asdict(spec))
 
@@ -805,7 +806,7 @@ def _add_align(app, typer):
             te, start = _te(), time.perf_counter()
             out = _check_out(out or Path('runs') / f'{b.name if b.is_dir() else b.parent.name + "_" + b.stem}_aligned', force)
             ref, models, dev = _load_models([a])[0], _load_models([b]), te.resolve_device(device)
-            _, spec = _spec_of(ref.spec)
+            _, spec = _permutation_spec_of(ref.model_spec)
             check_compatible(spec, [ref.state] + [m.state for m in models], [str(m.path) for m in [ref] + models])
             keys, states, members = _matched_keys(spec, ref.state), [], []
             for m in models:
@@ -818,10 +819,10 @@ def _add_align(app, typer):
                 Console(soft_wrap=True).print(
                     f'{m.path}: ‖A − B‖ {dist[0]:.4g} -> {dist[1]:.4g} after {members[-1]["sweeps"]} sweep(s), '
                     f'{members[-1]["channels_moved"]} of {sum(spec.perms.values())} channels moved')
-            config = dict(command='align', reference=str(ref.path), sources=[str(m.path) for m in models], model=ref.spec,
+            config = dict(command='align', reference=str(ref.path), sources=[str(m.path) for m in models], model=ref.model_spec,
                           seed=seed, max_iter=max_iter, members=members, **_data_options(b, None, None),
                           time_s=time.perf_counter() - start, **te.environment(dev))
-            _write_run(out, states, config['sources'], ref.spec, config, force)
+            _write_run(out, states, config['sources'], ref.model_spec, config, force)
             Console(soft_wrap=True).print(f'wrote {out}')
 
 
@@ -855,13 +856,13 @@ def _add_merge(app, typer):
             if reset_bn_ and repair_:
                 raise RebasinError('--reset-bn and --repair are alternatives (--repair also recomputes the statistics)')
             out = _check_out(out or Path('runs') / f'merge_{len(found)}', force)
-            net, spec = _spec_of(found[0].spec)
+            net, spec = _permutation_spec_of(found[0].model_spec)
             check_compatible(spec, [m.state for m in found], [str(m.path) for m in found])
             if reset_bn_ and not _batchnorms(net):
                 raise RebasinError('--reset-bn: these models have no BatchNorm layers (--repair rescales their layers)')
             dev, data, distance = te.resolve_device(device), _data_options(models[0], dataset, data_dir), []
             if reset_bn_ or repair_:   # load the data first: fail before the long part
-                batches = _training_batches(data, found[0].spec, bn_examples, batch_size, dev)
+                batches = _training_batches(data, found[0].model_spec, bn_examples, batch_size, dev)
 
             def progress(record):
                 if 'distance' in record:
@@ -877,12 +878,12 @@ def _add_merge(app, typer):
                 for end, m, q in zip(ends, found, perms):
                     end.load_state_dict(apply_permutation(spec, q, m.state))
                 merged = repair_many(ends, [1 / len(ends)] * len(ends), net, batches) if repair_ else reset_bn(net, batches)
-            config = dict(command='merge', sources=[str(m.path) for m in found], model=found[0].spec, seed=seed,
+            config = dict(command='merge', sources=[str(m.path) for m in found], model=found[0].model_spec, seed=seed,
                           max_iter=max_iter, max_passes=max_passes, tol=tol, passes=len(distance) - 1, distance=distance,
                           sweeps=[len(q.objective) - 1 for q in perms], reset_bn=reset_bn_, repair=repair_,
                           bn_examples=bn_examples if reset_bn_ or repair_ else None, **data,
                           time_s=time.perf_counter() - start, **te.environment(dev))
-            _write_run(out, [merged], [config['sources']], found[0].spec, config, force)
+            _write_run(out, [merged], [config['sources']], found[0].model_spec, config, force)
             console.print(f'merged {len(found)} models in {len(distance) - 1} passes, {time.perf_counter() - start:.1f} s: '
                           f'wrote {out}')
 
