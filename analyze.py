@@ -58,7 +58,7 @@ ASAM_ETA = 0.01             # ASAM's offset in |w| + η, so that zero weights (b
 
 @functools.lru_cache(maxsize=2)   # several analyses of runs on the same data in one process load it once
 def _cached_data(key):
-    return te.load_run_data(json.loads(key), 'cpu')
+    return te.load_run_data(json.loads(key), 'cpu', download=False)
 
 
 def run_data(config, dataset=None):

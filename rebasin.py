@@ -694,7 +694,7 @@ def _data_options(source, dataset, data_dir):
 
 def _training_batches(data, model_spec, examples, batch_size, device):
     te = _te()
-    x = te.load_run_data(data).x_train
+    x = te.load_run_data(data, download=False).x_train
     expected = (model_spec['in_channels'], model_spec['image_size'], model_spec['image_size'])
     if tuple(x.shape[1:]) != expected:
         raise RebasinError(f"dataset {data['dataset']} has images of shape {tuple(x.shape[1:])}; "

@@ -171,8 +171,9 @@ def _synthetic(seed, n_train=50000, n_test=10000, num_classes=10):
     return x_train, y_train, x_test, y_test, num_classes
 
 
-def _download(name, data_dir):
-    """torchvision download, cached as a uint8 safetensors file in data_dir."""
+def _download(name, data_dir, download=True):
+    """torchvision download, cached as a uint8 safetensors file in data_dir. download=False (the readers of
+    runs, whose data_dir comes from a config.json) only reads what is there and creates nothing."""
     from safetensors.torch import load_file, save_file
     cache = Path(data_dir) / f'{name}.safetensors'
     if cache.exists():
@@ -187,6 +188,9 @@ def _download(name, data_dir):
                 torch.from_numpy(_read_idx_gz(d / 't10k-labels-idx1-ubyte.gz').astype(np.int64)))
     if name == 'fashion-mnist':
         tried.append(f'{DEBIAN_FASHION_MNIST} (Debian package dataset-fashion-mnist)')
+    if not download:
+        raise EnsembleError(f"dataset '{name}' is not there: tried {'; '.join(tried)}. train_ensemble.py downloads "
+                            'it into its --data-dir; or pass --dataset')
     try:
         import torchvision
         cls = {'cifar10': torchvision.datasets.CIFAR10, 'cifar100': torchvision.datasets.CIFAR100,
@@ -247,7 +251,7 @@ def _checked_arrays(path, x_train, y_train, x_test, y_test):
             num_classes)
 
 
-def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None, device='cpu'):
+def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None, device='cpu', download=True):
     """Load a dataset as uint8 NCHW tensors on `device`.
 
     name: a name from DATASETS or a path to a .npz file. `seed` only affects `synthetic` data.
@@ -270,7 +274,7 @@ def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None
         sizes = dict(n_train=min(50000, subset), n_test=min(10000, subset)) if subset and not (val_size or shard) else {}
         x_train, y_train, x_test, y_test, num_classes = _synthetic(seed, **sizes)
     elif name in DATASETS:
-        x_train, y_train, x_test, y_test = _download(name, data_dir)
+        x_train, y_train, x_test, y_test = _download(name, data_dir, download)
         num_classes = 100 if name == 'cifar100' else 10
     else:
         raise EnsembleError(f"unknown dataset '{name}': use one of {', '.join(DATASETS)} or a path to a .npz file")
@@ -295,8 +299,9 @@ def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None
     return Data(str(name), x_train, y_train, x_test, y_test, num_classes, x_val, y_val).to(device)
 
 
-def load_run_data(config, device='cpu', **overrides):
-    """The data a run was trained on, from its config (config.json or a Config); overrides win."""
+def load_run_data(config, device='cpu', download=True, **overrides):
+    """The data a run was trained on, from its config (config.json or a Config); overrides win.
+    download=False for readers of a run directory: nothing is fetched or created where its config says."""
     config = {**(asdict(config) if isinstance(config, Config) else config), **overrides}
     if not config.get('dataset'):
         raise EnsembleError('no dataset is known for this model: pass --dataset')
@@ -304,7 +309,7 @@ def load_run_data(config, device='cpu', **overrides):
     seed = config.get('data_seed')
     return load_data(config['dataset'], config.get('data_dir', 'data'), seed=config.get('seed', 0) if seed is None else seed,
                      val_size=config.get('val_size', 0), shard=parse_shard(shard) if shard else None,
-                     subset=config.get('subset'), device=device)
+                     subset=config.get('subset'), device=device, download=download)
 
 
 @torch.no_grad()
@@ -766,7 +771,15 @@ def load_member_state(path):
         raise EnsembleError(f'{path} has malformed metadata ({e}): not a member checkpoint of this toolkit') from None
     if any(t.is_floating_point() and not torch.isfinite(t).all() for t in state.values()):
         raise EnsembleError(f'{path} holds non-finite weights (NaN or inf): its run diverged')
-    return check_model_spec(meta.pop('model'), path), state, meta
+    spec = check_model_spec(meta.pop('model'), path)
+    with torch.device('meta'):   # the shapes its spec promises, without allocating them
+        expected = {k: tuple(v.shape) for k, v in build_model(spec).state_dict().items()}
+    for key in sorted(set(expected) | set(state)):
+        got = tuple(state[key].shape) if key in state else 'missing'
+        if got != expected.get(key, 'not in the model'):
+            raise EnsembleError(f"{path} does not match its own model spec: tensor '{key}' is {got}, the spec "
+                                f"says {expected.get(key, 'not in the model')}")
+    return spec, state, meta
 
 
 def load_member(path, device='cpu'):

@@ -357,7 +357,19 @@ def test_edited_checkpoint_metadata_is_refused_before_anything_is_allocated(tmp_
         with pytest.raises(te.EnsembleError, match=message):
             te.load_member(tmp_path / 'm.safetensors')
     state = net.state_dict()
+    te.save_member(tmp_path / 'shape.safetensors', {**state, '2.weight': state['2.weight'][:4]}, spec)
+    with pytest.raises(te.EnsembleError, match="tensor '2.weight' is \\(4, 784\\), the spec says \\(8, 784\\)"):
+        te.load_member_state(tmp_path / 'shape.safetensors')
     state['2.weight'][0, 0] = float('nan')
     te.save_member(tmp_path / 'nan.safetensors', state, spec)
     with pytest.raises(te.EnsembleError, match='non-finite'):
         te.load_member(tmp_path / 'nan.safetensors')
+
+
+def test_readers_never_download_or_create_the_data_dir_a_config_names(tmp_path):
+    """A run's config.json is data, not instructions: analyze.py and rebasin.py read datasets that are
+    there and create nothing where a (possibly crafted) data_dir points."""
+    config = dict(dataset='cifar10', data_dir=str(tmp_path / 'elsewhere' / 'deep'))
+    with pytest.raises(te.EnsembleError, match='is not there'):
+        te.load_run_data(config, download=False)
+    assert not (tmp_path / 'elsewhere').exists()
