@@ -1124,7 +1124,10 @@ class Config:
                                                  'for adam: AdamW decay.')
     label_smoothing: Optional[float] = option(None, 'Label smoothing of every cross-entropy term '
                                                     '(default: airbench 0.2, resnet18 0.1, mlp 0).')
-    optimizer: str = option('sgd', 'sgd (Nesterov) or adam (AdamW).')
+    optimizer: str = option('sgd', 'sgd (Nesterov), adam (AdamW) or muon (the hidden weight matrices take orthogonalized, '
+                                   'spectrally scaled steps at --muon-lr; input/output layers, biases and norms take sgd).')
+    muon_lr: float = option(spectral.MUON_LR, 'muon: the spectral norm of a hidden layer\'s step per √(fan_out/fan_in), '
+                                              'at the schedule\'s peak.')
     lookahead: Optional[bool] = option(None, "airbench's Lookahead weight averaging (default: on for airbench).",
                                        flag='--lookahead/--no-lookahead')
     bias_scaler: Optional[float] = option(None, "BatchNorm biases' lr multiplier (default: airbench 64, others 1).")
@@ -1170,6 +1173,7 @@ OPTION_RANGES = [
     ('val_size', lambda v: v >= 0, 'at least 0'),
     ('subset', lambda v: v >= 1, 'at least 1 (leave it out for all the data)'),
     ('sam_rho', lambda v: _finite(v) and v >= 0, 'a radius: a finite number >= 0'),
+    ('muon_lr', lambda v: _finite(v) and v > 0, 'a finite number > 0'),
 ]
 
 
@@ -1189,8 +1193,8 @@ def resolve_config(cfg, data=None):
         raise EnsembleError(f"unknown combiner '{cfg.combine}': use prob or logit")
     if cfg.param not in ('standard', 'spectral'):
         raise EnsembleError(f"unknown parametrization '{cfg.param}': use standard or spectral")
-    if cfg.optimizer not in ('sgd', 'adam'):
-        raise EnsembleError(f"unknown optimizer '{cfg.optimizer}': use sgd or adam")
+    if cfg.optimizer not in ('sgd', 'adam', 'muon'):
+        raise EnsembleError(f"unknown optimizer '{cfg.optimizer}': use sgd, adam or muon")
     if not (str(cfg.dataset).endswith('.npz') or cfg.dataset in DATASETS):
         raise EnsembleError(f"unknown dataset '{cfg.dataset}': use one of {', '.join(DATASETS)} or a .npz file")
     if cfg.shard is not None:
@@ -1296,8 +1300,9 @@ def initial_member_states(cfg, spec, data):
 
 def optimizer_for(net, cfg):
     """Nesterov SGD with airbench's decoupled lr / weight decay (BatchNorm biases at bias_scaler x lr),
-    or AdamW; with --param spectral, spectral.py rescales each weight's lr. Each group keeps its peak
-    lr in 'initial_lr' for the schedule."""
+    AdamW, or Muon (spectral.py: the hidden weight matrices take orthogonalized steps at --muon-lr, the
+    rest this SGD); with --param spectral, spectral.py rescales each weight's lr. Each group keeps its
+    peak lr in 'initial_lr' for the schedule."""
     trainable = [p for p in net.parameters() if p.requires_grad]
     is_norm = {id(p) for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                for p in m.parameters()}
@@ -1311,12 +1316,17 @@ def optimizer_for(net, cfg):
     groups = [g for g in (dict(params=norm, lr=lr * scaler, name='norms'), dict(params=other, lr=lr, name='weights'))
               if g['params']]
     if cfg.param == 'spectral':
-        groups = spectral.spectral_param_groups(net, cfg.members, lr, 0.0, cfg.optimizer, base_groups=groups)
+        groups = spectral.spectral_param_groups(net, cfg.members, lr, 0.0, 'adam' if cfg.optimizer == 'adam' else 'sgd',
+                                                base_groups=groups)
+    if cfg.optimizer == 'muon':
+        groups = spectral.muon_param_groups(net, cfg.members, groups, cfg.muon_lr)
     if cfg.optimizer == 'adam':
         opt = torch.optim.AdamW([dict(g, weight_decay=cfg.weight_decay) for g in groups])
     else:   # torch multiplies weight decay by the lr: divide it out, so decay per step is the same for all
         decay = cfg.weight_decay * cfg.batch_size / kilostep   # fraction of w removed per step
-        opt = torch.optim.SGD([dict(g, weight_decay=decay / g['lr']) for g in groups], momentum=cfg.momentum, nesterov=True)
+        groups = [dict(g, weight_decay=decay / g['lr']) for g in groups]
+        opt = (spectral.Muon(groups, momentum=cfg.momentum) if cfg.optimizer == 'muon' else
+               torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=True))
     for g in opt.param_groups:
         g['initial_lr'] = g['lr']
     return opt
@@ -1486,8 +1496,10 @@ class Training:
             lines = (self.out / 'metrics.jsonl').read_text().splitlines() if (self.out / 'metrics.jsonl').exists() else []
             self.metrics = [json.loads(line) for line in lines][:self.epoch]
         else:
+            updates = [dict(name=g.get('name'), lr=g['initial_lr'], update='orthogonalized' if g.get('orthogonalize')
+                            else 'adamw' if self.cfg.optimizer == 'adam' else 'sgd') for g in self.opt.param_groups]
             write_json(self.out / 'config.json', {**asdict(self.cfg), 'format': FORMAT, 'model': self.spec,
-                                                  **environment(self.device)})
+                                                  'optimizer_groups': updates, **environment(self.device)})
         for stale in self.out.glob('.*.tmp*'):   # half-written files of a killed run (atomic_write's temporaries)
             stale.unlink()
 

@@ -373,3 +373,32 @@ def test_readers_never_download_or_create_the_data_dir_a_config_names(tmp_path):
     with pytest.raises(te.EnsembleError, match='is not there'):
         te.load_run_data(config, download=False)
     assert not (tmp_path / 'elsewhere').exists()
+
+
+# ---- muon ----
+
+def test_at_beta0_a_muon_ensemble_trains_each_member_exactly_as_if_alone(tmp_path, float64):
+    """Each member's hidden matrix is orthogonalized on its own: the wide run equals M single runs."""
+    options = dict(dataset='synthetic', arch='mlp', hidden=[32, 16], subset=256, batch_size=32, epochs=3,
+                   optimizer='muon')
+    assert_members_train_as_if_alone(tmp_path, 3, options, atol=1e-12, rtol=0)
+
+
+def test_muon_learns_records_its_groups_and_resumes_exactly(tmp_path):
+    """On 1,024 synthetic images, 4 epochs, β = 1: muon reaches 0.86 test accuracy where SGD reaches 0.76."""
+    options = dict(TINY_MLP, hidden=[32, 16], subset=1024, epochs=4, members=2, beta=1.0, optimizer='muon')
+    straight = run(tmp_path, 'straight', **options)
+    lines = [json.loads(line) for line in (tmp_path / 'straight' / 'metrics.jsonl').read_text().splitlines()]
+    assert lines[-1]['train_loss'] < lines[0]['train_loss'] and straight['test_acc'] > 0.75
+    groups = json.loads((tmp_path / 'straight' / 'config.json').read_text())['optimizer_groups']
+    assert [g['update'] for g in groups] == ['sgd', 'orthogonalized'] and groups[1]['name'] == '4.weight'
+
+    def interrupt(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        te.train(te.Config(out=str(tmp_path / 'resumed'), device='cpu', **options), console=quiet_console(),
+                 on_epoch_end=interrupt)
+    te.train(te.Config(out=str(tmp_path / 'resumed'), device='cpu', **options), console=quiet_console(), resume=True)
+    for a, b in zip(member_states(tmp_path / 'straight'), member_states(tmp_path / 'resumed')):
+        assert all(torch.equal(a[key], b[key]) for key in a)
