@@ -1,0 +1,152 @@
+"""Does the spectral condition stop learner collusion? (the reproduction log's hypothesis; issues 9 and 11)
+
+    python experiments/spectral_collusion.py                  # Fashion-MNIST, 4-member MLP 256-256, 3 seeds
+    python experiments/spectral_collusion.py --quick          # the smoke size the tests run (seconds)
+
+Three ways to train, each at its own best learning rate: standard SGD (PyTorch init, one lr), the
+spectral parametrization (`--param spectral`: spectral init and per-layer lrs) and spectral updates
+(`--optimizer muon`: orthogonalized steps). For each, at β = 0 (independent) and β = 1 (joint): a
+learning-rate sweep on seed 0, judged on a held-out validation split (never the test set); then every
+seed at the best lr. The table reports ensemble and mean-member test error, train and test DIV and the
+generalization gap (test minus training loss of the ensemble), mean ± standard deviation over seeds.
+Collusion shows as a large DIV at β = 1 with a worse ensemble; the hypothesis holds if it vanishes.
+
+Runs live under --out, one directory each; a finished run is read back, an interrupted one resumed, so
+an interrupted experiment continues where it stopped. Writes results.md, results.json, sweep.png and
+results.png there.
+"""
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_ensemble as te  # noqa: E402
+
+METHODS = {   # how each way of training is asked for, and which option its swept learning rate sets
+    'standard': (dict(param='standard', optimizer='sgd'), 'lr'),
+    'spectral': (dict(param='spectral', optimizer='sgd'), 'lr'),
+    'muon': (dict(param='standard', optimizer='muon'), 'muon_lr'),
+}
+LRS = {'standard': (1.0, 2.0, 4.0, 8.0), 'spectral': (4.0, 8.0, 16.0, 32.0), 'muon': (0.05, 0.1, 0.2, 0.4)}
+QUICK_LRS = {'standard': (2.0, 8.0), 'spectral': (8.0, 32.0), 'muon': (0.05, 0.2)}
+BETAS = (0.0, 1.0)
+
+
+def train_or_read(out, console, **options):
+    """The summary of the run in `out`: read if it finished, resumed if it was interrupted, else trained."""
+    if (out / 'summary.json').exists():
+        return json.loads((out / 'summary.json').read_text())
+    if (out / 'config.json').exists():
+        return te.train(te.config_to_resume(out), console=console, resume=True)
+    return te.train(te.Config(out=str(out), **options), console=console)
+
+
+def mean_std(values):
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def row_of(summaries):
+    """The table's numbers over seeds, each (mean, std)."""
+    columns = dict(ensemble_error=lambda s: 1 - s['test_acc'],
+                   member_error=lambda s: 1 - statistics.mean(s['member_test_acc']),
+                   train_div=lambda s: s['train_div'], test_div=lambda s: s['test_div'],
+                   gap=lambda s: s['test_loss'] - s['train_loss'])
+    return {name: mean_std([f(s) for s in summaries]) for name, f in columns.items()}
+
+
+def plot(path_sweep, path_results, sweep, rows):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(METHODS), figsize=(4 * len(METHODS), 3.2), squeeze=False)
+    for ax, method in zip(axes[0], METHODS):
+        for beta in BETAS:
+            points = sorted((lr, loss) for (m, b, lr), loss in sweep.items() if m == method and b == beta)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker='o', label=f'β = {beta:g}')
+        ax.set(xscale='log', xlabel='learning rate', ylabel='validation loss (ensemble)', title=method)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path_sweep, dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    labels = [f'{m}\nβ={b:g}' for m, b in rows]
+    for ax, key, title in ((axes[0], 'ensemble_error', 'ensemble test error'), (axes[1], 'test_div', 'test DIV')):
+        ax.bar(labels, [r[key][0] for r in rows.values()], yerr=[r[key][1] for r in rows.values()], capsize=3)
+        ax.set_title(title)
+        ax.tick_params(axis='x', labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path_results, dpi=120)
+    plt.close('all')
+
+
+def main(
+    out: Path = typer.Option(Path('runs/spectral_collusion'), help='Where the runs and results go.'),
+    seeds: int = typer.Option(3, help='Seeds per configuration at its best learning rate.'),
+    quick: bool = typer.Option(False, '--quick', help='Tiny data, 1 seed, 2 learning rates: the smoke test (seconds).'),
+    dataset: str = typer.Option('fashion-mnist', help='Any train_ensemble.py dataset.'),
+    members: int = typer.Option(4, help='Ensemble size M.'),
+    hidden: str = typer.Option('256,256', help='MLP hidden sizes.'),
+    epochs: float = typer.Option(8, help='Epochs per run.'),
+    val_size: int = typer.Option(10000, help='Training images held out to choose each learning rate.'),
+    device: str = typer.Option('auto', help='auto, cpu or cuda.'),
+):
+    """Standard, spectral and muon training at β = 0 and 1, each at its best lr: does collusion persist?"""
+    console, quiet = Console(), Console(quiet=True)
+    common = dict(dataset=dataset, arch='mlp', hidden=te.parse_ints(hidden), members=members, epochs=epochs,
+                  val_size=val_size, device=device)
+    lrs = QUICK_LRS if quick else LRS
+    if quick:
+        common.update(hidden=[32, 16], members=2, epochs=2, subset=1500, val_size=500)   # one hidden matrix for muon
+        seeds = 1
+    start = time.perf_counter()
+    sweep, best, rows, results = {}, {}, {}, dict(settings=dict(common, seeds=seeds, lrs=lrs), runs={})
+    for method, (options, lr_option) in METHODS.items():
+        for beta in BETAS:
+            for lr in lrs[method]:
+                name = f'{method}_beta{beta:g}_lr{lr:g}_s0'
+                summary = train_or_read(out / name, quiet, **common, **options, beta=beta, seed=0, **{lr_option: lr})
+                sweep[method, beta, lr] = summary['val_loss'] if summary['val_loss'] is not None else float('inf')
+                results['runs'][name] = summary
+            best[method, beta] = min(lrs[method], key=lambda lr: sweep[method, beta, lr])
+            summaries = []
+            for seed in range(seeds):
+                name = f'{method}_beta{beta:g}_lr{best[method, beta]:g}_s{seed}'
+                summaries.append(train_or_read(out / name, quiet, **common, **options, beta=beta, seed=seed,
+                                               **{lr_option: best[method, beta]}))
+                results['runs'][name] = summaries[-1]
+            rows[method, beta] = row_of(summaries)
+            console.print(f'{method} β={beta:g}: best lr {best[method, beta]:g}; ensemble error '
+                          f"{rows[method, beta]['ensemble_error'][0]:.4f}, test DIV {rows[method, beta]['test_div'][0]:.4f}",
+                          highlight=False)
+
+    fmt = lambda v: f'{v[0]:.4f} ± {v[1]:.4f}'  # noqa: E731
+    lines = [f'# Spectral hypothesis: {dataset}, {common["members"]}-member MLP {common["hidden"]}, '
+             f'{common["epochs"]:g} epochs, {seeds} seed(s), {time.strftime("%Y-%m-%d")}', '',
+             '| method | β | best lr | ensemble test error | member test error | train DIV | test DIV | gap (test − train loss) |',
+             '|---|---|---|---|---|---|---|---|']
+    for (method, beta), r in rows.items():
+        lines.append(f'| {method} | {beta:g} | {best[method, beta]:g} | {fmt(r["ensemble_error"])} | '
+                     f'{fmt(r["member_error"])} | {fmt(r["train_div"])} | {fmt(r["test_div"])} | {fmt(r["gap"])} |')
+    lines += ['', 'Learning-rate sweep (seed 0, ensemble validation loss):', '',
+              '| method | β | ' + ' | '.join('lr' for _ in range(max(map(len, lrs.values())))) + ' |',
+              '|---|---|' + '---|' * max(map(len, lrs.values()))]
+    for (method, beta) in rows:
+        lines.append(f'| {method} | {beta:g} | ' + ' | '.join(f'{lr:g}: {sweep[method, beta, lr]:.4f}' for lr in lrs[method]) + ' |')
+    lines.append(f'\n{time.perf_counter() - start:.0f} s in all (runs read back count nothing).')
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'results.md').write_text('\n'.join(lines) + '\n')
+    results.update(best_lr={f'{m} beta={b:g}': lr for (m, b), lr in best.items()},
+                   rows={f'{m} beta={b:g}': r for (m, b), r in rows.items()},
+                   sweep={f'{m} beta={b:g} lr={lr:g}': v for (m, b, lr), v in sweep.items()})
+    te.write_json(out / 'results.json', results)
+    plot(out / 'sweep.png', out / 'results.png', sweep, rows)
+    console.print('\n'.join(lines), highlight=False, soft_wrap=True)
+    console.print(f'wrote {out}/results.md, results.json, sweep.png, results.png')
+
+
+if __name__ == '__main__':
+    typer.run(main)
