@@ -58,3 +58,27 @@ def test_a_run_killed_before_its_config_is_written_is_started_again_by_its_own_c
     result = CliRunner().invoke(cli(), [*ARGS, '--out', str(out)])
     assert result.exit_code == 0, result.output
     assert (out / 'summary.json').exists() and not list(out.glob('.*tmp*'))
+
+
+@pytest.mark.parametrize('delay', [2.2, 2.9, 3.6])
+def test_a_run_killed_at_a_moment_of_no_particular_meaning_is_finished_too(tmp_path, uninterrupted, delay):
+    """SIGKILL after a fixed delay, wherever that lands (start-up, an epoch, a write): the run's own
+    command (if it had written nothing) or --resume ends with the uninterrupted weights."""
+    import signal
+    import time
+    out = tmp_path / 'run'
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    process = subprocess.Popen([sys.executable, 'train_ensemble.py', *ARGS, '--out', str(out)], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    if (out / 'summary.json').exists():
+        pass   # it finished before the kill
+    elif (out / 'config.json').exists():
+        assert CliRunner().invoke(cli(), ['--resume', str(out)]).exit_code == 0
+    else:
+        assert CliRunner().invoke(cli(), [*ARGS, '--out', str(out)]).exit_code == 0
+    for a, b in zip(uninterrupted, member_states(out)):
+        assert all(torch.equal(a[key], b[key]) for key in a), delay
+    assert not list(out.glob('.*tmp*'))
