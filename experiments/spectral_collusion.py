@@ -32,13 +32,19 @@ METHODS = {   # how each way of training is asked for, and which option its swep
     'spectral': (dict(param='spectral', optimizer='sgd'), 'lr'),
     'muon': (dict(param='standard', optimizer='muon'), 'muon_lr'),
 }
-LRS = {'standard': (1.0, 2.0, 4.0, 8.0), 'spectral': (4.0, 8.0, 16.0, 32.0), 'muon': (0.05, 0.1, 0.2, 0.4)}
+LRS = {'standard': (2.0, 4.0, 8.0), 'spectral': (8.0, 16.0, 32.0), 'muon': (0.05, 0.1, 0.2)}
 QUICK_LRS = {'standard': (2.0, 8.0), 'spectral': (8.0, 32.0), 'muon': (0.05, 0.2)}
 BETAS = (0.0, 1.0)
 
 
 def train_or_read(out, console, **options):
-    """The summary of the run in `out`: read if it finished, resumed if it was interrupted, else trained."""
+    """The summary of the run in `out`: read if it finished, resumed if it was interrupted, else trained.
+    A run made with other settings is refused, never mixed in."""
+    if (out / 'config.json').exists():
+        saved = te.read_config(out)
+        differ = [k for k, v in options.items() if saved.get(k) != v and not (k == 'device' and v == 'auto')]
+        if differ:
+            raise te.EnsembleError(f'{out} was trained with other settings ({", ".join(differ)}): pass another --out')
     if (out / 'summary.json').exists():
         return json.loads((out / 'summary.json').read_text())
     if (out / 'config.json').exists():
@@ -90,7 +96,7 @@ def main(
     dataset: str = typer.Option('fashion-mnist', help='Any train_ensemble.py dataset.'),
     members: int = typer.Option(4, help='Ensemble size M.'),
     hidden: str = typer.Option('256,256', help='MLP hidden sizes.'),
-    epochs: float = typer.Option(8, help='Epochs per run.'),
+    epochs: float = typer.Option(5, help='Epochs per run.'),
     val_size: int = typer.Option(10000, help='Training images held out to choose each learning rate.'),
     device: str = typer.Option('auto', help='auto, cpu or cuda.'),
 ):
