@@ -38,8 +38,8 @@ BETAS = (0.0, 1.0)
 
 
 def train_or_read(out, console, **options):
-    """The summary of the run in `out`: read if it finished, resumed if it was interrupted, else trained.
-    A run made with other settings is refused, never mixed in."""
+    """The summary of the run in `out`: read if it finished, resumed if it was interrupted, else trained;
+    None if it diverges (a sweep's too-high learning rate). A run made with other settings is refused."""
     if (out / 'config.json').exists():
         saved = te.read_config(out)
         differ = [k for k, v in options.items() if saved.get(k) != v and not (k == 'device' and v == 'auto')]
@@ -47,9 +47,14 @@ def train_or_read(out, console, **options):
             raise te.EnsembleError(f'{out} was trained with other settings ({", ".join(differ)}): pass another --out')
     if (out / 'summary.json').exists():
         return json.loads((out / 'summary.json').read_text())
-    if (out / 'config.json').exists():
-        return te.train(te.config_to_resume(out), console=console, resume=True)
-    return te.train(te.Config(out=str(out), **options), console=console)
+    try:
+        if (out / 'config.json').exists():
+            return te.train(te.config_to_resume(out), console=console, resume=True)
+        return te.train(te.Config(out=str(out), **options), console=console)
+    except te.EnsembleError as e:
+        if 'diverged' not in str(e):
+            raise
+        return None
 
 
 def mean_std(values):
@@ -115,16 +120,20 @@ def main(
             for lr in lrs[method]:
                 name = f'{method}_beta{beta:g}_lr{lr:g}_s0'
                 summary = train_or_read(out / name, quiet, **common, **options, beta=beta, seed=0, **{lr_option: lr})
-                sweep[method, beta, lr] = summary['val_loss'] if summary['val_loss'] is not None else float('inf')
+                diverged = summary is None or summary['val_loss'] is None
+                sweep[method, beta, lr] = float('inf') if diverged else summary['val_loss']
                 results['runs'][name] = summary
             best[method, beta] = min(lrs[method], key=lambda lr: sweep[method, beta, lr])
             summaries = []
             for seed in range(seeds):
                 name = f'{method}_beta{beta:g}_lr{best[method, beta]:g}_s{seed}'
-                summaries.append(train_or_read(out / name, quiet, **common, **options, beta=beta, seed=seed,
-                                               **{lr_option: best[method, beta]}))
-                results['runs'][name] = summaries[-1]
-            rows[method, beta] = row_of(summaries)
+                summary = train_or_read(out / name, quiet, **common, **options, beta=beta, seed=seed,
+                                        **{lr_option: best[method, beta]})
+                results['runs'][name] = summary
+                summaries += [summary] if summary is not None else []
+            if not summaries:
+                raise te.EnsembleError(f'{method} at beta={beta:g} diverged at every learning rate: widen the sweep')
+            rows[method, beta] = dict(row_of(summaries), diverged=seeds - len(summaries))
             console.print(f'{method} β={beta:g}: best lr {best[method, beta]:g}; ensemble error '
                           f"{rows[method, beta]['ensemble_error'][0]:.4f}, test DIV {rows[method, beta]['test_div'][0]:.4f}",
                           highlight=False)
@@ -135,13 +144,15 @@ def main(
              '| method | β | best lr | ensemble test error | member test error | train DIV | test DIV | gap (test − train loss) |',
              '|---|---|---|---|---|---|---|---|']
     for (method, beta), r in rows.items():
-        lines.append(f'| {method} | {beta:g} | {best[method, beta]:g} | {fmt(r["ensemble_error"])} | '
+        diverged = f' ({r["diverged"]} seed(s) diverged)' if r['diverged'] else ''
+        lines.append(f'| {method} | {beta:g} | {best[method, beta]:g}{diverged} | {fmt(r["ensemble_error"])} | '
                      f'{fmt(r["member_error"])} | {fmt(r["train_div"])} | {fmt(r["test_div"])} | {fmt(r["gap"])} |')
     lines += ['', 'Learning-rate sweep (seed 0, ensemble validation loss):', '',
               '| method | β | ' + ' | '.join('lr' for _ in range(max(map(len, lrs.values())))) + ' |',
               '|---|---|' + '---|' * max(map(len, lrs.values()))]
     for (method, beta) in rows:
-        lines.append(f'| {method} | {beta:g} | ' + ' | '.join(f'{lr:g}: {sweep[method, beta, lr]:.4f}' for lr in lrs[method]) + ' |')
+        lines.append(f'| {method} | {beta:g} | ' + ' | '.join(f'{lr:g}: {sweep[method, beta, lr]:.4f}'.replace('inf', 'diverged')
+                                                        for lr in lrs[method]) + ' |')
     lines.append(f'\n{time.perf_counter() - start:.0f} s in all (runs read back count nothing).')
     out.mkdir(parents=True, exist_ok=True)
     (out / 'results.md').write_text('\n'.join(lines) + '\n')
