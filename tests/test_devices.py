@@ -91,3 +91,13 @@ def test_compiled_training_matches_eager_and_writes_the_same_run_directory(tmp_p
     for a, b in zip(member_states(tmp_path / 'eager'), member_states(tmp_path / 'compiled')):
         for key in a:
             assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
+
+
+def test_channels_last_training_matches_contiguous_training(tmp_path):
+    """The whole GPU layout path on a CPU: channels_last network and padded training set, one-gather crops."""
+    options = dict(dataset='synthetic', arch='airbench', width=1 / 16, subset=512, batch_size=64, epochs=2,
+                   members=2, beta=1.0)
+    contiguous = run(tmp_path, 'nchw', channels_last=False, **options)
+    channels_last = run(tmp_path, 'nhwc', channels_last=True, **options)
+    assert channels_last['test_loss'] == pytest.approx(contiguous['test_loss'], abs=1e-4)
+    assert json.loads((tmp_path / 'nhwc' / 'config.json').read_text())['channels_last'] is True
