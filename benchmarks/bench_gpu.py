@@ -202,7 +202,15 @@ def main(
         def ours(module=te, **options):
             return lambda: run_ours(module, Path(runs) / f'run{next(counter)}', **options)
 
-        if dev.type == 'cuda' and not tiny:
+        try:
+            import importlib.util
+            has_airbench = importlib.util.find_spec('airbench') is not None
+        except ImportError:
+            has_airbench = False
+        if dev.type == 'cuda' and not tiny and not has_airbench:   # a GPU session is scarce: time our rows anyway
+            console.print('[bold red]airbench is not installed[/]: its rows are skipped (README, "On a GPU": '
+                          'pip install the airbench 0.1.8 wheel)', highlight=False)
+        if dev.type == 'cuda' and not tiny and has_airbench:
             x_train, y_train, x_test, y_test, _ = te._synthetic(0)
             with airbench_workdir(x_train, y_train, x_test, y_test):
                 import airbench   # after the cache exists: its loader reads cifar10/*.pt from the working directory
