@@ -1657,6 +1657,23 @@ def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = Non
     return run.finish()
 
 
+def complete_run(cfg, console=None):
+    """The summary of cfg's run (its --out): read back if it finished, resumed if it was interrupted,
+    trained otherwise, so a sweep that is stopped continues where it stopped. A run directory made with
+    other options is refused, never mixed in."""
+    out = Path(cfg.out)
+    if (out / 'config.json').exists():
+        saved = read_config(out)
+        differ = [f.name for f in fields(Config) if getattr(cfg, f.name) not in (None, 'auto') and f.name != 'out'
+                  and saved.get(f.name) != getattr(cfg, f.name)]   # None and 'auto' were resolved when it ran
+        if differ:
+            raise EnsembleError(f'{out} holds a run with other options ({", ".join(differ)}): pass another --out')
+        if (out / 'summary.json').exists():
+            return json.loads((out / 'summary.json').read_text())
+        return train(config_to_resume(out), console, resume=True)
+    return train(cfg, console)
+
+
 #############################################
 #                  Main                     #
 #############################################

@@ -15,7 +15,6 @@ Runs live under --out, one directory each; a finished run is read back, an inter
 an interrupted experiment continues where it stopped. Writes results.md, results.json, sweep.png and
 results.png there.
 """
-import json
 import statistics
 import sys
 import time
@@ -38,19 +37,9 @@ BETAS = (0.0, 1.0)
 
 
 def train_or_read(out, console, **options):
-    """The summary of the run in `out`: read if it finished, resumed if it was interrupted, else trained;
-    None if it diverges (a sweep's too-high learning rate). A run made with other settings is refused."""
-    if (out / 'config.json').exists():
-        saved = te.read_config(out)
-        differ = [k for k, v in options.items() if saved.get(k) != v and not (k == 'device' and v == 'auto')]
-        if differ:
-            raise te.EnsembleError(f'{out} was trained with other settings ({", ".join(differ)}): pass another --out')
-    if (out / 'summary.json').exists():
-        return json.loads((out / 'summary.json').read_text())
+    """te.complete_run of these options in `out`; None if it diverges (a sweep's too-high learning rate)."""
     try:
-        if (out / 'config.json').exists():
-            return te.train(te.config_to_resume(out), console=console, resume=True)
-        return te.train(te.Config(out=str(out), **options), console=console)
+        return te.complete_run(te.Config(out=str(out), **options), console)
     except te.EnsembleError as e:
         if 'diverged' not in str(e):
             raise

@@ -402,3 +402,15 @@ def test_muon_learns_records_its_groups_and_resumes_exactly(tmp_path):
     te.train(te.Config(out=str(tmp_path / 'resumed'), device='cpu', **options), console=quiet_console(), resume=True)
     for a, b in zip(member_states(tmp_path / 'straight'), member_states(tmp_path / 'resumed')):
         assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_complete_run_trains_reads_back_resumes_and_never_mixes_options(tmp_path):
+    cfg = te.Config(out=str(tmp_path / 'r'), device='cpu', **TINY_MLP)
+    first = te.complete_run(cfg, quiet_console())
+    stamp = (tmp_path / 'r' / 'summary.json').stat().st_mtime
+    assert te.complete_run(cfg, quiet_console()) == json.loads((tmp_path / 'r' / 'summary.json').read_text())
+    assert (tmp_path / 'r' / 'summary.json').stat().st_mtime == stamp and first['test_acc'] > 0
+    with pytest.raises(te.EnsembleError, match='other options \\(beta\\)'):
+        te.complete_run(te.Config(out=str(tmp_path / 'r'), device='cpu', beta=1.0, **TINY_MLP), quiet_console())
+    (tmp_path / 'r' / 'summary.json').unlink()   # as if stopped while writing its members
+    assert te.complete_run(cfg, quiet_console())['test_acc'] == first['test_acc']
