@@ -33,3 +33,18 @@ def test_spectral_collusion_quick_writes_its_table_and_figures_and_reuses_finish
     stamps = {p: p.stat().st_mtime for p in out.glob('*/summary.json')}
     run_experiment('spectral_collusion.py', '--quick', '--out', out, '--device', 'cpu', monkeypatch=monkeypatch)
     assert stamps and all(p.stat().st_mtime == t for p, t in stamps.items())
+
+
+def test_collusion_quick_writes_its_table_and_figures_with_the_papers_diagnostics(tmp_path, monkeypatch, fashion_mnist):
+    out = tmp_path / 'collusion'
+    run_experiment('collusion.py', '--quick', '--out', out, '--device', 'cpu', monkeypatch=monkeypatch)
+    table = (out / 'results.md').read_text()
+    for combiner in ('prob', 'logit'):
+        for beta in ('0', '1'):
+            assert f'| {combiner} | {beta} |' in table
+    rows = json.loads((out / 'results.json').read_text())['rows']
+    # With two members, dropping half leaves one: the loss rises by exactly the ensemble's DIV (prob).
+    assert abs(rows['prob beta=1']['drop_half_loss'][0] - rows['prob beta=1']['test_div'][0]) < 1e-3
+    assert rows['prob beta=1']['test_div'][0] > 5 * rows['prob beta=0']['test_div'][0]   # joint training colludes
+    for png in ('sweep.png', 'curves.png'):
+        assert (out / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
