@@ -503,8 +503,9 @@ def check_model_spec(spec, source):
     if not isinstance(spec, dict) or spec.get('arch') not in RECIPES:
         raise bad(f"has no known 'arch' ({', '.join(RECIPES)})")
     for key in ('in_channels', 'image_size', 'num_classes', 'kernel_size'):
-        if not isinstance(spec.get(key, 3 if key == 'kernel_size' else None), int) or spec.get(key, 3) < 1:
-            raise bad(f"needs '{key}' as a positive integer, got {spec.get(key)!r}")
+        value = spec.get(key, 3) if key == 'kernel_size' else spec.get(key)   # kernel_size: airbench's only
+        if not isinstance(value, int) or value < 1:
+            raise bad(f"needs '{key}' as a positive integer, got {value!r}")
     if not (_finite(spec.get('width', 1.0)) and spec.get('width', 1.0) > 0):
         raise bad(f"needs 'width' > 0, got {spec.get('width')!r}")
     if not (isinstance(spec.get('hidden', []), list) and all(isinstance(h, int) and h >= 1 for h in spec.get('hidden', []))):

@@ -12,9 +12,7 @@ side's fastest of --repeats runs counts (shared machines are noisy; the minimum 
 Goals (issue 15): ours at most 1.15x the floor at M = 1, H = 64 and at most 1.05x at M = 4, H = 256.
 """
 import math
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_ensemble as te  # noqa: E402
+from bench_train import run_summary  # noqa: E402  (benchmarks/ is on sys.path when this runs as a script)
 
 GOALS = {(1, 64): 1.15, (4, 256): 1.05}
 RECIPE = te.RECIPES['mlp']
@@ -59,14 +58,9 @@ def floor_epoch(x, y, members, hidden, batch_size, seed=0):
 
 
 def ours_epoch(members, hidden, batch_size, seed=0):
-    out = tempfile.mkdtemp(prefix='bench_floor_')
-    try:
-        cfg = te.Config(dataset='fashion-mnist', arch='mlp', hidden=[hidden], members=members, batch_size=batch_size,
-                        epochs=1, device='cpu', out=out, seed=seed)
-        summary = te.train(cfg, console=Console(quiet=True))
-        return summary['train_time_s'], summary['train_loss']
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+    summary, _ = run_summary(dataset='fashion-mnist', arch='mlp', hidden=[hidden], members=members,
+                             batch_size=batch_size, epochs=1, device='cpu', seed=seed)
+    return summary['train_time_s'], summary['train_loss']
 
 
 def main(

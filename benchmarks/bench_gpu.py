@@ -202,11 +202,8 @@ def main(
         def ours(module=te, **options):
             return lambda: run_ours(module, Path(runs) / f'run{next(counter)}', **options)
 
-        try:
-            import importlib.util
-            has_airbench = importlib.util.find_spec('airbench') is not None
-        except ImportError:
-            has_airbench = False
+        import importlib.util
+        has_airbench = importlib.util.find_spec('airbench') is not None
         if dev.type == 'cuda' and not tiny and not has_airbench:   # a GPU session is scarce: time our rows anyway
             console.print('[bold red]airbench is not installed[/]: its rows are skipped (README, "On a GPU": '
                           'pip install the airbench 0.1.8 wheel)', highlight=False)

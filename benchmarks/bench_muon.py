@@ -6,9 +6,7 @@ trainer on a slice of Fashion-MNIST, MLP 784-256-256-10 (one hidden matrix, 256x
 
 Only the training loop is timed (train_time_s). SGD and muon alternate, fastest of --repeats counts.
 """
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,17 +16,13 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_ensemble as te  # noqa: E402
+from bench_train import run_summary  # noqa: E402  (benchmarks/ is on sys.path when this runs as a script)
 
 
 def epoch_seconds(optimizer, members, subset, device):
-    out = tempfile.mkdtemp(prefix='bench_muon_')
-    try:
-        cfg = te.Config(dataset='fashion-mnist', arch='mlp', hidden=[256, 256], members=members, subset=subset,
-                        epochs=1, optimizer=optimizer, device=device, out=out)
-        return te.train(cfg, console=Console(quiet=True))['train_time_s']
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
+    summary, _ = run_summary(dataset='fashion-mnist', arch='mlp', hidden=[256, 256], members=members, subset=subset,
+                             epochs=1, optimizer=optimizer, device=device)
+    return summary['train_time_s']
 
 
 def main(

@@ -22,16 +22,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_ensemble as te  # noqa: E402
 
 
-def time_run(members, **options):
+def run_summary(**options):
+    """One training run in a temporary directory (removed after): (its summary, peak GPU GiB or nan)."""
     out = tempfile.mkdtemp(prefix='bench_train_')
     try:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        summary = te.train(te.Config(members=members, out=out, tta=False, **options), console=Console(quiet=True))
-        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float('nan')
-        return summary['train_time_s'], summary['test_acc'], peak
+        summary = te.train(te.Config(out=out, tta=False, **options), console=Console(quiet=True))
+        return summary, torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float('nan')
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def time_run(members, **options):
+    summary, peak = run_summary(members=members, **options)
+    return summary['train_time_s'], summary['test_acc'], peak
 
 
 def main(
