@@ -630,14 +630,17 @@ class TrainingLog:
     """An epoch's training-set figures, unsmoothed: summed objective, ensemble CE, correct ensemble
     predictions and DIV. Each step only keeps its (detached) logits and labels; they are reduced in
     chunks of about LOG_CHUNK values, on the device, so the loop never waits for the log. One pass over
-    many steps costs a third of one pass per step (CPU, MLP on Fashion-MNIST, M = 1: 9 ms vs 28 ms an epoch)."""
+    many steps costs a third of one pass per step (CPU, MLP on Fashion-MNIST, M = 1: 9 ms vs 28 ms an epoch).
+    With several ranks (MemberBlock) a chunk gathers every rank's logits once, and the objective's shares
+    are summed at the end: the steps themselves communicate nothing for the log."""
 
-    def __init__(self, combiner):
+    def __init__(self, combiner, block=None):
         self.combiner, self.sums, self.pending = combiner, None, []
+        self.block = block or MemberBlock(1)
 
     def add(self, objective, logits, y):
         self.pending.append((objective.detach(), logits.detach(), y))
-        if len(self.pending) * logits.numel() >= LOG_CHUNK:
+        if len(self.pending) * logits[0].numel() * self.block.members >= LOG_CHUNK:   # the same step on every rank
             self.reduce()
 
     @torch.no_grad()
@@ -646,7 +649,7 @@ class TrainingLog:
             return
         objectives, logits, y = zip(*self.pending)
         self.pending = []
-        logits, y = torch.cat(logits, dim=1), torch.cat(y)
+        logits, y = self.block.gather(torch.cat(logits, dim=1)), torch.cat(y)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         log_p = logits - logits.logsumexp(-1, keepdim=True)   # = log_softmax; on a CPU 4x faster over 10 classes
         ensemble_log_p = combine(logits, self.combiner, log_p)
@@ -659,7 +662,11 @@ class TrainingLog:
     def totals(self):
         """(objective, ensemble CE, correct, DIV) summed over the epoch, as Python floats (waits for the device)."""
         self.reduce()
-        return self.sums.tolist() if self.sums is not None else [0.0] * 4
+        if self.sums is None:
+            return [0.0] * 4
+        sums = self.sums.tolist()
+        sums[0] = self.block.sum(self.sums[:1]).item()   # the objective's shares, from every rank
+        return sums
 
 
 #############################################
@@ -808,12 +815,12 @@ def is_our_run_dir(path):
     """Whether `path` is a run directory this toolkit wrote (its config.json carries FORMAT) holding nothing
     but the toolkit's files: the only kind of directory a --force may replace."""
     path = Path(path)
-    ours = {'config.json', 'summary.json', 'metrics.jsonl', 'state.safetensors', '.lock'}
+    ours = {'config.json', 'summary.json', 'metrics.jsonl', '.lock'}
     try:
         marked = read_config(path).get('format') == FORMAT
     except EnsembleError:
         return False
-    return marked and all(p.name in ours or (p.name.startswith('member_') and p.suffix == '.safetensors')
+    return marked and all(p.name in ours or (p.name.startswith(('member_', 'state')) and p.suffix == '.safetensors')
                           or (p.name.startswith('.') and '.tmp' in p.name) for p in path.iterdir())
 
 
@@ -1062,6 +1069,152 @@ def sharpbalance_masks(scores, flat_ratio, sharpest=False):
 
 
 #############################################
+#       Several processes (torchrun)        #
+#############################################
+# Under torchrun, rank r of W holds a contiguous block of the M members in its own wide network. Every
+# rank draws the same batches (same data seed, same generator), so no images are exchanged: only the
+# members' logits, for the ensemble term (β > 0), the epoch's log and the evaluation. Launched without
+# torchrun, a run is one block of all M members and every collective below is the identity.
+
+COLLECTIVE_TIMEOUT_S = 600   # a collective waiting this long for a dead or stuck rank fails instead of hanging
+
+
+def member_block(members, world, rank):
+    """The range of members that `rank` of `world` holds: contiguous blocks, sizes differing by at most one."""
+    size, extra = divmod(members, world)
+    start = rank * size + min(rank, extra)
+    return range(start, start + size + (rank < extra))
+
+
+class MemberBlock:
+    """This process's members of the ensemble, and the collectives that join every rank's members."""
+
+    def __init__(self, members, rank=0, world=1):
+        if members < world:
+            raise EnsembleError(f'--members {members} is fewer than the {world} processes: every process needs '
+                                'at least one member')
+        self.members, self.rank, self.world = members, rank, world
+        self.blocks = [member_block(members, world, r) for r in range(world)]
+        self.start, self.stop = self.blocks[rank].start, self.blocks[rank].stop
+
+    @classmethod
+    def from_environment(cls, members):
+        """The block torchrun's environment (RANK, WORLD_SIZE) gives this process; all members without it."""
+        return cls(members, int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)))
+
+    def connect(self, device):
+        """Join the other ranks: NCCL with one GPU per rank (LOCAL_RANK), gloo on CPUs. Returns this rank's device."""
+        self.device = device
+        if self.world == 1:
+            return device
+        import datetime
+        import torch.distributed as dist
+        if device.type == 'cuda':
+            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+            torch.cuda.set_device(device)
+        self.device = device
+        if not dist.is_initialized():
+            dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                                    timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        return device
+
+    def gather(self, local):
+        """(M, ...) every member's rows, in member order, from this rank's (its members, ...) rows.
+        Differentiable: the gradient of member j's rows flows back to the rank holding j, summed over
+        the ranks that used them (so each rank's share of a loss must add up to the whole)."""
+        if self.world == 1:
+            return local
+        largest = len(self.blocks[0])   # one shape for every rank: pad the smaller blocks
+        padded = torch.cat([local, local.new_zeros(largest - len(local), *local.shape[1:])])
+        parts = GatherBlocks.apply(padded).view(self.world, *padded.shape)
+        return torch.cat([part[:len(block)] for part, block in zip(parts, self.blocks)])
+
+    def sum(self, value):
+        """A tensor summed over the ranks."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+        value = value.clone()
+        dist.all_reduce(value)
+        return value
+
+    def barrier(self):
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def agree(self, error):
+        """Raise on every rank if any rank raised: error is this rank's EnsembleError or None. Keeps a rank
+        from waiting in a later collective for one that has stopped."""
+        failed = self.sum(torch.tensor([float(error is not None)], device=self.device))
+        if error is not None:
+            raise error
+        if failed.item():
+            raise EnsembleError('another rank stopped with an error (its message is above)')
+
+    def resume_state(self, out):
+        """The resume-state file this rank continues from: the last epoch every rank has a state of (see
+        state_path), or None to start over. Leaves exactly that file, as the current one."""
+        current, previous = state_path(out, self), state_path(out, self, previous=True)
+        epochs = {state_epoch(p): p for p in (previous, current) if p.exists()}
+        common = set(epochs)
+        if self.world > 1:
+            mine = torch.tensor([-1, -1] + sorted(epochs))[-2:].to(self.device)
+            import torch.distributed as dist
+            everyone = [torch.empty_like(mine) for _ in range(self.world)]
+            dist.all_gather(everyone, mine)
+            common = set.intersection(*({int(e) for e in t.tolist()} for t in everyone)) - {-1}
+        if not common:
+            return None
+        chosen = epochs[max(common)]
+        if chosen != current:
+            os.replace(chosen, current)
+        elif previous.exists():
+            previous.unlink()
+        return current
+
+
+class GatherBlocks(torch.autograd.Function):
+    """Every rank's equally shaped tensor, concatenated along dim 0 in rank order. The backward pass sums each
+    rank's gradient of the result and hands every rank the rows of its own tensor (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+        x = x.contiguous()
+        out = x.new_empty(dist.get_world_size() * x.size(0), *x.shape[1:])
+        (getattr(dist, 'all_gather_single', None) or dist.all_gather_into_tensor)(out, x)   # renamed in torch 2.14
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        grad = grad.contiguous()
+        mine = grad.new_empty(grad.size(0) // dist.get_world_size(), *grad.shape[1:])
+        (getattr(dist, 'reduce_scatter_single', None) or dist.reduce_scatter_tensor)(mine, grad)
+        return mine
+
+
+def state_path(out, block, previous=False):
+    """A rank's resume-state file. With several ranks each keeps its previous epoch's state until every rank
+    has written the next (end_epoch: rename, write, barrier), so that some epoch's state is always on every
+    rank, whenever the job is killed."""
+    name = 'state' if block.world == 1 else f'state.rank{block.rank}'
+    return Path(out) / f'{name}{".previous" if previous else ""}.safetensors'
+
+
+def state_epoch(path):
+    """The epoch a resume-state file continues from, read from its metadata alone."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            return int((f.metadata() or {})['epoch'])
+    except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise EnsembleError(f'{path} is not a readable resume state ({e}): delete it to restart that run '
+                            'from the beginning') from None
+
+
+#############################################
 #                Training                   #
 #############################################
 
@@ -1274,21 +1427,24 @@ def model_spec(cfg, data):
                 mean=x.mean((0, 2, 3)).tolist(), std=x.std((0, 2, 3)).clamp_min(1e-3).tolist())
 
 
-def initial_member_states(cfg, spec, data):
-    """Each member's starting state: from --init, or its own seed (seed + j)."""
-    template = init_member(spec, cfg.seed, data.x_train)
+def initial_member_states(cfg, spec, data, members=None):
+    """The starting states of `members` (member indices; default all): from --init, or each from its own
+    seed (seed + j)."""
+    members = range(cfg.members) if members is None else members
     if not cfg.init:
-        members = [template] + [init_member(spec, cfg.seed + j, data.x_train) for j in range(1, cfg.members)]
+        nets = [init_member(spec, cfg.seed + j, data.x_train) for j in members]
         if cfg.param == 'spectral':
-            for member in members:
-                spectral.spectral_init_(member)
-        return [member.state_dict() for member in members]
+            for net in nets:
+                spectral.spectral_init_(net)
+        return [net.state_dict() for net in nets]
     paths = member_paths(cfg.init)
     if len(paths) not in (1, cfg.members):
         raise EnsembleError(f'--init {cfg.init} has {len(paths)} members; give one member file, '
                             f'or a run with exactly {cfg.members} members')
+    with torch.device('meta'):   # the shapes the model needs, without allocating them
+        template = build_model(spec)
     states = []
-    for path in paths:
+    for path in paths if len(paths) == 1 else [paths[j] for j in members]:
         _, state, _ = load_member_state(path)
         for key, t in template.state_dict().items():
             if key not in state or state[key].shape != t.shape:
@@ -1296,7 +1452,7 @@ def initial_member_states(cfg, spec, data):
                 raise EnsembleError(f"--init {path} does not fit this model: tensor '{key}' is {got}, "
                                     f'expected {tuple(t.shape)} (check --arch, --width, --kernel-size, --hidden)')
         states.append(state)
-    return states * cfg.members if len(states) == 1 else states
+    return states * len(members) if len(paths) == 1 else states
 
 
 def optimizer_for(net, cfg):
@@ -1432,10 +1588,12 @@ class Training:
 
     def __init__(self, cfg, console, resume=False):
         checked = resolve_config(cfg)   # every option checked before the data is loaded
-        self.device = device = resolve_device(checked.device)
+        self.block = block = MemberBlock.from_environment(checked.members)   # this process's members
+        self.device = device = block.connect(resolve_device(checked.device))
         self.data = data = load_run_data(checked, device)
         self.cfg = cfg = resolve_config(cfg, data)   # the defaults that depend on the data (augment: 3 channels)
-        self.console, self.out = console, Path(cfg.out)
+        self.out = Path(cfg.out)
+        self.console = console if block.rank == 0 else type(console)(quiet=True)   # rank 0 speaks for the job
         if (self.out / 'config.json').exists() and not resume:
             raise EnsembleError(f'{self.out} already holds a run: pass --out elsewhere, --resume {self.out} to '
                                 'continue it, or delete it')
@@ -1445,8 +1603,14 @@ class Training:
             raise EnsembleError(f'{self.out} is already complete (it has summary.json); nothing to resume')
         self.spec = check_model_spec(read_config(self.out).get('model'), self.out / 'config.json') if resume \
             else model_spec(cfg, data)
-        has_state = resume and (self.out / 'state.safetensors').exists()   # none yet: start over, same seeds
-        self.m, self.n = cfg.members, len(data.y_train)
+        world = read_config(self.out).get('world_size', 1) if resume else block.world
+        if world != block.world:   # each rank holds the resume state of its own block of members
+            how = (f'torchrun --nproc_per_node {world} train_ensemble.py --resume {self.out}' if world > 1 else
+                   f'python train_ensemble.py --resume {self.out}, without torchrun')
+            raise EnsembleError(f'{self.out} was trained by {world} process(es), this is {block.world}: resume it '
+                                f'with as many ({how})')
+        state = block.resume_state(self.out) if resume else None   # none yet: start over, same seeds
+        self.m, self.n = len(block.blocks[block.rank]), len(data.y_train)   # this rank's members, the images
         self.batch_size = min(cfg.batch_size, self.n)
         self.steps_per_epoch = self.n // self.batch_size
         self.total_steps, self.epochs = math.ceil(self.steps_per_epoch * cfg.epochs), math.ceil(cfg.epochs)
@@ -1454,8 +1618,9 @@ class Training:
             torch.backends.cudnn.benchmark = True
 
         net = build_model(self.spec, members=self.m)
-        if not has_state:
-            net.load_state_dict(stack_members(initial_member_states(cfg, self.spec, data), net.state_dict()))
+        if state is None:
+            states = initial_member_states(cfg, self.spec, data, block.blocks[block.rank])
+            net.load_state_dict(stack_members(states, net.state_dict()))
         self.net = net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
         self.opt = optimizer_for(self.net, cfg)
         # The training images once, on the device, already through the network's fixed first layer
@@ -1471,46 +1636,65 @@ class Training:
         self.flip_mask = torch.rand(self.n, generator=flips, device=device) < 0.5
         self.bag = None
         if cfg.bagging:   # bootstrap counts: member j sees example i bag[j, i] times (in expectation per epoch)
-            draws = torch.randint(self.n, (self.m, self.n), device=device,
+            m = cfg.members   # all of them, on every rank: the ensemble term weights examples by their mean
+            draws = torch.randint(self.n, (m, self.n), device=device,
                                   generator=torch.Generator(device).manual_seed(cfg.data_seed + 2))
-            self.bag = torch.zeros(self.m, self.n, device=device).scatter_add_(1, draws, torch.ones(self.m, self.n, device=device))
+            self.bag = torch.zeros(m, self.n, device=device).scatter_add_(1, draws, torch.ones(m, self.n, device=device))
 
         self.epoch, self.step, self.lookahead, self.metrics = 0, 0, None, []
-        self.sam_mask = None   # SharpBalance: (M, n) bool, member j's SAM set, fixed once sam_start_epoch is reached
-        self.take_directory(resume, has_state)
+        self.sam_mask = None   # SharpBalance: (members here, n) bool, each one's SAM set, fixed once sam_start_epoch is reached
+        self.take_directory(resume, state)
         self.train_time = self.metrics[-1]['time_s'] if self.metrics else 0.0
 
-    def take_directory(self, resume, has_state):
-        """Everything is checked: now hold the run directory (one writer at a time), then read its resume
-        state or write its config.json, and remove a killed run's half-written temporaries."""
+    def take_directory(self, resume, state):
+        """Everything is checked: now hold the run directory (one writer at a time), write its config.json
+        or read its resume state, and remove a killed run's half-written temporaries. Rank 0 holds the
+        directory for the job; every rank reads its own resume state."""
+        block, error, self.lock = self.block, None, None
+        if block.rank == 0:
+            try:
+                self.lock = self.hold_directory(resume)
+            except EnsembleError as e:
+                error = e
+        block.agree(error)
+        if not (self.out / 'config.json').exists():
+            raise EnsembleError(f'rank {block.rank} does not see {self.out}/config.json that rank 0 wrote: with several '
+                                'machines, --out must be on a file system they all share')
+        if state is not None:
+            self.epoch, self.step, self.lookahead, self.sam_mask = load_state(
+                state, self.net, self.opt, self.generator, self.device)
+            lines = (self.out / 'metrics.jsonl').read_text().splitlines() if (self.out / 'metrics.jsonl').exists() else []
+            self.metrics = [json.loads(line) for line in lines][:self.epoch]
+
+    def hold_directory(self, resume):
+        """Create and lock the run directory, write config.json on a new run; returns the lock."""
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise EnsembleError(f'cannot create --out {self.out}: {e.strerror}') from None
-        self.lock = lock_run_dir(self.out)   # held as long as this object lives
+        lock = lock_run_dir(self.out)   # held as long as this object lives
         if (self.out / 'config.json').exists() and not resume:   # written meanwhile by a run that held the lock
             raise EnsembleError(f'{self.out} already holds a run: pass --out elsewhere, --resume {self.out} to '
                                 'continue it, or delete it')
-        if has_state:
-            self.epoch, self.step, self.lookahead, self.sam_mask = load_state(
-                self.out / 'state.safetensors', self.net, self.opt, self.generator, self.device)
-            lines = (self.out / 'metrics.jsonl').read_text().splitlines() if (self.out / 'metrics.jsonl').exists() else []
-            self.metrics = [json.loads(line) for line in lines][:self.epoch]
-        else:
+        if not resume:
             updates = [dict(name=g.get('name'), lr=g['initial_lr'], update='orthogonalized' if g.get('orthogonalize')
                             else 'adamw' if self.cfg.optimizer == 'adam' else 'sgd') for g in self.opt.param_groups]
+            blocks = [[b.start, b.stop] for b in self.block.blocks]
             write_json(self.out / 'config.json', {**asdict(self.cfg), 'format': FORMAT, 'model': self.spec,
-                                                  'optimizer_groups': updates, **environment(self.device)})
+                                                  'optimizer_groups': updates, 'world_size': self.block.world,
+                                                  'member_blocks': blocks, **environment(self.device)})
         for stale in self.out.glob('.*.tmp*'):   # half-written files of a killed run (atomic_write's temporaries)
             stale.unlink()
+        return lock
 
     def announce(self):
         cfg = self.cfg
         sharpness = '' if cfg.sam_rho is None else f', SAM rho={cfg.sam_rho:g}' + (
             f', SharpBalance flat_ratio={cfg.flat_ratio:g} from epoch {cfg.sam_start_epoch}' if cfg.flat_ratio else '')
-        self.console.print(f'[bold]{self.out}[/]: {self.m} member(s) of {cfg.arch} on {cfg.dataset} ({self.n} images), '
+        ranks = '' if self.block.world == 1 else f' on {self.block.world} processes'
+        self.console.print(f'[bold]{self.out}[/]: {cfg.members} member(s) of {cfg.arch} on {cfg.dataset} ({self.n} images), '
                            f'beta={cfg.beta:g}, combine={cfg.combine}{", bagging" if cfg.bagging else ""}{sharpness}, '
-                           f'{cfg.epochs:g} epochs of {self.steps_per_epoch} steps, {self.device.type}')
+                           f'{cfg.epochs:g} epochs of {self.steps_per_epoch} steps, {self.device.type}{ranks}')
         self.console.print(format_row(), soft_wrap=True)
 
     def clock(self):
@@ -1526,9 +1710,10 @@ class Training:
             self.net[1].bias.requires_grad = epoch < self.cfg.whiten_bias_epochs
         cfg = self.cfg
         if cfg.flat_ratio and epoch >= cfg.sam_start_epoch and self.sam_mask is None:   # once, on the whole training set
-            scores = sharpness_scores(self.net, self.data.x_train, self.data.y_train, self.m)
-            self.sam_mask = sharpbalance_masks(scores, cfg.flat_ratio)
-            shares = ', '.join(f'{share:.0%}' for share in self.sam_mask.float().mean(1).tolist())
+            scores = self.block.gather(sharpness_scores(self.net, self.data.x_train, self.data.y_train, self.m))
+            masks = sharpbalance_masks(scores, cfg.flat_ratio)   # every member's, from every member's scores
+            self.sam_mask = masks[self.block.start:self.block.stop]
+            shares = ', '.join(f'{share:.0%}' for share in masks.float().mean(1).tolist())
             self.console.print(f'SharpBalance from epoch {epoch}: SAM on {shares} of the training set (per member), '
                                'plain gradients on the rest')
 
@@ -1551,7 +1736,7 @@ class Training:
 
     def train_step(self, idx, x, y):
         """One optimizer step on a batch (SAM or plain), the schedule and Lookahead; returns (objective, logits)."""
-        cfg, net = self.cfg, self.net
+        cfg, net, block = self.cfg, self.net, self.block
         for g in self.opt.param_groups:
             g['lr'] = g['initial_lr'] * lr_factor(self.step, self.total_steps)
         weights = None if self.bag is None else self.bag[:, idx]
@@ -1560,8 +1745,12 @@ class Training:
             with autocast(self.device, cfg.precision):
                 return member_logits(self.forward, x, self.m)
 
-        def objective_of(logits):
-            return ensemble_objective(logits, y, cfg.beta, cfg.combine, cfg.label_smoothing, weights)[0]
+        def objective_of(logits):   # this rank's share of the objective: the shares add up to it
+            if cfg.beta == 0:   # independent members: this rank's own terms, nothing communicated
+                own = None if weights is None else weights[block.start:block.stop]
+                return ensemble_objective(logits, y, 0.0, cfg.combine, cfg.label_smoothing, own)[0]
+            everyone = block.gather(logits)   # each rank computes the whole objective: a 1/W share each
+            return ensemble_objective(everyone, y, cfg.beta, cfg.combine, cfg.label_smoothing, weights)[0] / block.world
 
         self.opt.zero_grad(set_to_none=True)
         if cfg.sam_rho is None:
@@ -1592,8 +1781,7 @@ class Training:
                    train_objective=objective_sum / count, train_loss=ce_sum / count,
                    train_acc=correct / count, train_div=div_sum / count)
         for split in ('test', 'val') if self.data.x_val is not None else ('test',):
-            x_eval, y_eval = self.data.split(split)
-            r = evaluate(self.net, x_eval, y_eval, cfg.combine, members=self.m, precision=cfg.precision)
+            r = self.evaluate(*self.data.split(split))
             row.update({f'{split}_loss': r['loss'], f'{split}_acc': r['acc'], f'{split}_div': r['div']})
             if split == 'test':
                 row.update(member_test_loss=r['member_loss'], member_test_acc=r['member_acc'])
@@ -1604,27 +1792,37 @@ class Training:
                                 f'{row["test_loss"]}); the last good epoch is kept. Lower --lr'
                                 + (' or --beta' if cfg.beta > 1 else ''))
         self.metrics.append(row)
-        lines = ''.join(json.dumps(json_safe(r), allow_nan=False) + '\n' for r in self.metrics)
-        atomic_write(self.out / 'metrics.jsonl', lambda tmp: Path(tmp).write_text(lines))
-        save_state(self.out / 'state.safetensors', self.net, self.opt, self.lookahead, self.generator, epoch + 1,
-                   self.step, self.sam_mask)
+        if self.block.rank == 0:
+            lines = ''.join(json.dumps(json_safe(r), allow_nan=False) + '\n' for r in self.metrics)
+            atomic_write(self.out / 'metrics.jsonl', lambda tmp: Path(tmp).write_text(lines))
+        current = state_path(self.out, self.block)
+        if self.block.world > 1 and current.exists():   # kept until every rank has this epoch's (state_path)
+            os.replace(current, state_path(self.out, self.block, previous=True))
+        save_state(current, self.net, self.opt, self.lookahead, self.generator, epoch + 1, self.step, self.sam_mask)
+        self.block.barrier()
+
+    def evaluate(self, x, y, tta=False):
+        """ensemble_metrics of every member (of every rank) on uint8 images."""
+        logits = self.block.gather(predict_logits(self.net, x, self.m, tta, precision=self.cfg.precision))
+        return ensemble_metrics(logits, y.to(logits.device), self.cfg.combine)
 
     def finish(self):
         """The final numbers (with airbench's six-view TTA when asked), the member files and summary.json."""
-        cfg, m = self.cfg, self.m
+        cfg, block = self.cfg, self.block
         summary = dict(self.metrics[-1], train_time_s=self.train_time, tta=bool(cfg.tta))
         if cfg.tta:
-            r = evaluate(self.net, self.data.x_test, self.data.y_test, cfg.combine, members=m, tta=True,
-                         precision=cfg.precision)
+            r = self.evaluate(self.data.x_test, self.data.y_test, tta=True)
             summary.update(test_loss=r['loss'], test_acc=r['acc'], test_div=r['div'],
                            member_test_loss=r['member_loss'], member_test_acc=r['member_acc'])
         wide = {k: v.cpu() for k, v in self.net.state_dict().items()}
-        for j, state in enumerate(split_members(wide, build_model(self.spec).state_dict())):
+        for j, state in zip(range(block.start, block.stop), split_members(wide, build_model(self.spec).state_dict())):
             save_member(self.out / f'member_{j}.safetensors', state, self.spec, member=j, seed=cfg.seed + j,
                         run=str(self.out))
-        write_json(self.out / 'summary.json', summary)
+        block.barrier()   # every member file is written before summary.json says the run is complete
+        if block.rank == 0:
+            write_json(self.out / 'summary.json', summary)
         self.console.print(f"test accuracy: ensemble {summary['test_acc']:.4f}, mean member "
-                           f"{sum(summary['member_test_acc']) / m:.4f}{' (TTA)' if cfg.tta else ''}; "
+                           f"{sum(summary['member_test_acc']) / cfg.members:.4f}{' (TTA)' if cfg.tta else ''}; "
                            f'{self.train_time:.1f} s of training; wrote {self.out}/')
         if self.lock is not None:
             self.lock.close()   # the directory is complete: another command may write it now
@@ -1642,7 +1840,7 @@ def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = Non
     for epoch in range(run.epoch, run.epochs):
         start = run.clock()
         run.begin_epoch(epoch)
-        log, steps = TrainingLog(run.cfg.combine), run.steps_in_epoch()
+        log, steps = TrainingLog(run.cfg.combine, run.block), run.steps_in_epoch()
         with Progress(TextColumn(f'epoch {epoch}'), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=console, transient=True, disable=console.quiet or not console.is_terminal) as bar:
             task = bar.add_task('train', total=steps)
@@ -1724,6 +1922,9 @@ def command():
             train(Config(**options))
         except EnsembleError as e:
             cli_error(e)
+        finally:   # under torchrun: leave the job's process group cleanly
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
     params = []
     for f in fields(Config):
