@@ -106,3 +106,17 @@ def test_a_killed_rank_takes_the_job_down_and_resume_finishes_it_with_the_same_w
     assert [json.loads(line)['epoch'] for line in (out / 'metrics.jsonl').read_text().splitlines()] == [0, 1, 2]
     assert sorted(p.name for p in out.glob('state*')) == ['state.rank0.previous.safetensors', 'state.rank0.safetensors',
                                                         'state.rank1.previous.safetensors', 'state.rank1.safetensors']
+
+
+def test_when_rank_0_cannot_take_the_run_directory_every_rank_stops_at_once(tmp_path):
+    out = tmp_path / 'busy'
+    out.mkdir()
+    lock = te.lock_run_dir(out)   # another writer holds it
+    try:
+        start = time.perf_counter()
+        result = torchrun(arguments({**TINY, 'members': 2, 'beta': 1.0, 'out': out}))
+    finally:
+        lock.close()
+    assert result.returncode != 0 and time.perf_counter() - start < 60
+    assert 'is being written by' in result.stderr and 'another rank stopped' in result.stderr
+    assert not (out / 'config.json').exists()
