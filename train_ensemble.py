@@ -1580,7 +1580,10 @@ class Training:
         self.data = data = load_run_data(checked, device)
         self.cfg = cfg = resolve_config(cfg, data)   # the defaults that depend on the data (augment: 3 channels)
         self.out = Path(cfg.out)
-        self.console = console if block.rank == 0 else type(console)(quiet=True)   # rank 0 speaks for the job
+        if block.rank > 0:   # rank 0 speaks for the job
+            from rich.console import Console
+            console = Console(quiet=True)
+        self.console = console
         if (self.out / 'config.json').exists() and not resume:
             raise EnsembleError(f'{self.out} already holds a run: pass --out elsewhere, --resume {self.out} to '
                                 'continue it, or delete it')
@@ -1597,7 +1600,7 @@ class Training:
             raise EnsembleError(f'{self.out} was trained by {world} process(es), this is {block.world}: resume it '
                                 f'with as many ({how})')
         state = block.resume_state(self.out) if resume else None   # none yet: start over, same seeds
-        self.m, self.n = len(block.blocks[block.rank]), len(data.y_train)   # this rank's members, the images
+        self.m, self.n = block.stop - block.start, len(data.y_train)   # this rank's members, the images
         self.batch_size = min(cfg.batch_size, self.n)
         self.steps_per_epoch = self.n // self.batch_size
         self.total_steps, self.epochs = math.ceil(self.steps_per_epoch * cfg.epochs), math.ceil(cfg.epochs)
@@ -1606,7 +1609,7 @@ class Training:
 
         net = build_model(self.spec, members=self.m)
         if state is None:
-            states = initial_member_states(cfg, self.spec, data, block.blocks[block.rank])
+            states = initial_member_states(cfg, self.spec, data, range(block.start, block.stop))
             net.load_state_dict(stack_members(states, net.state_dict()))
         self.net = net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
         self.opt = optimizer_for(self.net, cfg)
