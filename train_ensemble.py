@@ -1153,25 +1153,32 @@ class MemberBlock:
         dist.all_reduce(value)
         return value
 
-    def barrier(self):
+    def agree(self, work, ranks='all'):
+        """work() on every rank (ranks='all') or on rank 0 only (ranks=0), then wait for the others: if it
+        failed anywhere (EnsembleError, or OSError from the file system), every rank raises, so that none
+        is left waiting in a later collective for one that stopped. Returns work()'s result (None on the
+        ranks that did not run it). Every write of the run directory goes through here."""
+        result, error = None, None
+        if ranks == 'all' or self.rank == ranks:
+            try:
+                result = work()
+            except EnsembleError as e:
+                error = e
+            except OSError as e:
+                error = EnsembleError(f'{e.filename or "file system"}: {e.strerror or e}')
         if self.world > 1:
-            import torch.distributed as dist
-            dist.barrier()
-
-    def agree(self, error):
-        """Raise on every rank if any rank raised: error is this rank's EnsembleError or None. Keeps a rank
-        from waiting in a later collective for one that has stopped."""
-        failed = self.sum(torch.tensor([float(error is not None)], device=self.device))
+            failed = self.sum(torch.tensor([float(error is not None)], device=self.device))
+            if error is None and failed.item():
+                error = EnsembleError('another rank stopped with an error (its message is above)')
         if error is not None:
             raise error
-        if failed.item():
-            raise EnsembleError('another rank stopped with an error (its message is above)')
+        return result
 
     def resume_state(self, out):
         """The resume-state file this rank continues from: the last epoch every rank has a state of (see
         state_path), or None to start over. Reads only: the files are tidied once the run directory is held."""
         current, previous = state_path(out, self), state_path(out, self, previous=True)
-        epochs = {state_epoch(p): p for p in (previous, current) if p.exists()}
+        epochs = self.agree(lambda: {state_epoch(p): p for p in (previous, current) if p.exists()})
         common = set(epochs)
         if self.world > 1:
             mine = torch.tensor([-1, -1] + sorted(epochs))[-2:].to(self.device)
@@ -1577,20 +1584,15 @@ class Training:
         checked = resolve_config(cfg)   # every option checked before the data is loaded
         self.block = block = MemberBlock.from_environment(checked.members)   # this process's members
         self.device = device = block.connect(resolve_device(checked.device))
-        self.data = data = load_run_data(checked, device)
+        data = block.agree(lambda: load_run_data(checked, device), ranks=0)   # a first download: by one rank
+        self.data = data = data or load_run_data(checked, device)   # the others read what it cached
         self.cfg = cfg = resolve_config(cfg, data)   # the defaults that depend on the data (augment: 3 channels)
         self.out = Path(cfg.out)
         if block.rank > 0:   # rank 0 speaks for the job
             from rich.console import Console
             console = Console(quiet=True)
         self.console = console
-        if (self.out / 'config.json').exists() and not resume:
-            raise EnsembleError(f'{self.out} already holds a run: pass --out elsewhere, --resume {self.out} to '
-                                'continue it, or delete it')
-        if self.out.exists() and not self.out.is_dir():
-            raise EnsembleError(f'--out {self.out} is a file, not a directory')
-        if resume and (self.out / 'summary.json').exists():
-            raise EnsembleError(f'{self.out} is already complete (it has summary.json); nothing to resume')
+        block.agree(lambda: self.check_directory(resume), ranks=0)   # before rank 0 writes config.json
         self.spec = check_model_spec(read_config(self.out).get('model'), self.out / 'config.json') if resume \
             else model_spec(cfg, data)
         world = read_config(self.out).get('world_size', 1) if resume else block.world
@@ -1636,28 +1638,39 @@ class Training:
         self.take_directory(resume, state)
         self.train_time = self.metrics[-1]['time_s'] if self.metrics else 0.0
 
+    def check_directory(self, resume):
+        if (self.out / 'config.json').exists() and not resume:
+            raise EnsembleError(f'{self.out} already holds a run: pass --out elsewhere, --resume {self.out} to '
+                                'continue it, or delete it')
+        if self.out.exists() and not self.out.is_dir():
+            raise EnsembleError(f'--out {self.out} is a file, not a directory')
+        if resume and (self.out / 'summary.json').exists():
+            raise EnsembleError(f'{self.out} is already complete (it has summary.json); nothing to resume')
+
     def take_directory(self, resume, state):
         """Everything is checked: now hold the run directory (one writer at a time), write its config.json
         or read its resume state, and remove a killed run's half-written temporaries. Rank 0 holds the
         directory for the job; every rank reads its own resume state."""
-        block, error, self.lock = self.block, None, None
-        if block.rank == 0:
-            try:
-                self.lock = self.hold_directory(resume)
-            except EnsembleError as e:
-                error = e
-        block.agree(error)
+        block = self.block
+        self.lock = block.agree(lambda: self.hold_directory(resume), ranks=0)
+        block.agree(lambda: self.read_state(state))
+
+    def read_state(self, state):
+        """This rank's part of the resume state (none: start over, dropping what an earlier attempt left)."""
+        current, previous = state_path(self.out, self.block), state_path(self.out, self.block, previous=True)
         if not (self.out / 'config.json').exists():
-            raise EnsembleError(f'rank {block.rank} does not see {self.out}/config.json that rank 0 wrote: with several '
-                                'machines, --out must be on a file system they all share')
-        if state is not None:
-            if state != state_path(self.out, block):   # continuing from the previous epoch's state: the next
-                os.replace(state, state_path(self.out, block))   # epoch's, on this rank only, is dropped
-                state = state_path(self.out, block)
-            self.epoch, self.step, self.lookahead, self.sam_mask = load_state(
-                state, self.net, self.opt, self.generator, self.device)
-            lines = (self.out / 'metrics.jsonl').read_text().splitlines() if (self.out / 'metrics.jsonl').exists() else []
-            self.metrics = [json.loads(line) for line in lines][:self.epoch]
+            raise EnsembleError(f'rank {self.block.rank} does not see {self.out}/config.json that rank 0 wrote: with '
+                                'several machines, --out must be on a file system they all share')
+        if state is None:   # states an earlier attempt left on this rank would mix with this attempt's
+            current.unlink(missing_ok=True)
+            previous.unlink(missing_ok=True)
+            return
+        if state != current:   # continuing from the previous epoch's state: the next one, on this rank only, is dropped
+            os.replace(state, current)
+        self.epoch, self.step, self.lookahead, self.sam_mask = load_state(
+            current, self.net, self.opt, self.generator, self.device)
+        lines = (self.out / 'metrics.jsonl').read_text().splitlines() if (self.out / 'metrics.jsonl').exists() else []
+        self.metrics = [json.loads(line) for line in lines][:self.epoch]
 
     def hold_directory(self, resume):
         """Create and lock the run directory, write config.json on a new run; returns the lock."""
@@ -1787,14 +1800,15 @@ class Training:
                                 f'{row["test_loss"]}); the last good epoch is kept. Lower --lr'
                                 + (' or --beta' if cfg.beta > 1 else ''))
         self.metrics.append(row)
-        if self.block.rank == 0:
-            lines = ''.join(json.dumps(json_safe(r), allow_nan=False) + '\n' for r in self.metrics)
-            atomic_write(self.out / 'metrics.jsonl', lambda tmp: Path(tmp).write_text(lines))
+        lines = ''.join(json.dumps(json_safe(r), allow_nan=False) + '\n' for r in self.metrics)
+        self.block.agree(lambda: atomic_write(self.out / 'metrics.jsonl', lambda tmp: Path(tmp).write_text(lines)), ranks=0)
+        self.block.agree(lambda: self.write_state(epoch + 1))   # no rank goes on before every rank has its state
+
+    def write_state(self, epoch):
         current = state_path(self.out, self.block)
         if self.block.world > 1 and current.exists():   # kept until every rank has this epoch's (state_path)
             os.replace(current, state_path(self.out, self.block, previous=True))
-        save_state(current, self.net, self.opt, self.lookahead, self.generator, epoch + 1, self.step, self.sam_mask)
-        self.block.barrier()
+        save_state(current, self.net, self.opt, self.lookahead, self.generator, epoch, self.step, self.sam_mask)
 
     def evaluate(self, x, y, tta=False):
         """ensemble_metrics of every member (of every rank) on uint8 images."""
@@ -1810,12 +1824,12 @@ class Training:
             summary.update(test_loss=r['loss'], test_acc=r['acc'], test_div=r['div'],
                            member_test_loss=r['member_loss'], member_test_acc=r['member_acc'])
         wide = {k: v.cpu() for k, v in self.net.state_dict().items()}
-        for j, state in zip(range(block.start, block.stop), split_members(wide, build_model(self.spec).state_dict())):
-            save_member(self.out / f'member_{j}.safetensors', state, self.spec, member=j, seed=cfg.seed + j,
-                        run=str(self.out))
-        block.barrier()   # every member file is written before summary.json says the run is complete
-        if block.rank == 0:
-            write_json(self.out / 'summary.json', summary)
+        states = split_members(wide, build_model(self.spec).state_dict())
+        block.agree(lambda: [save_member(self.out / f'member_{j}.safetensors', state, self.spec, member=j,
+                                         seed=cfg.seed + j, run=str(self.out))
+                             for j, state in zip(range(block.start, block.stop), states)])
+        # every member file is written before summary.json says the run is complete
+        block.agree(lambda: write_json(self.out / 'summary.json', summary), ranks=0)
         self.console.print(f"test accuracy: ensemble {summary['test_acc']:.4f}, mean member "
                            f"{sum(summary['member_test_acc']) / cfg.members:.4f}{' (TTA)' if cfg.tta else ''}; "
                            f'{self.train_time:.1f} s of training; wrote {self.out}/')
@@ -1837,7 +1851,7 @@ def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = Non
         run.begin_epoch(epoch)
         log, steps = TrainingLog(run.cfg.combine, run.block), run.steps_in_epoch()
         with Progress(TextColumn(f'epoch {epoch}'), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=console, transient=True, disable=console.quiet or not console.is_terminal) as bar:
+                      console=run.console, transient=True, disable=run.console.quiet or not run.console.is_terminal) as bar:
             task = bar.add_task('train', total=steps)
             for idx, x, y in run.batches(epoch):
                 objective, logits = run.train_step(idx, x, y)
