@@ -3,6 +3,7 @@ airbench and resnet18 at width 1 on CIFAR-shaped inputs. Prints one table row pe
 
     python benchmarks/bench_rebasin.py                       # both architectures, N = 12
     python benchmarks/bench_rebasin.py --arch airbench --threads 1 --models 4
+    python benchmarks/bench_rebasin.py --arch resnet50 --threads 1    # scale: torchvision's ResNet-50 pair, 25.6M parameters
 
 Networks are freshly initialized members (train_ensemble.init_member, different seeds): timing depends on
 sizes and sweep counts, not on training. Three pairs: two inits (airbench's identity-initialized convs make
@@ -45,9 +46,30 @@ def gaussian(state, seed):
             for k, v in state.items()}
 
 
+def scale(device):
+    """Spec tracing + weight matching of two torchvision ResNet-50s (random weights: timing depends on sizes),
+    and the process's peak memory (run it alone: the peak is the whole process's)."""
+    import resource
+    import torchvision
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(torchvision.models.resnet50(weights=None))
+    start = time.perf_counter()
+    spec = rebasin.permutation_spec(nets[0], torch.zeros(1, 3, 224, 224))
+    spec_s = time.perf_counter() - start
+    perm = rebasin.weight_matching(spec, nets[0].state_dict(), nets[1].state_dict(), device=device)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
+    print(f'{"resnet50":10} {"match 2 inits":22} {seconds:8.2f} {spec_s:7.2f} {len(perm.objective) - 1:14d}  '
+          f'{len(spec.perms)} permutations, {sum(p.numel() for p in nets[0].parameters()) / 1e6:.1f}M parameters, '
+          f'peak memory {peak:.2f} GiB', flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--arch', choices=['airbench', 'resnet18', 'all'], default='all')
+    parser.add_argument('--arch', choices=['airbench', 'resnet18', 'resnet50', 'all'], default='all',
+                        help="'all' is airbench and resnet18; resnet50 (the scale test) runs alone")
     parser.add_argument('--models', type=int, default=12, help='networks merged by MergeMany (0 skips it)')
     parser.add_argument('--threads', type=int, default=None,
                         help="torch CPU threads (default: torch's own choice; 1 is steadier on a busy machine)")
@@ -58,6 +80,8 @@ def main():
     print(f'device {args.device}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}, '
           f'torch {torch.__version__}')
     print(f"{'arch':10} {'case':22} {'seconds':>8} {'spec s':>7} {'sweeps/passes':>14}  result")
+    if args.arch == 'resnet50':
+        return scale(args.device)
     for arch in (['airbench', 'resnet18'] if args.arch == 'all' else [args.arch]):
         spec, nets = networks(arch, max(2, args.models))
         states = [net.state_dict() for net in nets]
