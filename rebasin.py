@@ -487,6 +487,72 @@ def weight_matching(spec, params_a, params_b, max_iter=MAX_SWEEPS, seed=0, init=
     return Permutation({p: q.cpu() for p, q in perm.items()}, history)
 
 
+def _output_permutations(spec, model):
+    """{module name: the permutation of its output channels} for every Conv, Linear and norm layer whose
+    outputs some permutation reorders: the tensors activation matching correlates."""
+    found = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, LAYERS) or f'{name}.weight' not in spec.axes and f'{name}.bias' not in spec.axes:
+            continue
+        key, axis = (f'{name}.weight', 1 if getattr(m, 'transposed', False) else 0) if f'{name}.weight' in spec.axes \
+            else (f'{name}.bias', 0)
+        p = spec.axes[key][axis] if len(spec.axes[key]) > axis else None
+        if p is not None:
+            found[name] = p
+    return found
+
+
+@torch.no_grad()
+def activation_matching(spec, model_a, model_b, batches, device=None):
+    """The Permutation of B's channels that maximizes, for each permutation on its own, the summed
+    correlation of A's and B's activations channel by channel (Ainsworth et al. 2022, activation
+    matching): both models run in eval mode on the same batches (an iterable of input tensors), the
+    outputs of every Conv, Linear and norm layer a permutation acts on are correlated channel with
+    channel (Pearson, over examples and positions, accumulated in float64), and a residual stream sums
+    the correlations of every layer that writes into it. Memory: the (n x n) statistics of each layer,
+    never the activations. The outputs are pre-activations (before the nonlinearity that follows)."""
+    device = _device(device)
+    layers = _output_permutations(spec, model_a)
+    if not layers:
+        raise RebasinError('activation matching found no layer whose outputs a permutation reorders')
+    stats, seen = {}, {}
+
+    def hook(side, name):
+        def record(module, inputs, out):
+            seen[side, name] = out.detach().transpose(0, 1).reshape(out.size(1), -1).double()
+        return record
+
+    handles = [(m.get_submodule(name)).register_forward_hook(hook(side, name))
+               for side, m in (('a', model_a), ('b', model_b)) for name in layers]
+    try:
+        with _eval_mode(model_a), _eval_mode(model_b):
+            for x in batches:
+                x = x.to(device)
+                model_a(x)
+                model_b(x)
+                for name in layers:   # sums of a, b, a², b², a·bᵀ and the count, per layer
+                    a, b = seen.pop(('a', name)), seen.pop(('b', name))
+                    terms = (a.sum(1), b.sum(1), (a * a).sum(1), (b * b).sum(1), a @ b.T, a.size(1))
+                    stats[name] = terms if name not in stats else tuple(s + t for s, t in zip(stats[name], terms))
+    finally:
+        for h in handles:
+            h.remove()
+    if not stats:
+        raise RebasinError('activation matching needs at least one batch of inputs')
+    cost = {p: torch.zeros(n, n, dtype=torch.float64, device=device) for p, n in spec.perms.items()}
+    for name, (sa, sb, saa, sbb, sab, count) in stats.items():
+        mean_a, mean_b = sa / count, sb / count
+        std_a = (saa / count - mean_a ** 2).clamp_min(0).sqrt()
+        std_b = (sbb / count - mean_b ** 2).clamp_min(0).sqrt()
+        covariance = sab / count - torch.outer(mean_a, mean_b)
+        cost[layers[name]] += covariance / (torch.outer(std_a, std_b) + 1e-12)   # a constant channel correlates 0
+    perm = {}
+    for p, c in cost.items():
+        _, cols = linear_sum_assignment(c.cpu().numpy(), maximize=True)
+        perm[p] = torch.as_tensor(cols)
+    return Permutation(perm)
+
+
 #############################################
 #                 MergeMany                 #
 #############################################
@@ -699,6 +765,20 @@ def _permutation_spec_of(model_spec):
     return net, permutation_spec(net, torch.zeros(1, model_spec['in_channels'], size, size))
 
 
+def _module(model_spec, state, device):
+    net = _te().build_model(model_spec)
+    net.load_state_dict(state)
+    return net.to(device).eval()
+
+
+METHODS = ('weight', 'activation')
+
+
+def _check_method(method):
+    if method not in METHODS:
+        raise RebasinError(f"unknown --method '{method}': use weight (weight matching) or activation (activation matching)")
+
+
 def _data_options(source, dataset, data_dir):
     """The data options of the run a model came from (its config.json), with the command line's overrides."""
     config_path = (source if source.is_dir() else source.parent) / 'config.json'
@@ -813,33 +893,47 @@ def _add_align(app, typer):
         a: Path = typer.Argument(..., help='The reference: a member file, or a run directory (its member_0).'),
         b: Path = typer.Argument(..., help='The models to permute: a member file, or a run directory (every member).'),
         out: Optional[Path] = typer.Option(None, help='Output run directory (default: runs/<B>_aligned).'),
+        method: str = typer.Option('weight', help="weight: weight matching; activation: match channels by the "
+                                                  "correlation of their activations on training images."),
         max_iter: int = typer.Option(MAX_SWEEPS, help='Most weight-matching sweeps over all permutations.'),
         seed: int = typer.Option(0, help='Seed of the random order of the permutations within a sweep.'),
+        dataset: Optional[str] = typer.Option(None, help="--method activation: training data (default: B's run's)."),
+        data_dir: Optional[Path] = typer.Option(None, help="Where that dataset lives (default: the source run's, else data/)."),
+        examples: int = typer.Option(BN_EXAMPLES, help='--method activation: training images whose activations are correlated.'),
+        batch_size: int = typer.Option(BN_BATCH, help='--method activation: batch size of those passes.'),
         device: str = typer.Option('auto', help='Where cost matrices are built: auto (cuda if available), cpu or cuda.'),
         force: bool = typer.Option(False, '--force', help='Replace --out if it already exists.'),
     ):
-        """Permute B's members into A's basin by weight matching. Each output member computes exactly the same
-        function as its source; only the order of its hidden channels changes."""
+        """Permute B's members into A's basin by weight matching (or activation matching). Each output member
+        computes exactly the same function as its source; only the order of its hidden channels changes."""
         from rich.console import Console
         with _user_errors():
             te, start = _te(), time.perf_counter()
             out = _check_out(out or Path('runs') / f'{b.name if b.is_dir() else b.parent.name + "_" + b.stem}_aligned', force)
+            _check_method(method)
             ref, models, dev = _load_models([a])[0], _load_models([b]), te.resolve_device(device)
             _, spec = _permutation_spec_of(ref.model_spec)
             check_compatible(spec, [ref.state] + [m.state for m in models], [str(m.path) for m in [ref] + models])
+            data = _data_options(b, dataset, data_dir)
+            if method == 'activation':
+                batches = _training_batches(data, ref.model_spec, examples, batch_size, dev)
             keys, states, members = _matched_keys(spec, ref.state), [], []
             for m in models:
-                perm = weight_matching(spec, ref.state, m.state, max_iter, seed, device=dev)
+                perm = (weight_matching(spec, ref.state, m.state, max_iter, seed, device=dev) if method == 'weight' else
+                        activation_matching(spec, _module(ref.model_spec, ref.state, dev),
+                                            _module(m.model_spec, m.state, dev), batches, dev))
                 states.append(apply_permutation(spec, perm, m.state))
                 dist = [math.sqrt(_sq_distance({k: ref.state[k] for k in keys}, s)) for s in (m.state, states[-1])]
                 members.append(dict(source=str(m.path), sweeps=len(perm.objective) - 1, objective=perm.objective,
                                     distance_before=dist[0], distance_after=dist[1],
                                     channels_moved=sum(int((q != torch.arange(len(q))).sum()) for q in perm.values())))
+                how = f'after {members[-1]["sweeps"]} sweep(s)' if method == 'weight' else f'by activations on {examples} images'
                 Console(soft_wrap=True).print(
-                    f'{m.path}: ‖A − B‖ {dist[0]:.4g} -> {dist[1]:.4g} after {members[-1]["sweeps"]} sweep(s), '
+                    f'{m.path}: ‖A − B‖ {dist[0]:.4g} -> {dist[1]:.4g} {how}, '
                     f'{members[-1]["channels_moved"]} of {sum(spec.perms.values())} channels moved')
-            config = dict(command='align', reference=str(ref.path), sources=[str(m.path) for m in models], model=ref.model_spec,
-                          seed=seed, max_iter=max_iter, members=members, **_data_options(b, None, None),
+            config = dict(command='align', method=method, reference=str(ref.path), sources=[str(m.path) for m in models],
+                          model=ref.model_spec, seed=seed, max_iter=max_iter, members=members, **data,
+                          examples=examples if method == 'activation' else None,
                           time_s=time.perf_counter() - start, **te.environment(dev))
             _write_run(out, states, config['sources'], ref.model_spec, config, force)
             Console(soft_wrap=True).print(f'wrote {out}')
@@ -851,13 +945,16 @@ def _add_merge(app, typer):
     def merge(
         models: List[Path] = typer.Argument(..., help='Member files or run directories (every member is merged).'),
         out: Optional[Path] = typer.Option(None, help='Output run directory (default: runs/merge_<N>).'),
+        method: str = typer.Option('weight', help='weight: MergeMany; activation: every model aligned to the first by '
+                                                  'activation matching (on --examples training images), then averaged.'),
+        examples: int = typer.Option(BN_EXAMPLES, help='--method activation: training images whose activations are correlated.'),
         max_iter: int = typer.Option(MAX_SWEEPS, help='Most weight-matching sweeps per alignment step.'),
         max_passes: int = typer.Option(MAX_PASSES, help='Most MergeMany passes over all models.'),
         tol: float = typer.Option(PASS_TOL, help='Stop when a pass shrinks the total distance by less than this fraction.'),
         seed: int = typer.Option(0, help='Seed of the random orders (models within a pass, permutations within a sweep).'),
         reset_bn_: bool = typer.Option(False, '--reset-bn', help='Recompute the merged BatchNorm statistics on training data.'),
         repair_: bool = typer.Option(False, '--repair', help="REPAIR: give each channel the mean of the models' channel mean and std."),
-        dataset: Optional[str] = typer.Option(None, help="Training data for --reset-bn/--repair (default: the first source run's)."),
+        dataset: Optional[str] = typer.Option(None, help="Training data for --reset-bn/--repair/--method activation (default: the first source run's)."),
         data_dir: Optional[Path] = typer.Option(None, help="Where that dataset lives (default: the source run's, else data/)."),
         bn_examples: int = typer.Option(BN_EXAMPLES, help='Training images that --reset-bn/--repair average over.'),
         batch_size: int = typer.Option(BN_BATCH, help='Batch size of those passes.'),
@@ -874,6 +971,7 @@ def _add_merge(app, typer):
                 raise RebasinError(f'merge needs at least two models; {", ".join(map(str, models))} hold {len(found)}')
             if reset_bn_ and repair_:
                 raise RebasinError('--reset-bn and --repair are alternatives (--repair also recomputes the statistics)')
+            _check_method(method)
             out = _check_out(out or Path('runs') / f'merge_{len(found)}', force)
             net, spec = _permutation_spec_of(found[0].model_spec)
             check_compatible(spec, [m.state for m in found], [str(m.path) for m in found])
@@ -882,6 +980,8 @@ def _add_merge(app, typer):
             dev, data, distance = te.resolve_device(device), _data_options(models[0], dataset, data_dir), []
             if reset_bn_ or repair_:   # load the data first: fail before the long part
                 batches = _training_batches(data, found[0].model_spec, bn_examples, batch_size, dev)
+            if method == 'activation':
+                activations = _training_batches(data, found[0].model_spec, examples, batch_size, dev)
 
             def progress(record):
                 if 'distance' in record:
@@ -889,7 +989,13 @@ def _add_merge(app, typer):
                     console.print(f"{'start' if record['pass'] == 0 else 'pass ' + str(record['pass'])}: "
                                   f"Σ‖θ_i − mean of the others‖² = {record['distance']:.6g}")
 
-            merged, perms = merge_many(spec, [m.state for m in found], max_iter, seed, dev, max_passes, tol, progress)
+            if method == 'weight':
+                merged, perms = merge_many(spec, [m.state for m in found], max_iter, seed, dev, max_passes, tol, progress)
+            else:
+                first = _module(found[0].model_spec, found[0].state, dev)
+                perms = [identity_permutation(spec)] + [activation_matching(
+                    spec, first, _module(m.model_spec, m.state, dev), activations, dev) for m in found[1:]]
+                merged = average([apply_permutation(spec, q, m.state) for q, m in zip(perms, found)])
             if reset_bn_ or repair_:
                 net.load_state_dict(merged)
                 net.to(dev)
@@ -897,14 +1003,14 @@ def _add_merge(app, typer):
                 for end, m, q in zip(ends, found, perms):
                     end.load_state_dict(apply_permutation(spec, q, m.state))
                 merged = repair_many(ends, [1 / len(ends)] * len(ends), net, batches) if repair_ else reset_bn(net, batches)
-            config = dict(command='merge', sources=[str(m.path) for m in found], model=found[0].model_spec, seed=seed,
-                          max_iter=max_iter, max_passes=max_passes, tol=tol, passes=len(distance) - 1, distance=distance,
+            config = dict(command='merge', method=method, sources=[str(m.path) for m in found], model=found[0].model_spec, seed=seed,
+                          max_iter=max_iter, max_passes=max_passes, tol=tol, passes=len(distance) - 1 if distance else None, distance=distance,
                           sweeps=[len(q.objective) - 1 for q in perms], reset_bn=reset_bn_, repair=repair_,
                           bn_examples=bn_examples if reset_bn_ or repair_ else None, **data,
                           time_s=time.perf_counter() - start, **te.environment(dev))
             _write_run(out, [merged], [config['sources']], found[0].model_spec, config, force)
-            console.print(f'merged {len(found)} models in {len(distance) - 1} passes, {time.perf_counter() - start:.1f} s: '
-                          f'wrote {out}')
+            how = f'in {len(distance) - 1} passes' if method == 'weight' else f'by activations on {examples} images'
+            console.print(f'merged {len(found)} models {how}, {time.perf_counter() - start:.1f} s: wrote {out}')
 
 
 if __name__ == '__main__':

@@ -78,6 +78,31 @@ def fastest(repeats, fn):
     return best, result
 
 
+def methods(run, models, spec, pairs, repeats, examples=rebasin.BN_EXAMPLES):
+    """Weight against activation matching on each pair: seconds, and the midpoint's test loss and accuracy
+    (the interpolation barrier's worst point for these networks), beside the unaligned midpoint's."""
+    data = te.load_run_data(te.read_config(run), download=False)
+    batches = [te.to_float_images(data.x_train[i:i + rebasin.BN_BATCH]) for i in range(0, examples, rebasin.BN_BATCH)]
+    nets = [rebasin._module(m.model_spec, m.state, 'cpu') for m in models]
+    net = rebasin._module(models[0].model_spec, models[0].state, 'cpu')
+
+    def midpoint(a, b):
+        net.load_state_dict(rebasin.average([a, b]))
+        r = te.evaluate([net], data.x_test, data.y_test)
+        return f"{r['loss']:.3f} / {r['acc']:.4f}"
+
+    table = Table(title=f'weight vs activation matching ({examples} training images), midpoint test loss / accuracy')
+    for col in ['pair', 'unaligned midpoint', 'weight: s', 'weight: midpoint', 'activation: s', 'activation: midpoint']:
+        table.add_column(col, justify='right')
+    for i, j in pairs:
+        a, b = models[i].state, models[j].state
+        w_s, w = fastest(repeats, lambda: rebasin.weight_matching(spec, a, b, device='cpu'))
+        a_s, act = fastest(repeats, lambda: rebasin.activation_matching(spec, nets[i], nets[j], batches, 'cpu'))
+        table.add_row(f'{i}-{j}', midpoint(a, b), f'{w_s:.2f}', midpoint(a, rebasin.apply_permutation(spec, w, b)),
+                      f'{a_s:.2f}', midpoint(a, rebasin.apply_permutation(spec, act, b)))
+    return table
+
+
 def main(
     run: str = typer.Option('runs/bench_matching_mlp', help='A finished run of 4+ MLP members; trained here if missing.'),
     repeats: int = typer.Option(3, help='Timed calls of each; the fastest counts (shared machines are noisy).'),
@@ -107,12 +132,13 @@ def main(
         table.add_row(f'ours, {i}-{j}', f'{ours_s:.2f}', str(len(ours.objective) - 1),
                       f'{objective(spec, ours, states[i], states[j]):.3f}', f'{ours_s / ref_s:.2f}')
     table.add_row(f'all {len(pairs)} pairs', f'{ours_total:.2f} / {ref_total:.2f}', '', '', f'{ours_total / ref_total:.2f}')
+    console.print(table)
+    console.print(methods(run, models, spec, pairs, repeats))
     passes = []
     merge_s, _ = fastest(1, lambda: rebasin.merge_many(spec, states[:4], device='cpu', progress=lambda r: passes.append(r)
                                                        if 'distance' in r else None))
-    table.add_row('ours, MergeMany of 4', f'{merge_s:.2f}', str(len(passes) - 1),
-                  f"Σ distance² {passes[0]['distance']:.1f} -> {passes[-1]['distance']:.1f}", '')
-    console.print(table)
+    console.print(f"MergeMany of 4: {merge_s:.2f} s, {len(passes) - 1} passes, "
+                  f"Σ distance² {passes[0]['distance']:.1f} -> {passes[-1]['distance']:.1f}")
 
 
 if __name__ == '__main__':

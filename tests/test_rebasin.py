@@ -371,6 +371,14 @@ def test_cli_spec_align_and_merge_write_runs_that_load(tmp_path):
     assert config['sources'] == [str(r / 'member_0.safetensors') for r in runs] and config['passes'] >= 1
     assert config['reset_bn'] and config['dataset'] == 'fashion-mnist' and config['subset'] == 500
     te.load_member(tmp_path / 'merged' / 'member_0.safetensors')
+    result = cli('align', runs[0], runs[1], '--out', tmp_path / 'by_activation', '--method', 'activation', '--examples', 200)
+    assert result.exit_code == 0, result.output
+    by_activation = te.load_member(tmp_path / 'by_activation' / 'member_0.safetensors')
+    torch.testing.assert_close(by_activation(x), te.load_member(runs[1] / 'member_0.safetensors')(x))
+    assert json.loads((tmp_path / 'by_activation' / 'config.json').read_text())['method'] == 'activation'
+    result = cli('merge', *runs, '--out', tmp_path / 'merged_by_activation', '--method', 'activation', '--examples', 200)
+    assert result.exit_code == 0 and 'by activations on 200 images' in result.output, result.output
+    assert one_line_error(cli('align', runs[0], runs[1], '--out', tmp_path / 'no', '--method', 'magic')).count('--method')
 
 
 def one_line_error(result):
@@ -418,3 +426,36 @@ def test_every_command_documents_itself():
         result = cli(command, '--help')
         assert result.exit_code == 0 and 'Usage' in result.output
     assert '--reset-bn' in cli('merge', '--help').output and '--repair' in cli('merge', '--help').output
+
+
+#############################################
+#           Activation matching             #
+#############################################
+
+@pytest.mark.parametrize('arch', ['mlp', 'airbench', 'resnet18'])
+def test_activation_matching_recovers_a_planted_permutation_exactly(arch):
+    """B = π(A): the correlation of A's channel i with B's channel π⁻¹(i) is 1, and activation matching
+    finds every permutation, residual streams included, from 64 images."""
+    spec_ = model_spec(arch, hidden=[64, 32], image_size=8) if arch == 'mlp' else model_spec(arch)
+    x = images(spec_, 64)
+    a = warm_up_batchnorm(member(spec_, 0), x)
+    spec = rebasin.permutation_spec(a, x[:1])
+    planted = rebasin.random_permutation(spec, seed=3)
+    b = load(a, rebasin.apply_permutation(spec, planted, params(a)))
+    perm = rebasin.activation_matching(spec, a, b, [x[:32], x[32:]], device='cpu')
+    assert all(torch.equal(perm[p][planted[p]], torch.arange(n)) for p, n in spec.perms.items())
+    restored = rebasin.apply_permutation(spec, perm, params(b))
+    assert all(torch.equal(restored[k], v) for k, v in params(a).items())
+
+
+def test_activation_matching_finds_the_units_of_a_noisy_copy_and_needs_data():
+    torch.manual_seed(0)
+    a, _, spec = mlp_pair(hidden=(64, 32))
+    x = images(model_spec('mlp', image_size=8), 256)
+    planted = rebasin.random_permutation(spec, seed=4)
+    noisy = {k: v + 0.01 * v.std() * torch.randn_like(v) if v.is_floating_point() else v for k, v in params(a).items()}
+    b = load(a, rebasin.apply_permutation(spec, planted, noisy))
+    perm = rebasin.activation_matching(spec, a, b, [x])
+    assert all(torch.equal(perm[p][planted[p]], torch.arange(n)) for p, n in spec.perms.items())
+    with pytest.raises(rebasin.RebasinError, match='at least one batch'):
+        rebasin.activation_matching(spec, a, b, [])
