@@ -811,6 +811,15 @@ def read_config(run_dir):
         raise EnsembleError(f'{path} is not valid JSON ({e})') from None
 
 
+def read_metrics(run_dir):
+    """A run directory's metrics.jsonl as a list of per-epoch dicts ([] when there is none)."""
+    path = Path(run_dir) / 'metrics.jsonl'
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    except json.JSONDecodeError as e:
+        raise EnsembleError(f'{path} is not valid JSON lines ({e})') from None
+
+
 def is_our_run_dir(path):
     """Whether `path` is a run directory this toolkit wrote (its config.json carries FORMAT) holding nothing
     but the toolkit's files: the only kind of directory a --force may replace."""
@@ -1669,8 +1678,7 @@ class Training:
             os.replace(state, current)
         self.epoch, self.step, self.lookahead, self.sam_mask = load_state(
             current, self.net, self.opt, self.generator, self.device)
-        lines = (self.out / 'metrics.jsonl').read_text().splitlines() if (self.out / 'metrics.jsonl').exists() else []
-        self.metrics = [json.loads(line) for line in lines][:self.epoch]
+        self.metrics = read_metrics(self.out)[:self.epoch]
 
     def hold_directory(self, resume):
         """Create and lock the run directory, write config.json on a new run; returns the lock."""

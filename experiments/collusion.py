@@ -13,7 +13,6 @@ DIV against β; training and test loss per epoch at β = 0 and 1 (the paper's ga
 Runs live under --out, one directory each; finished runs are read back and interrupted ones resumed
 (train_ensemble.complete_run). Writes results.md, results.json, sweep.png and curves.png there.
 """
-import json
 import statistics
 import sys
 import time
@@ -132,8 +131,7 @@ def main(
     lines.append(f'\n{time.perf_counter() - start:.0f} s in all (runs read back count only their diagnostics).')
     curves = {}
     for beta in (beta_grid[0], beta_grid[-1]):
-        rows_file = out / f'{combiner_list[0]}_beta{beta:g}_s0' / 'metrics.jsonl'
-        epochs_log = [json.loads(line) for line in rows_file.read_text().splitlines()]
+        epochs_log = te.read_metrics(out / f'{combiner_list[0]}_beta{beta:g}_s0')
         curves[beta, 'train'] = [e['train_loss'] for e in epochs_log]
         curves[beta, 'test'] = [e['test_loss'] for e in epochs_log]
     (out / 'results.md').write_text('\n'.join(lines) + '\n')

@@ -48,3 +48,28 @@ def test_collusion_quick_writes_its_table_and_figures_with_the_papers_diagnostic
     assert rows['prob beta=1']['test_div'][0] > 5 * rows['prob beta=0']['test_div'][0]   # joint training colludes
     for png in ('sweep.png', 'curves.png'):
         assert (out / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_parameter_budget_quick_writes_its_table_and_figures(tmp_path, monkeypatch, fashion_mnist):
+    out = tmp_path / 'budget'
+    run_experiment('parameter_budget.py', '--quick', '--out', out, '--device', 'cpu', monkeypatch=monkeypatch)
+    rows = json.loads((out / 'results.json').read_text())['rows']
+    assert set(rows) == {'1x64 lambda=0'} | {f'4x16 lambda={lam}' for lam in ('0', '0.5', '0.9', '1')}
+    assert all(0 < r['test_error'][0] < 0.5 for r in rows.values())   # ten classes: chance is 0.9
+    table = (out / 'results.md').read_text()
+    assert '| 1 x 64 | 50,890 |' in table and '| 4 x 16 | 50,920 |' in table   # one budget, two shapes
+    for png in ('budget.png', 'curves.png'):
+        assert (out / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_the_modular_loss_hessian_has_condition_number_one_over_one_minus_lambda():
+    """Webb et al. 2020, supplementary C, computed rather than derived: at the stationary point of the scalar
+    case the eigenvalues are c/M and c(1 − λ)/M, so κ = 1/(1 − λ); past λ = 1 one is negative (a saddle)."""
+    sys.path.insert(0, str(ROOT / 'experiments'))
+    from parameter_budget import hessian_at_stationary_point
+    for family in ('gaussian', 'poisson'):
+        for members in (2, 4, 7):
+            for lam in (0.0, 0.5, 0.9, 0.99):
+                eig = hessian_at_stationary_point(lam, members, family)
+                assert abs((eig.max() / eig.min()).item() - 1 / (1 - lam)) < 1e-9 * (1 / (1 - lam))
+            assert hessian_at_stationary_point(1.5, members, family).min() < 0
