@@ -309,6 +309,33 @@ class _SpecBuilder:
         return PermutationSpec(perms, axes, unpermuted, buffers)
 
 
+def spec_from_table(table, params, buffers=()):
+    """A PermutationSpec written by hand, for a model tracing cannot handle, the way the reference
+    implementation writes its specs: table maps a tensor's key to the permutation acting on each of its
+    axes (a name, or None), e.g. {'fc1.weight': ('P1', None), 'fc1.bias': ('P1',), 'fc2.weight': (None, 'P1')}.
+    Tensors of `params` not in the table are left unpermuted; each permutation's size is read from the
+    tensors and must agree on every axis it names. buffers: keys permuted but never matched (BatchNorm
+    statistics). `rebasin.py spec --json` writes a traced spec's table to start from."""
+    perms, axes, unpermuted = {}, {}, {}
+    for key, names in table.items():
+        if key not in params:
+            raise RebasinError(f"the spec names tensor '{key}', which the model does not have")
+        names = tuple(names)
+        if len(names) != params[key].dim():
+            raise RebasinError(f"the spec gives {len(names)} axes for '{key}', which has {params[key].dim()}")
+        for axis, name in enumerate(names):
+            if name is None:
+                continue
+            n = params[key].shape[axis]
+            if perms.setdefault(name, n) != n:
+                raise RebasinError(f"permutation '{name}' is {perms[name]} channels, but '{key}' axis {axis} has {n}")
+        axes[key] = names
+    for key, t in params.items():
+        if key not in axes:
+            axes[key], unpermuted[key] = (None,) * t.dim(), 'not in the hand-written spec'
+    return PermutationSpec(perms, axes, unpermuted, [k for k in buffers if k in params])
+
+
 def _reduces_positions(node, ndim):
     """A mean/sum/max over axes that are neither the batch nor the channel axis (global pooling)."""
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get('dim')
@@ -877,7 +904,8 @@ def _add_spec(app, typer):
         json_out: Optional[Path] = typer.Option(None, '--json', help='Also write the spec as JSON to this file.'),
     ):
         """Print a model's permutation structure: each permutation, its size, the tensors and axes it touches,
-        and which tensors are left unpermuted and why."""
+        and which tensors are left unpermuted and why. --json writes it with its 'axes' table, which
+        rebasin.spec_from_table reads back (edit it for a model that tracing cannot handle)."""
         with _user_errors():
             m = _load_models([model])[0]
             _, spec = _permutation_spec_of(m.model_spec)

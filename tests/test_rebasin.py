@@ -459,3 +459,21 @@ def test_activation_matching_finds_the_units_of_a_noisy_copy_and_needs_data():
     assert all(torch.equal(perm[p][planted[p]], torch.arange(n)) for p, n in spec.perms.items())
     with pytest.raises(rebasin.RebasinError, match='at least one batch'):
         rebasin.activation_matching(spec, a, b, [])
+
+
+def test_a_hand_written_spec_is_the_traced_one_and_bad_tables_are_refused():
+    """The traced spec written as a table and read back gives the same spec and the same matching; a table
+    that names a missing tensor, the wrong number of axes or a permutation of two sizes is refused."""
+    a, b, spec = mlp_pair()
+    table = {k: v for k, v in spec.axes.items() if any(name is not None for name in v)}
+    by_hand = rebasin.spec_from_table(table, params(a), spec.buffers)
+    assert by_hand.perms == spec.perms and by_hand.axes == spec.axes
+    planted = rebasin.random_permutation(spec, seed=1)
+    permuted = rebasin.apply_permutation(by_hand, planted, params(a))
+    perm = rebasin.weight_matching(by_hand, params(a), permuted)
+    assert all(torch.equal(perm[p][planted[p]], torch.arange(n)) for p, n in spec.perms.items())
+    key = next(iter(table))
+    for bad, message in [({'nope.weight': (None,)}, 'does not have'), ({key: table[key] + (None,)}, 'axes'),
+                         ({key: ('P', 'P')}, 'channels')]:
+        with pytest.raises(rebasin.RebasinError, match=message):
+            rebasin.spec_from_table(bad, params(a))
