@@ -73,3 +73,14 @@ def test_the_modular_loss_hessian_has_condition_number_one_over_one_minus_lambda
                 eig = hessian_at_stationary_point(lam, members, family)
                 assert abs((eig.max() / eig.min()).item() - 1 / (1 - lam)) < 1e-9 * (1 / (1 - lam))
             assert hessian_at_stationary_point(1.5, members, family).min() < 0
+
+
+def test_sharpness_diversity_quick_writes_its_table_and_tradeoff_plot(tmp_path, monkeypatch, fashion_mnist):
+    out = tmp_path / 'sd'
+    run_experiment('sharpness_diversity.py', '--quick', '--out', out, '--device', 'cpu', monkeypatch=monkeypatch)
+    rows = json.loads((out / 'results.json').read_text())['rows']
+    assert set(rows) == {'plain rho=0', 'sam rho=0.05', 'sharpbalance rho=0.05'}
+    assert rows['sam rho=0.05']['sharpness'][0] < rows['plain rho=0']['sharpness'][0]   # SAM flattens the members
+    assert all(r['div'][0] > 0 and 0 < r['ensemble_acc'][0] <= 1 for r in rows.values())
+    assert '| sharpbalance | 0.05 |' in (out / 'results.md').read_text()
+    assert (out / 'tradeoff.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
