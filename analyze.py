@@ -302,6 +302,271 @@ def sharpness(model, batches, rho=SHARP_RHO, steps=SHARP_STEPS, adaptive=True, e
 
 
 #############################################
+#        Shifted data: corruptions          #
+#############################################
+# The corruptions of CIFAR-10-C (Hendrycks & Dietterich 2019, arXiv 1903.12261), generated on the fly
+# on uint8 batches (N, C, H, W) on any device, deterministic for a torch.Generator. The severity
+# constants are the published CIFAR-10-C ones (their make_cifar_c.py); the operations are our own torch
+# versions of theirs, so numbers on these approximate, not equal, numbers on the official files (read
+# those with --corrupted-dir). Blur sizes are CIFAR's pixels, used as they are at any image size (scaled
+# to 28 pixels, defocus's smallest disks would vanish); the elastic transform's are fractions of the
+# image size, as theirs. Its constants trade an affine jitter that shrinks with severity for a local
+# displacement that grows, so how far it moves an image is not monotone in severity. Not generated: glass blur, zoom blur, snow, frost, fog and spatter
+# (image files, or long per-pixel loops).
+
+SEVERITY = {   # corruption -> its parameter at severities 1..5
+    'gaussian_noise': (0.04, 0.06, 0.08, 0.09, 0.10),                 # std of additive noise
+    'shot_noise': (500, 250, 100, 75, 50),                             # photons per unit intensity
+    'impulse_noise': (0.01, 0.02, 0.03, 0.05, 0.07),                   # fraction of values set to 0 or 1
+    'speckle_noise': (0.06, 0.10, 0.12, 0.16, 0.20),                   # std of multiplicative noise
+    'gaussian_blur': (0.4, 0.6, 0.7, 0.8, 1.0),                        # sigma
+    'defocus_blur': ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)),   # disk radius, its antialiasing sigma
+    'motion_blur': ((6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)),       # length, sigma; angle uniform in ±45°
+    'contrast': (0.75, 0.5, 0.4, 0.3, 0.15),                           # factor on the distance to the mean
+    'brightness': (0.05, 0.1, 0.15, 0.2, 0.3),                         # added to HSV value
+    'saturate': ((0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)),  # HSV saturation times a, plus b
+    'pixelate': (0.95, 0.9, 0.85, 0.75, 0.65),                         # downscale factor
+    'jpeg_compression': (80, 65, 58, 50, 40),                          # JPEG quality
+    'elastic_transform': ((0, 0, 0.08), (0.05, 0.2, 0.07), (0.08, 0.06, 0.06), (0.1, 0.04, 0.05), (0.1, 0.03, 0.03)),
+}   # elastic: displacement scale, its smoothing sigma and the affine jitter, as fractions of the image size
+CORRUPTIONS = tuple(SEVERITY)
+
+
+def _per_channel_conv(x, kernel):
+    """x (N, C, H, W) filtered with one small 2-D kernel on every channel, reflecting at the borders: a sum
+    of shifted copies, one per nonzero weight (on a CPU several times faster than a grouped conv2d)."""
+    (kh, kw), (h, w) = kernel.shape, x.shape[-2:]
+    padded = F.pad(x, (kw // 2, kw // 2, kh // 2, kh // 2), mode='reflect')
+    out = torch.zeros_like(x)
+    for i, j in kernel.nonzero().tolist():
+        out.add_(padded[..., i:i + h, j:j + w], alpha=float(kernel[i, j]))
+    return out
+
+
+def _gaussian_kernel(sigma, truncate=4.0):
+    radius = max(1, int(truncate * sigma + 0.5))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    g = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    return (g / g.sum()).float()
+
+
+def _gaussian_blur(x, sigma):
+    g = _gaussian_kernel(sigma)
+    return _per_channel_conv(_per_channel_conv(x, g.view(1, -1)), g.view(-1, 1))
+
+
+def _disk(radius, alias_sigma):
+    """A normalized disk of `radius` on a 17 x 17 grid, antialiased by a 3 x 3 Gaussian (as theirs)."""
+    t = torch.arange(-8, 9, dtype=torch.float32)
+    disk = ((t.view(-1, 1) ** 2 + t.view(1, -1) ** 2) <= radius ** 2).float()
+    disk /= disk.sum()
+    g = torch.exp(-torch.tensor([-1.0, 0.0, 1.0]) ** 2 / (2 * alias_sigma ** 2))
+    g = (g / g.sum()).view(1, 1, 3)
+    kernel = F.conv2d(F.pad(disk.view(1, 1, 17, 17), (1, 1, 1, 1)), (g.view(3, 1) * g.view(1, 3)).view(1, 1, 3, 3))[0, 0]
+    keep = int(radius) + 2   # the disk and its antialiasing; the rest of the 17 x 17 grid is zero
+    return kernel[8 - keep:9 + keep, 8 - keep:9 + keep]
+
+
+def _shifted(padded, pad, dx, dy, h, w):
+    """The (h, w) images inside `padded` (padded by `pad` on every side) read at (column + dx, row + dy), bilinear."""
+    x0, y0 = math.floor(dx), math.floor(dy)
+    fx, fy = dx - x0, dy - y0
+    at = lambda oy, ox: padded[..., pad + oy:pad + oy + h, pad + ox:pad + ox + w]  # noqa: E731
+    return ((1 - fx) * (1 - fy) * at(y0, x0) + fx * (1 - fy) * at(y0, x0 + 1)
+            + (1 - fx) * fy * at(y0 + 1, x0) + fx * fy * at(y0 + 1, x0 + 1))
+
+
+def _sample(x, dx, dy):
+    """x sampled at (column + dx, row + dy) per pixel (bilinear, reflecting at the borders); dx, dy (N, H, W)."""
+    n, _, h, w = x.shape
+    rows, cols = torch.meshgrid(torch.arange(h, device=x.device, dtype=x.dtype),
+                                torch.arange(w, device=x.device, dtype=x.dtype), indexing='ij')
+    grid = torch.stack([(cols + dx) * 2 / (w - 1) - 1, (rows + dy) * 2 / (h - 1) - 1], dim=-1)
+    return F.grid_sample(x, grid, mode='bilinear', padding_mode='reflection', align_corners=True)
+
+
+def _hsv_value_and_range(x):
+    """Per pixel: V = max over channels, and V − min (the chroma): RGB = V − chroma·k(hue)."""
+    v = x.max(1, keepdim=True).values
+    return v, v - x.min(1, keepdim=True).values
+
+
+def corrupt(x_uint8, name, severity, generator=None):
+    """x_uint8 (N, C, H, W) uint8 images with the corruption `name` at severity 1..5: a new uint8 tensor
+    of the same shape on the same device, deterministic for the generator (on that device)."""
+    if name not in SEVERITY:
+        raise te.EnsembleError(f"unknown corruption '{name}': use one of {', '.join(CORRUPTIONS)}")
+    if severity not in (1, 2, 3, 4, 5):
+        raise te.EnsembleError(f'severity must be 1..5, got {severity}')
+    if x_uint8.dtype != torch.uint8 or x_uint8.dim() != 4:
+        raise te.EnsembleError(f'corrupt takes uint8 images (N, C, H, W), got {x_uint8.dtype} {tuple(x_uint8.shape)}')
+    c, g = SEVERITY[name][severity - 1], generator
+    n, channels, h, w = x_uint8.shape
+    if name == 'jpeg_compression':
+        from torchvision.io import decode_jpeg, encode_jpeg
+        images = [decode_jpeg(encode_jpeg(image, quality=c)) for image in x_uint8.cpu()]
+        return torch.stack(images).to(x_uint8.device)
+    x = x_uint8.float() / 255
+    noise = lambda: torch.randn(x.shape, generator=g, device=x.device)  # noqa: E731
+    if name == 'gaussian_noise':
+        x = x + c * noise()
+    elif name == 'shot_noise':
+        x = torch.poisson(x * c, generator=g) / c
+    elif name == 'impulse_noise':   # salt and pepper, independently per value
+        u = torch.rand(x.shape, generator=g, device=x.device)
+        x = torch.where(u < c / 2, 0.0, torch.where(u < c, 1.0, x))
+    elif name == 'speckle_noise':
+        x = x + x * c * noise()
+    elif name == 'gaussian_blur':
+        x = _gaussian_blur(x, c)
+    elif name == 'defocus_blur':
+        x = _per_channel_conv(x, _disk(*c))
+    elif name == 'motion_blur':   # a one-sided Gaussian-weighted streak, at a random whole-degree angle in ±45°
+        length, sigma = c
+        degrees = torch.randint(-45, 46, (n,), generator=g, device=x.device)
+        weights = [math.exp(-t ** 2 / (2 * sigma ** 2)) for t in range(length + 1)]
+        pad = length + 1
+        padded = F.pad(x, (pad,) * 4, mode='reflect')
+        out = torch.zeros_like(x)
+        for degree in degrees.unique().tolist():   # the images sharing an angle share their shifted copies
+            chosen = (degrees == degree).nonzero().flatten()
+            part, a = padded[chosen], math.radians(degree)
+            streak = sum(wt * _shifted(part, pad, -t * math.cos(a), -t * math.sin(a), h, w) for t, wt in enumerate(weights))
+            out[chosen] = streak / sum(weights)
+        x = out
+    elif name == 'contrast':
+        mean = x.mean((2, 3), keepdim=True)
+        x = (x - mean) * c + mean
+    elif name == 'brightness':   # HSV value + c, hue and saturation kept: every channel scales with V
+        v, _ = _hsv_value_and_range(x)
+        new_v = (v + c).clamp(0, 1)
+        x = torch.where(v > 0, x * new_v / v.clamp_min(1e-12), new_v.expand_as(x))
+    elif name == 'saturate':     # HSV saturation S·a + b, hue and value kept
+        if channels != 3:
+            raise te.EnsembleError('saturate changes colour: it needs 3-channel images')
+        v, chroma = _hsv_value_and_range(x)
+        s = torch.where(v > 0, chroma / v.clamp_min(1e-12), torch.zeros_like(v))
+        new_s = (s * c[0] + c[1]).clamp(0, 1)
+        k = torch.where(chroma > 0, (v - x) / chroma.clamp_min(1e-12),   # a grey pixel has hue 0 (red), as skimage's
+                        torch.tensor([0.0, 1.0, 1.0], device=x.device).view(1, 3, 1, 1).expand_as(x))
+        x = v - v * new_s * k
+    elif name == 'pixelate':
+        small = (max(1, int(h * c)), max(1, int(w * c)))
+        x = F.interpolate(F.interpolate(x, size=small, mode='area'), size=(h, w), mode='nearest')
+    elif name == 'elastic_transform':   # a random affine jitter, then a smooth random displacement field
+        alpha, sigma, jitter = c[0] * h, c[1] * h, c[2] * h
+        centre, side = h // 2, h // 3   # three points around the centre move by up to ±jitter pixels
+        source = torch.tensor([[centre + side, centre + side], [centre + side, centre - side],
+                               [centre - side, centre - side]], dtype=torch.float64, device=x.device)
+        target = source + (torch.rand(n, 3, 2, generator=g, device=x.device, dtype=torch.float64) * 2 - 1) * jitter
+        ones = torch.ones(n, 3, 1, dtype=torch.float64, device=x.device)
+        # The affine map taking each output pixel back to where it is read from: target -> source.
+        back = torch.linalg.solve(torch.cat([target, ones], 2), source.expand(n, 3, 2))   # (N, 3, 2)
+        rows, cols = torch.meshgrid(torch.arange(h, device=x.device, dtype=torch.float64),
+                                    torch.arange(w, device=x.device, dtype=torch.float64), indexing='ij')
+        points = torch.stack([cols, rows, torch.ones_like(rows)], -1).view(1, h * w, 3)
+        read = (points @ back).view(n, h, w, 2).float()
+        field = lambda: torch.rand(n, 1, h, w, generator=g, device=x.device) * 2 - 1  # noqa: E731
+        dx, dy = ((_gaussian_blur(field(), sigma)[:, 0] * alpha) if sigma > 0 else torch.zeros(n, h, w, device=x.device)
+                  for _ in range(2))
+        x = _sample(x, read[..., 0] - cols.float() + dx, read[..., 1] - rows.float() + dy)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def corrupted_files(directory, name, severity):
+    """The official CIFAR-10-C / CIFAR-100-C files: (uint8 images (10000, C, H, W), labels) of one corruption
+    at one severity, from DIR/<name>.npy (50,000 images, severities 1..5 in order) and DIR/labels.npy."""
+    import numpy as np
+    directory = Path(directory)
+    path, labels_path = directory / f'{name}.npy', directory / 'labels.npy'
+    for p in (path, labels_path):
+        if not p.is_file():
+            raise te.EnsembleError(f'{p} does not exist (expected CIFAR-10-C style <corruption>.npy and labels.npy)')
+    try:
+        images, labels = np.load(path, allow_pickle=False, mmap_mode='r'), np.load(labels_path, allow_pickle=False)
+    except ValueError as e:
+        raise te.EnsembleError(f'{path} is not a plain numpy array file ({e})') from None
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) % 5 or len(labels) != len(images):
+        raise te.EnsembleError(f'{path} must hold 5 x N uint8 images (N·5, H, W, C) with as many labels, '
+                               f'got {images.dtype} {images.shape} and {len(labels)} labels')
+    per = len(images) // 5
+    part = slice((severity - 1) * per, severity * per)
+    x = torch.from_numpy(np.ascontiguousarray(images[part])).permute(0, 3, 1, 2).contiguous()
+    return x, torch.from_numpy(np.asarray(labels[part]).astype(np.int64))
+
+
+def robustness(nets, x_uint8, y, combiner, corruptions=CORRUPTIONS, severities=(1, 2, 3, 4, 5), seed=0,
+               corrupted_dir=None, progress=None):
+    """Clean and corrupted test metrics of an ensemble: {'clean': report, 'corrupted': {(name, severity):
+    report}} with ensemble_report's numbers (members, mean member, ensemble: accuracy, NLL, Brier, ECE;
+    DIV). Corruptions are generated from x_uint8 (seeded per corruption and severity), or read from the
+    official files in corrupted_dir (then x_uint8 and y serve only the clean row)."""
+    device = next(nets[0].parameters()).device if isinstance(nets, (list, tuple)) else next(nets.parameters()).device
+    result = dict(clean=ensemble_report(te.predict_logits(nets, x_uint8).cpu(), y, combiner), corrupted={})
+    for i, name in enumerate(corruptions):
+        for severity in severities:
+            if corrupted_dir:
+                x, labels = corrupted_files(corrupted_dir, name, severity)
+            else:
+                generator = torch.Generator(device).manual_seed(seed * 1000 + i * 10 + severity)
+                x, labels = corrupt(x_uint8.to(device), name, severity, generator), y
+            result['corrupted'][name, severity] = ensemble_report(te.predict_logits(nets, x).cpu(), labels, combiner)
+            if progress is not None:
+                progress()
+    return result
+
+
+#############################################
+#       Shifted data: out-of-distribution   #
+#############################################
+# Scores for "should this input be trusted": higher means more likely out of distribution. The
+# detection metrics treat the OOD set as the positive class.
+
+def ood_scores(logits):
+    """{score: (N,)} from (M, N, K) member logits: 1 − the ensemble's top probability, its predictive entropy,
+    and the mutual information between prediction and member, H(p̄) − mean_j H(p_j) = mean_j KL(p_j ‖ p̄),
+    with p̄ the mean of the members' probabilities: how much the members disagree on this input."""
+    log_p = F.log_softmax(logits.double(), -1)
+    log_mean = torch.logsumexp(log_p, 0) - math.log(len(logits))
+    entropy = -(log_mean.exp() * log_mean).sum(-1)
+    member_entropy = -(log_p.exp() * log_p).sum(-1).mean(0)
+    return {'1 - max probability': 1 - log_mean.exp().max(-1).values, 'entropy': entropy,
+            'mutual information': (entropy - member_entropy).clamp_min(0)}
+
+
+def auroc(scores_in, scores_out):
+    """Area under the ROC curve of telling scores_out (positive) from scores_in by a threshold: the
+    probability that an OOD input scores higher than an in-distribution one, ties counting one half
+    (the Mann–Whitney statistic)."""
+    from scipy.stats import rankdata
+    ranks = rankdata(torch.cat([scores_in, scores_out]).cpu().numpy())   # tied scores share their mean rank
+    n_in, n_out = len(scores_in), len(scores_out)
+    return float((ranks[n_in:].sum() - n_out * (n_out + 1) / 2) / (n_in * n_out))
+
+
+def aupr(scores_in, scores_out):
+    """Average precision of finding the OOD inputs (positive) by descending score."""
+    scores = torch.cat([scores_in, scores_out]).double()
+    positive = torch.cat([torch.zeros(len(scores_in)), torch.ones(len(scores_out))]).double()[scores.argsort(descending=True)]
+    precision = positive.cumsum(0) / torch.arange(1, len(scores) + 1, dtype=torch.float64)
+    return float((precision * positive).sum() / positive.sum())
+
+
+def fpr_at_tpr(scores_in, scores_out, tpr=0.95):
+    """The fraction of in-distribution inputs flagged at the threshold that flags `tpr` of the OOD inputs."""
+    threshold = torch.quantile(scores_out.double(), 1 - tpr)
+    return float((scores_in.double() >= threshold).double().mean())
+
+
+def ood_report(logits_in, logits_out):
+    """{score: {auroc, aupr, fpr95, mean_in, mean_out}} for every ood_scores score."""
+    scores_in, scores_out = ood_scores(logits_in), ood_scores(logits_out)
+    return {name: dict(auroc=auroc(scores_in[name], scores_out[name]), aupr=aupr(scores_in[name], scores_out[name]),
+                       fpr95=fpr_at_tpr(scores_in[name], scores_out[name]), mean_in=float(scores_in[name].mean()),
+                       mean_out=float(scores_out[name].mean())) for name in scores_in}
+
+
+#############################################
 #                  Plots                    #
 #############################################
 
@@ -376,6 +641,37 @@ def plot_interpolation(path, curves, title):
                         label=f'{name} ({split})')
     for ax, key in zip(axes, ('loss', 'error')):
         _label(ax, 'λ (0 = A, 1 = B)', f'{key} (solid: train, dashed: test)')
+    _save(plt, fig, path, title)
+
+
+def plot_robustness(path, result, title):
+    """Ensemble test accuracy against severity, one line per corruption, the mean bold, the clean level dotted."""
+    plt, fig, axes = _figure(2)
+    corrupted = result['corrupted']
+    names = list(dict.fromkeys(name for name, _ in corrupted))
+    severities = sorted({s for _, s in corrupted})
+    for ax, who in zip(axes, ('ensemble', 'mean_member')):
+        for i, name in enumerate(names):
+            ax.plot(severities, [corrupted[name, s][who]['acc'] for s in severities], marker='.', lw=1,
+                    color=plt.get_cmap('tab20')(i % 20), label=name.replace('_', ' '))
+        ax.plot(severities, [sum(corrupted[n, s][who]['acc'] for n in names) / len(names) for s in severities],
+                color='black', lw=2.5, label='mean')
+        ax.axhline(result['clean'][who]['acc'], color='gray', linestyle=':', label='clean')
+        ax.set_xticks(severities)
+        ax.set_title(who.replace('_', ' '))
+        _label(ax, 'severity', 'test accuracy', fontsize=6)
+    _save(plt, fig, path, title)
+
+
+def plot_ood(path, scores_in, scores_out, names, title):
+    """Histograms of each score on the in-distribution and the OOD test sets."""
+    plt, fig, axes = _figure(len(scores_in), width=4.0)
+    for ax, score in zip(axes, scores_in):
+        top = max(float(scores_in[score].max()), float(scores_out[score].max()), 1e-6)
+        bins = torch.linspace(0, top, 41).tolist()
+        ax.hist(scores_in[score].cpu().numpy(), bins=bins, alpha=0.6, density=True, label=f'{names[0]} (in)')
+        ax.hist(scores_out[score].cpu().numpy(), bins=bins, alpha=0.6, density=True, label=f'{names[1]} (out)')
+        _label(ax, score, 'density')
     _save(plt, fig, path, title)
 
 
@@ -814,6 +1110,110 @@ def sharpness_command(
                              ['member', 'train loss', 'perturbed loss', 'sharpness'],
                              [(str(j), *m.values()) for j, m in enumerate(members)]))
         console.print(f"sharpness: mean {result['mean']:.4f}, std {result['std']:.4f} over {len(nets)} members")
+        _write(console, json_out, result)
+
+
+def _severities(text):
+    try:
+        low, _, high = str(text).partition('-')
+        values = list(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise te.EnsembleError(f"--severities takes a range like 1-5 or one severity like 3, got '{text}'") from None
+    if not values or not set(values) <= {1, 2, 3, 4, 5}:
+        raise te.EnsembleError(f'--severities must lie in 1-5, got {text}')
+    return values
+
+
+@app.command('ood')
+def ood_command(
+    run: RunDir,
+    ood: str = typer.Option(..., help='The out-of-distribution set: any dataset train_ensemble.py loads (a name or an .npz) '
+                                      'with images of the run\'s shape; its test split is used.'),
+    combine: Combine = None,
+    examples: Examples = None,
+    device: Device = 'auto',
+    plot: Optional[Path] = typer.Option(None, help='Write histograms of the scores, in vs out, to this PNG.'),
+    json_out: JsonOut = None,
+):
+    """How well the ensemble tells its own test set from another: AUROC, AUPR and FPR at 95% TPR.
+
+    Scores per input: 1 − the top probability, the predictive entropy, and the mutual information
+    (H(p̄) − mean H(p_j), how much the members disagree). The OOD set is the positive class."""
+    with _session() as console:
+        config, nets, data = _load(run, device, None)
+        ood_data = run_data(config, ood)
+        x_in, _ = split_examples(data, 'test', examples)
+        x_out, _ = split_examples(ood_data, 'test', examples)
+        if x_out.shape[1:] != x_in.shape[1:]:
+            raise te.EnsembleError(f'--ood {ood} has images of shape {tuple(x_out.shape[1:])}; the run\'s are {tuple(x_in.shape[1:])}')
+        logits_in, logits_out = _logits(console, nets, x_in, 'in'), _logits(console, nets, x_out, 'out')
+        report = ood_report(logits_in, logits_out)
+        console.print(_table(f'{run} — {config.get("dataset")} test ({len(x_in)}) vs {ood} test ({len(x_out)}), '
+                             f'OOD = positive', ['score', 'AUROC', 'AUPR', 'FPR at 95% TPR', 'mean in', 'mean out'],
+                             [(name, *r.values()) for name, r in report.items()]))
+        if plot:
+            plot_ood(plot, ood_scores(logits_in), ood_scores(logits_out), (config.get('dataset'), ood),
+                     f'{run}: scores in vs out of distribution')
+            console.print(f'wrote {plot}')
+        _write(console, json_out, dict(run=str(run), in_dataset=config.get('dataset'), ood=ood, examples_in=len(x_in),
+                                       examples_out=len(x_out), scores=report))
+
+
+@app.command('robustness')
+def robustness_command(
+    run: RunDir,
+    corruptions: str = typer.Option('all', help=f"'all' or comma-separated names: {', '.join(CORRUPTIONS)}."),
+    severities: str = typer.Option('1-5', help='A range (1-5) or one severity (3).'),
+    corrupted_dir: Optional[Path] = typer.Option(None, help='Read the official CIFAR-10-C / CIFAR-100-C <corruption>.npy '
+                                                            'and labels.npy from here instead of generating them.'),
+    seed: int = typer.Option(0, help='Seed of the generated corruptions (each corruption and severity its own stream).'),
+    combine: Combine = None,
+    examples: Examples = None,
+    dataset: Dataset = None,
+    device: Device = 'auto',
+    plot: Optional[Path] = typer.Option(None, help='Write accuracy against severity per corruption to this PNG.'),
+    json_out: JsonOut = None,
+):
+    """Accuracy, NLL, ECE and DIV of members and ensemble under corruption, by corruption and severity.
+
+    The test set corrupted on the fly as CIFAR-10-C is (noise, blur, contrast, brightness, saturation,
+    pixelation, JPEG, elastic; approximate, not the official files), or the official files with
+    --corrupted-dir. Also the mean corrupted accuracy and how much error the corruptions add to the clean error."""
+    with _session() as console:
+        names = list(CORRUPTIONS) if corruptions == 'all' else corruptions.split(',')
+        unknown = [n for n in names if n not in CORRUPTIONS]
+        if unknown:
+            raise te.EnsembleError(f"unknown corruption '{unknown[0]}': use all or some of {', '.join(CORRUPTIONS)}")
+        levels = _severities(severities)
+        config, nets, data = _load(run, device, dataset)
+        combiner = _combiner(config, combine)
+        x, y = split_examples(data, 'test', examples)
+        if 'saturate' in names and x.size(1) != 3 and corrupted_dir is None:
+            if corruptions != 'all':
+                raise te.EnsembleError('saturate changes colour: these images have one channel')
+            names.remove('saturate')
+        with _progress(console, 'corruptions', len(names) * len(levels)) as advance:
+            result = robustness(nets, x, y, combiner, names, levels, seed, corrupted_dir, advance)
+        corrupted, clean = result['corrupted'], result['clean']
+        rows = [(f'{name} {s}', r['ensemble']['acc'], r['mean_member']['acc'], r['ensemble']['nll'], r['ensemble']['ece'],
+                 r['div']) for (name, s), r in corrupted.items()]
+        console.print(_table(f'{run} — test set under corruption ({len(y)} images), combiner {combiner}',
+                             ['corruption, severity', 'ensemble acc', 'mean member acc', 'ensemble NLL',
+                              'ensemble ECE', 'DIV'], [('clean', clean['ensemble']['acc'], clean['mean_member']['acc'],
+                                                        clean['ensemble']['nll'], clean['ensemble']['ece'], clean['div'])] + rows))
+        summary = {}
+        for who in ('ensemble', 'mean_member'):
+            mean_acc = sum(r[who]['acc'] for r in corrupted.values()) / len(corrupted)
+            summary[who] = dict(clean_acc=clean[who]['acc'], mean_corrupted_acc=mean_acc,
+                                added_error=clean[who]['acc'] - mean_acc,
+                                error_ratio=(1 - mean_acc) / max(1 - clean[who]['acc'], 1e-12))
+        console.print(_table('summary', ['', 'clean acc', 'mean corrupted acc', 'error added', 'corrupted / clean error'],
+                             [(who.replace('_', ' '), *v.values()) for who, v in summary.items()]))
+        result = dict(run=str(run), combiner=combiner, generated=corrupted_dir is None, seed=seed, summary=summary,
+                      clean=clean, corrupted={f'{name} {s}': r for (name, s), r in corrupted.items()})
+        if plot:
+            plot_robustness(plot, dict(clean=clean, corrupted=corrupted), f'{run}: accuracy under corruption')
+            console.print(f'wrote {plot}')
         _write(console, json_out, result)
 
 
