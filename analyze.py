@@ -795,6 +795,24 @@ def evaluate(
         _write(console, json_out, result)
 
 
+def shifted_row(run, ood=None, examples=None, device='auto', console=None, severities=(1, 3, 5)):
+    """A run's numbers under shift, for compare --shifted: the ensemble's mean accuracy over every generated
+    corruption (that the images allow) at `severities`, and with `ood` the AUROC of each OOD score."""
+    config, nets, data = _load(run, device, None)
+    x, y = split_examples(data, 'test', examples)
+    names = [n for n in CORRUPTIONS if n != 'saturate' or x.size(1) == 3]
+    with _progress(console, f'{Path(run).name}: corruptions', len(names) * len(severities)) as advance:
+        result = robustness(nets, x, y, _combiner(config, None), names, severities, progress=advance)
+    row = dict(corrupted_acc=sum(r['ensemble']['acc'] for r in result['corrupted'].values()) / len(result['corrupted']))
+    if ood:
+        x_out, _ = split_examples(run_data(config, ood), 'test', examples)
+        if x_out.shape[1:] != x.shape[1:]:
+            raise te.EnsembleError(f'--ood {ood} has images of shape {tuple(x_out.shape[1:])}; {run}\'s are {tuple(x.shape[1:])}')
+        report = ood_report(_logits(console, nets, x, 'in'), _logits(console, nets, x_out, 'out'))
+        row.update({f'ood_auroc_{name.replace(" ", "_")}': r['auroc'] for name, r in report.items()})
+    return row
+
+
 def compare_row(run, recompute=False, device='auto', examples=None, console=None):
     """One run's row of the β sweep. Test numbers and training time come from summary.json. Its train_*
     numbers are running averages over the epoch's augmented batches in train mode while the weights still
@@ -856,6 +874,9 @@ def compare(
     device: Device = 'auto',
     json_out: JsonOut = None,
     plot: Optional[Path] = typer.Option(None, help='Write test error, DIV (train, test) and the loss gap against β to this PNG.'),
+    shifted: bool = typer.Option(False, '--shifted', help='Add the ensemble\'s mean accuracy over the generated corruptions '
+                                                            '(severities 1, 3, 5) and, with --ood, its OOD AUROC.'),
+    ood: Optional[str] = typer.Option(None, help='--shifted: the out-of-distribution set (a dataset name or an .npz).'),
 ):
     """The β sweep: one row per run; --plot draws error, DIV and gap against β.
 
@@ -863,7 +884,12 @@ def compare(
     the ensemble and the mean member, train and test DIV, the generalization gap of the ensemble loss
     (test − train) and training seconds. The plot is the collusion paper's figure."""
     with _session() as console:
+        if ood and not shifted:
+            raise te.EnsembleError('--ood only applies with --shifted')
         rows = [compare_row(r, recompute, device, examples, console) for r in runs]
+        if shifted:
+            for r in rows:
+                r.update(shifted_row(r['run'], ood, examples, device, console))
         rows.sort(key=lambda r: (r['beta'] is None, r['beta'] or 0.0, r['name']))
         columns = ['run', 'M', 'β', 'combine', 'bagging', 'param', 'test acc', 'member acc', 'test loss',
                    'member loss', 'train DIV', 'test DIV', 'gap', 'seconds']
@@ -871,6 +897,10 @@ def compare(
                   'yes' if r['bagging'] else 'no', r['param'], r['test_acc'], r['member_test_acc'], r['test_loss'],
                   r['member_test_loss'], r['train_div'], r['test_div'], r['gap'],
                   '–' if r['train_time_s'] is None else f"{r['train_time_s']:.1f}") for r in rows]
+        if shifted:
+            auroc_keys = [k for k in rows[0] if k.startswith('ood_auroc_')]
+            columns += ['corrupted acc'] + [f"AUROC {k[len('ood_auroc_'):].replace('_', ' ')}" for k in auroc_keys]
+            table = [t + (r['corrupted_acc'], *(r[k] for k in auroc_keys)) for t, r in zip(table, rows)]
         sources = sorted({r['source'] for r in rows})
         console.print(_table(f'{len(rows)} runs; train numbers from {" and ".join(sources)}'
                              + (' (running averages: --recompute for a clean pass)' if 'summary.json' in sources else ''),
