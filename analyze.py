@@ -113,6 +113,13 @@ def prediction_metrics(log_probs, y, bins=ECE_BINS):
                 brier=brier_score(probs, y), ece=calibration(probs, y, bins))
 
 
+def mean_std(values):
+    """(mean, sample standard deviation) of numbers over seeds (standard deviation 0 for one seed)."""
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    return mean, (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
+
+
 #############################################
 #                Diversity                  #
 #############################################

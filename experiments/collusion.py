@@ -40,9 +40,6 @@ def diagnostics(run_dir, combiner, fit_examples):
     return dict(drop_half_loss=drop['loss_increase'], debias_removed=(div - debiased) / div if div > 0 else 0.0)
 
 
-def mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
 
 def plot(path_sweep, path_curves, rows, curves, betas):
     import matplotlib
@@ -103,7 +100,7 @@ def main(
                                      member_error=1 - statistics.mean(summary['member_test_acc']),
                                      train_div=summary['train_div'], test_div=summary['test_div'],
                                      gap=summary['test_loss'] - summary['train_loss'], **extra))
-            rows[combiner, beta] = {k: mean_std([s[k] for s in per_seed]) for k in per_seed[0]}
+            rows[combiner, beta] = {k: analyze.mean_std([s[k] for s in per_seed]) for k in per_seed[0]}
             console.print(f"{combiner} β={beta:g}: ensemble error {rows[combiner, beta]['ensemble_error'][0]:.4f}, "
                           f"test DIV {rows[combiner, beta]['test_div'][0]:.4f}", highlight=False)
 

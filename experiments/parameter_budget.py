@@ -20,7 +20,6 @@ Writes results.md, results.json, budget.png (test error against λ per shape) an
 error per epoch) under --out; finished runs are read back, interrupted ones resumed.
 """
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import typer
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import analyze  # noqa: E402
 import train_ensemble as te  # noqa: E402
 
 SHAPES = ((1, 1024), (16, 64), (64, 16), (256, 4))   # (modules M, hidden units H): about 815K parameters each
@@ -68,9 +68,6 @@ def parameter_count(run_dir, members):
     with torch.device('meta'):
         return members * sum(p.numel() for p in te.build_model(te.read_config(run_dir)['model']).parameters())
 
-
-def mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def plot(path_budget, path_curves, rows, curves, shapes, lambdas):
@@ -129,7 +126,7 @@ def main(
                 results['runs'][name] = dict(summary, early_stopped_test_error=error, best_val_epoch=epoch)
                 errors.append(error)
                 epochs_at.append(epoch)
-            rows[m, h, lam] = dict(test_error=mean_std(errors), best_epoch=mean_std(epochs_at))
+            rows[m, h, lam] = dict(test_error=analyze.mean_std(errors), best_epoch=analyze.mean_std(epochs_at))
             curves[m, h, lam] = [1 - r['val_acc'] for r in te.read_metrics(out / f'm{m}_h{h}_lam{lam:g}_s0')]
             console.print(f'{m}x{h} λ={lam:g}: test error {rows[m, h, lam]["test_error"][0]:.4f}', highlight=False)
 

@@ -48,9 +48,6 @@ def measure(run_dir, examples):
                 member_acc=report['mean_member']['acc'])
 
 
-def mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
 
 def plot(path, rows):
     import matplotlib
@@ -113,7 +110,7 @@ def main(
                                           **method_options(method, rho, flat_ratio)), quiet)
                 per_seed.append(measure(out / name, examples))
                 results['runs'][name] = per_seed[-1]
-            rows[method, rho] = {k: mean_std([s[k] for s in per_seed]) for k in per_seed[0]}
+            rows[method, rho] = {k: analyze.mean_std([s[k] for s in per_seed]) for k in per_seed[0]}
             console.print(f"{method} ρ={rho:g}: sharpness {rows[method, rho]['sharpness'][0]:.4f}, "
                           f"DIV {rows[method, rho]['div'][0]:.4f}, acc {rows[method, rho]['ensemble_acc'][0]:.4f}",
                           highlight=False)

@@ -24,6 +24,7 @@ import typer
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import analyze  # noqa: E402
 import train_ensemble as te  # noqa: E402
 
 METHODS = {   # how each way of training is asked for, and which option its swept learning rate sets
@@ -46,9 +47,6 @@ def train_or_read(out, console, **options):
         return None
 
 
-def mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
 
 def row_of(summaries):
     """The table's numbers over seeds, each (mean, std)."""
@@ -56,7 +54,7 @@ def row_of(summaries):
                    member_error=lambda s: 1 - statistics.mean(s['member_test_acc']),
                    train_div=lambda s: s['train_div'], test_div=lambda s: s['test_div'],
                    gap=lambda s: s['test_loss'] - s['train_loss'])
-    return {name: mean_std([f(s) for s in summaries]) for name, f in columns.items()}
+    return {name: analyze.mean_std([f(s) for s in summaries]) for name, f in columns.items()}
 
 
 def plot(path_sweep, path_results, sweep, rows):
