@@ -362,8 +362,10 @@ def identity_permutation(spec):
     return Permutation({p: torch.arange(n) for p, n in spec.perms.items()})
 
 
-def random_permutation(spec, seed=0):
-    g = torch.Generator().manual_seed(seed)
+def random_permutation(spec, seed=0, generator=None):
+    """A uniformly random Permutation for every permutation of the spec, from `generator` (else a new one
+    seeded with `seed`): plant it with apply_permutation to test a matching method on a known answer."""
+    g = generator or torch.Generator().manual_seed(seed)
     return Permutation({p: torch.randperm(n, generator=g) for p, n in spec.perms.items()})
 
 

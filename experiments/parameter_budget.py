@@ -75,10 +75,13 @@ def plot(path_budget, path_curves, rows, curves, shapes, lambdas):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    for m, h in shapes:
+    for i, (m, h) in enumerate(shapes):
         points = [(lam, rows[m, h, lam]['test_error']) for lam in lambdas if (m, h, lam) in rows]
+        if m == 1:   # one module: λ changes nothing, a level across the grid
+            ax.axhline(points[0][1][0], color=f'C{i}', linestyle='--', label=f'{m}x{h} (any λ)')
+            continue
         ax.errorbar([p[0] for p in points], [p[1][0] for p in points], yerr=[p[1][1] for p in points],
-                    marker='o', capsize=3, label=f'{m}x{h}')
+                    marker='o', capsize=3, color=f'C{i}', label=f'{m}x{h}')
     ax.set(xlabel='λ (β)', ylabel='test error at best validation epoch', title='a fixed budget of parameters')
     ax.legend(fontsize=7)
     fig.tight_layout()
