@@ -1,6 +1,7 @@
 """train_ensemble.py: fast training of M-member deep ensembles, from independent (β=0) to joint (β=1).
 
     python train_ensemble.py --beta 1 --members 3          # CIFAR-10, three members, joint training
+    torchrun --nproc_per_node 4 train_ensemble.py --members 16 --beta 1   # the members sharded over 4 GPUs
 
 All M members train in one vectorized "wide" network: every layer holds the members' weights stacked
 along its first axis and runs as one grouped convolution / batched matmul, so one forward pass gives
