@@ -54,21 +54,22 @@ def plot(path, rows):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.6))
-    for method, marker in (('plain', 's'), ('sam', 'o'), ('sharpbalance', '^')):
+    for method, marker, colour in (('plain', 's', 'C0'), ('sam', 'o', 'C1'), ('sharpbalance', '^', 'C2')):
         points = sorted((rho, r) for (m, rho), r in rows.items() if m == method)
         if not points:
             continue
         axes[0].errorbar([r['sharpness'][0] for _, r in points], [r['div'][0] for _, r in points],
                          xerr=[r['sharpness'][1] for _, r in points], yerr=[r['div'][1] for _, r in points],
-                         marker=marker, linestyle='-' if len(points) > 1 else 'none', capsize=3, label=method)
+                         marker=marker, color=colour, linestyle='-' if len(points) > 1 else 'none', capsize=3, label=method)
         for rho, r in points:
             if rho:
                 axes[0].annotate(f'ρ={rho:g}', (r['sharpness'][0], r['div'][0]), fontsize=6)
         if method != 'plain':
             axes[1].errorbar([rho for rho, _ in points], [r['ensemble_acc'][0] for _, r in points],
-                             yerr=[r['ensemble_acc'][1] for _, r in points], marker=marker, capsize=3, label=method)
+                             yerr=[r['ensemble_acc'][1] for _, r in points], marker=marker, color=colour, capsize=3,
+                             label=method)
     if ('plain', 0.0) in rows:
-        axes[1].axhline(rows['plain', 0.0]['ensemble_acc'][0], color='gray', linestyle=':', label='plain')
+        axes[1].axhline(rows['plain', 0.0]['ensemble_acc'][0], color='C0', linestyle=':', label='plain')
     axes[0].set(xlabel='mean member sharpness (adaptive, training images)', ylabel='test DIV',
                 title='the sharpness–diversity trade-off')
     axes[1].set(xscale='log', xlabel='ρ', ylabel='ensemble test accuracy', title='accuracy')
