@@ -610,9 +610,20 @@ def _mean_by_beta(rows, key):
 
 
 def plot_sweep(path, groups, title):
-    """compare's figure: test error, DIV (train and test) and the loss gap against β, one line per group."""
-    plt, fig, (err_ax, div_ax, gap_ax) = _figure(3)
+    """compare's figure: test error, DIV (train and test) and the loss gap against β, one line per group;
+    with --shifted a fourth panel: mean corrupted error and 1 − each OOD AUROC."""
+    shifted = all('corrupted_acc' in r for rows in groups.values() for r in rows)
+    plt, fig, axes = _figure(4 if shifted else 3)
+    err_ax, div_ax, gap_ax = axes[:3]
     for i, (label, rows) in enumerate(groups.items()):
+        if shifted:
+            style = dict(color=f'C{i}', marker='o')
+            betas, acc = _mean_by_beta(rows, 'corrupted_acc')
+            axes[3].plot(betas, [1 - a for a in acc], '-', label=f'{label}: corrupted error', **style)
+            for j, key in enumerate(k for k in rows[0] if k.startswith('ood_auroc_')):
+                betas, auc = _mean_by_beta(rows, key)
+                axes[3].plot(betas, [1 - a for a in auc], ('--', ':', '-.')[j % 3],
+                             label=f"{label}: 1 − AUROC ({key[len('ood_auroc_'):].replace('_', ' ')})", **style)
         style = dict(color=f'C{i}', marker='o')
         for key, line, what in (('test_acc', '-', 'ensemble'), ('member_test_acc', ':', 'mean member')):
             betas, acc = _mean_by_beta(rows, key)
@@ -620,7 +631,8 @@ def plot_sweep(path, groups, title):
         for key, line, what in (('train_div', '-', 'train'), ('test_div', '--', 'test')):
             div_ax.plot(*_mean_by_beta(rows, key), line, label=f'{label}: {what}', **style)
         gap_ax.plot(*_mean_by_beta(rows, 'gap'), '-', label=label, **style)
-    for ax, name in ((err_ax, 'test error'), (div_ax, 'DIV'), (gap_ax, 'ensemble loss gap (test − train)')):
+    names = ['test error', 'DIV', 'ensemble loss gap (test − train)'] + ['under shift (lower is better)'] * shifted
+    for ax, name in zip(axes, names):
         _label(ax, 'β (0 = independent, 1 = joint)', name)
     div_ax.set_yscale('symlog', linthresh=1e-3)   # DIV spans orders of magnitude between β = 0 and β = 1
     _save(plt, fig, path, title)

@@ -115,7 +115,9 @@ def test_an_ensemble_tells_its_test_set_from_upside_down_inverted_clothes(tmp_pa
     assert bad.exit_code == 1 and 'shape' in bad.output
     # The β-sweep table with its shifted columns.
     result = CliRunner().invoke(analyze.app, ['compare', str(trained), '--shifted', '--ood', str(tmp_path / 'upside_down.npz'),
-                                              '--examples', '300', '--json', str(tmp_path / 'compare.json')])
+                                              '--examples', '300', '--json', str(tmp_path / 'compare.json'),
+                                              '--plot', str(tmp_path / 'compare.png')])
     assert result.exit_code == 0, result.output
     row = json.loads((tmp_path / 'compare.json').read_text())['runs'][0]
     assert 0 < row['corrupted_acc'] < row['test_acc'] and row['ood_auroc_mutual_information'] > 0.5
+    assert (tmp_path / 'compare.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
