@@ -266,6 +266,12 @@ def interpolation_curve(net, state_a, state_b, lams, evaluate, bn=None, batches=
     return rows
 
 
+def sharpness_batches(x_uint8, y, batch_size=SHARP_BATCH, device='cpu'):
+    """Fixed (float images, labels) batches on the device: what sharpness() measures the loss on."""
+    return [(te.to_float_images(x_uint8[i:i + batch_size].to(device)), y[i:i + batch_size].to(device))
+            for i in range(0, len(x_uint8), batch_size)]
+
+
 def sharpness(model, batches, rho=SHARP_RHO, steps=SHARP_STEPS, adaptive=True, eta=ASAM_ETA):
     """Worst-case increase of the cross-entropy (no label smoothing) on fixed `batches` ((x, y) pairs) within the ball ‖ε / s‖₂ ≤ ρ,
     s = |w| + η (ASAM's adaptive scale; s = 1 if not adaptive), over every trainable parameter, found by
@@ -508,7 +514,7 @@ def robustness(nets, x_uint8, y, combiner, corruptions=CORRUPTIONS, severities=(
     report}} with ensemble_report's numbers (members, mean member, ensemble: accuracy, NLL, Brier, ECE;
     DIV). Corruptions are generated from x_uint8 (seeded per corruption and severity), or read from the
     official files in corrupted_dir (then x_uint8 and y serve only the clean row)."""
-    device = next(nets[0].parameters()).device if isinstance(nets, (list, tuple)) else next(nets.parameters()).device
+    device = next((nets[0] if isinstance(nets, (list, tuple)) else nets).parameters()).device
     result = dict(clean=ensemble_report(te.predict_logits(nets, x_uint8).cpu(), y, combiner), corrupted={})
     for i, name in enumerate(corruptions):
         for severity in severities:
@@ -1145,8 +1151,7 @@ def sharpness_command(
         config, nets, data = _load(run, device, dataset)
         dev = te.resolve_device(device)
         x, y = split_examples(data, 'train', examples)
-        batches = [(te.to_float_images(x[i:i + batch_size].to(dev)), y[i:i + batch_size].to(dev))
-                   for i in range(0, len(x), batch_size)]
+        batches = sharpness_batches(x, y, batch_size, dev)
         with _progress(console, 'sharpness', len(nets)) as advance:
             members = []
             for net in nets:

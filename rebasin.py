@@ -551,7 +551,7 @@ def activation_matching(spec, model_a, model_b, batches, device=None):
             seen[side, name] = out.detach().transpose(0, 1).reshape(out.size(1), -1).double()
         return record
 
-    handles = [(m.get_submodule(name)).register_forward_hook(hook(side, name))
+    handles = [m.get_submodule(name).register_forward_hook(hook(side, name))
                for side, m in (('a', model_a), ('b', model_b)) for name in layers]
     try:
         with _eval_mode(model_a), _eval_mode(model_b):

@@ -1603,9 +1603,9 @@ class Training:
             console = Console(quiet=True)
         self.console = console
         block.agree(lambda: self.check_directory(resume), ranks=0)   # before rank 0 writes config.json
-        self.spec = check_model_spec(read_config(self.out).get('model'), self.out / 'config.json') if resume \
-            else model_spec(cfg, data)
-        world = read_config(self.out).get('world_size', 1) if resume else block.world
+        saved = read_config(self.out) if resume else {}
+        self.spec = check_model_spec(saved.get('model'), self.out / 'config.json') if resume else model_spec(cfg, data)
+        world = saved.get('world_size', 1) if resume else block.world
         if world != block.world:   # each rank holds the resume state of its own block of members
             how = (f'torchrun --nproc_per_node {world} train_ensemble.py --resume {self.out}' if world > 1 else
                    f'python train_ensemble.py --resume {self.out}, without torchrun')

@@ -92,7 +92,7 @@ def main(
                 b.load_state_dict(b_state)
                 counts['weight'].append(recovered(spec, rebasin.weight_matching(spec, state, b_state, device='cpu'), planted))
                 counts['activation'].append(recovered(spec, rebasin.activation_matching(spec, net, b, batches, 'cpu'), planted))
-            cells = [f"{sum(e for e, _ in counts[m]) / trials:.0%}  ,  {sum(u for _, u in counts[m]) / trials:.4f}".split('  ,  ')
+            cells = [(f'{sum(e for e, _ in counts[m]) / trials:.0%}', f'{sum(u for _, u in counts[m]) / trials:.4f}')
                      for m in ('weight', 'activation')]
             table.add_row(name, f'{scale:g}', *cells[0], *cells[1], f'{time.perf_counter() - start:.0f}')
             console.print(f'{name}, noise {scale:g}: exact / units: weight {cells[0]}, activation {cells[1]}')

@@ -41,7 +41,7 @@ def measure(run_dir, examples):
     x, y = analyze.split_examples(data, 'test')
     report = analyze.ensemble_report(te.predict_logits(nets, x), y, config['combine'])
     x, y = analyze.split_examples(data, 'train', examples)
-    batches = [(te.to_float_images(x[i:i + 500]), y[i:i + 500]) for i in range(0, len(x), 500)]
+    batches = analyze.sharpness_batches(x, y)
     sharpness = statistics.mean(analyze.sharpness(net, batches)['sharpness'] for net in nets)
     return dict(sharpness=sharpness, div=report['div'], disagreement=report['disagreement'],
                 improvement_rate=report['ensemble_improvement_rate'], ensemble_acc=report['ensemble']['acc'],
