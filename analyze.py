@@ -30,6 +30,7 @@ import functools
 import itertools
 import json
 import math
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, List, Optional
@@ -41,6 +42,7 @@ import typer
 import rebasin
 import train_ensemble as te
 
+PIPED_WIDTH = 200           # columns of tables written to a pipe or a log (rich's default of 80 cuts them)
 ECE_BINS = 15               # equal-width confidence bins of the expected calibration error
 DROP_DRAWS = 20             # random member subsets per drop fraction (all subsets when there are fewer)
 INTERP_STEPS = 11           # λ = 0, 0.1, ..., 1
@@ -63,7 +65,7 @@ def _cached_data(key):
 
 def run_data(config, dataset=None):
     """The data a run was trained on (its config.json), on the CPU; `dataset` overrides the config's."""
-    fields = ('dataset', 'data_dir', 'seed', 'data_seed', 'val_size', 'shard', 'subset')
+    fields = ('dataset', 'data_dir', 'seed', 'data_seed', 'val_size', 'shard', 'subset', 'task', 'target')
     key = {k: config[k] for k in fields if config.get(k) is not None}
     if dataset:
         key['dataset'] = dataset
@@ -161,6 +163,29 @@ def logit_variance(logits):
     return float(centred.var(0, unbiased=False).mean())
 
 
+def regression_metrics(outputs, y):
+    """MSE and RMSE of one predictor's (N, T) outputs, in the targets' units (mean over the T targets)."""
+    mse = float(te.squared_error(outputs, y).mean())
+    return dict(mse=mse, rmse=math.sqrt(mse))
+
+
+def regression_report(outputs, y):
+    """Everything `evaluate` shows for (M, N, T) regression outputs: per-member, mean-member and ensemble
+    MSE and RMSE; DIV = mean_j (f_j − f̄)² and the residual of the ambiguity decomposition ensemble MSE =
+    mean member MSE − DIV (Krogh & Vedelsby 1995; exact, so the residual is rounding, relative to the mean
+    member MSE); and DIV / mean member MSE, the share of the members' error that averaging removes."""
+    outputs, y = outputs.double(), y.to(outputs.device).double()
+    members = [regression_metrics(o, y) for o in outputs]
+    mean_member = {k: sum(m[k] for m in members) / len(members) for k in members[0]}
+    ensemble = regression_metrics(outputs.mean(0), y)
+    member_se, ensemble_se = te.squared_error(outputs, y), te.squared_error(outputs.mean(0), y)
+    div = te.squared_error(outputs, outputs.mean(0)).mean(0)   # (N,): the members' spread around the ensemble
+    residual = float((member_se.mean(0) - ensemble_se - div).abs().max()) / max(mean_member['mse'], 1e-300)
+    return dict(examples=len(y), combiner='mean', members=members, mean_member=mean_member, ensemble=ensemble,
+                div=float(div.mean()), decomposition_residual=residual,
+                ensemble_improvement=_ratio(float(div.mean()), mean_member['mse']))
+
+
 def _ratio(a, b):
     return a / b if b > 0 else None   # JSON has no NaN: None (null) when undefined
 
@@ -203,6 +228,10 @@ def debias(logits_fit, logits_apply):
 
 
 def ensemble_loss_error(logits, y, combiner):
+    """The ensemble's (loss, error): cross-entropy and error rate, or for 'mean' (regression) MSE and RMSE."""
+    if combiner == 'mean':
+        mse = float(te.squared_error(logits.mean(0), y).mean())
+        return mse, math.sqrt(mse)
     log_probs = te.combine(logits, combiner)
     return float(te.cross_entropy(log_probs, y).mean()), float((log_probs.argmax(-1) != y).double().mean())
 
@@ -616,9 +645,10 @@ def _mean_by_beta(rows, key):
 
 
 def plot_sweep(path, groups, title):
-    """compare's figure: test error, DIV (train and test) and the loss gap against β, one line per group;
-    with --shifted a fourth panel: mean corrupted error and 1 − each OOD AUROC."""
+    """compare's figure: test error (regression: RMSE), DIV (train and test) and the loss gap against β, one
+    line per group; with --shifted a fourth panel: mean corrupted error and 1 − each OOD AUROC."""
     shifted = all('corrupted_acc' in r for rows in groups.values() for r in rows)
+    regression = all('test_rmse' in r for rows in groups.values() for r in rows)
     plt, fig, axes = _figure(4 if shifted else 3)
     err_ax, div_ax, gap_ax = axes[:3]
     for i, (label, rows) in enumerate(groups.items()):
@@ -631,32 +661,36 @@ def plot_sweep(path, groups, title):
                 axes[3].plot(betas, [1 - a for a in auc], ('--', ':', '-.')[j % 3],
                              label=f"{label}: 1 − AUROC ({key[len('ood_auroc_'):].replace('_', ' ')})", **style)
         style = dict(color=f'C{i}', marker='o')
-        for key, line, what in (('test_acc', '-', 'ensemble'), ('member_test_acc', ':', 'mean member')):
-            betas, acc = _mean_by_beta(rows, key)
-            err_ax.plot(betas, [1 - a for a in acc], line, label=f'{label}: {what}', **style)
+        for key, line, what in (('test', '-', 'ensemble'), ('member_test', ':', 'mean member')):
+            if regression:
+                err_ax.plot(*_mean_by_beta(rows, f'{key}_rmse'), line, label=f'{label}: {what}', **style)
+            else:
+                betas, acc = _mean_by_beta(rows, f'{key}_acc')
+                err_ax.plot(betas, [1 - a for a in acc], line, label=f'{label}: {what}', **style)
         for key, line, what in (('train_div', '-', 'train'), ('test_div', '--', 'test')):
             div_ax.plot(*_mean_by_beta(rows, key), line, label=f'{label}: {what}', **style)
         gap_ax.plot(*_mean_by_beta(rows, 'gap'), '-', label=label, **style)
-    names = ['test error', 'DIV', 'ensemble loss gap (test − train)'] + ['under shift (lower is better)'] * shifted
+    names = ['test RMSE' if regression else 'test error', 'DIV',
+             f"ensemble {'MSE' if regression else 'loss'} gap (test − train)"] + ['under shift (lower is better)'] * shifted
     for ax, name in zip(axes, names):
         _label(ax, 'β (0 = independent, 1 = joint)', name)
     div_ax.set_yscale('symlog', linthresh=1e-3)   # DIV spans orders of magnitude between β = 0 and β = 1
     _save(plt, fig, path, title)
 
 
-def plot_drop(path, result, title):
+def plot_drop(path, result, title, names=('loss', 'error')):
     plt, fig, axes = _figure(2)
     rows = [dict(fraction=0.0, **{f'{k}_increase{s}': 0.0 for k in ('loss', 'error') for s in ('', '_std')})]
     rows += result['fractions']   # the full ensemble, at 0, anchors the curve
-    for ax, key in zip(axes, ('loss', 'error')):
+    for ax, key, name in zip(axes, ('loss', 'error'), names):
         ax.errorbar([r['fraction'] for r in rows], [r[f'{key}_increase'] for r in rows],
                     yerr=[r[f'{key}_increase_std'] for r in rows], marker='o', capsize=3,
                     label=f"mean ± std over member subsets ({result['split']} split)")
-        _label(ax, f"fraction of the {result['members']} members dropped", f'increase in ensemble {key}', 8)
+        _label(ax, f"fraction of the {result['members']} members dropped", f'increase in ensemble {name}', 8)
     _save(plt, fig, path, title)
 
 
-def plot_interpolation(path, curves, title):
+def plot_interpolation(path, curves, title, names=('loss', 'error')):
     plt, fig, axes = _figure(2)
     for i, (name, rows) in enumerate(curves.items()):
         lams = [r['lam'] for r in rows]
@@ -664,8 +698,8 @@ def plot_interpolation(path, curves, title):
             for split, style in (('train', '-'), ('test', '--')):
                 ax.plot(lams, [r[f'{split}_{key}'] for r in rows], style, marker='o', ms=3, color=f'C{i}',
                         label=f'{name} ({split})')
-    for ax, key in zip(axes, ('loss', 'error')):
-        _label(ax, 'λ (0 = A, 1 = B)', f'{key} (solid: train, dashed: test)')
+    for ax, name in zip(axes, names):
+        _label(ax, 'λ (0 = A, 1 = B)', f'{name} (solid: train, dashed: test)')
     _save(plt, fig, path, title)
 
 
@@ -721,8 +755,11 @@ JsonOut = Annotated[Optional[Path], typer.Option('--json', help='Write every num
 def _session():
     """A rich console; user errors (bad runs, splits, options) become one line on stderr and exit 1."""
     from rich.console import Console
+    console = Console(soft_wrap=True, highlight=False)
+    if not console.is_terminal and 'COLUMNS' not in os.environ:
+        console.width = PIPED_WIDTH
     try:
-        yield Console(soft_wrap=True, highlight=False)
+        yield console
     except (te.EnsembleError, rebasin.RebasinError, OSError, json.JSONDecodeError) as e:
         te.cli_error(' '.join(str(e).split()))
 
@@ -766,10 +803,18 @@ def _load(run, device, dataset):
 
 
 def _combiner(config, combine):
-    combiner = combine or config.get('combine') or 'prob'
-    if combiner not in ('prob', 'logit'):
-        raise te.EnsembleError(f"unknown combiner '{combiner}': use prob or logit")
+    """--combine, else the run's combiner; a regression run's is 'mean', the only one it has."""
+    regression = config.get('task') == 'regression'
+    combiner = combine or config.get('combine') or ('mean' if regression else 'prob')
+    if combiner not in (('mean',) if regression else ('prob', 'logit')):
+        raise te.EnsembleError(f"unknown combiner '{combiner}' for this run: use "
+                               + ("mean (it is a regression run)" if regression else 'prob or logit'))
     return combiner
+
+
+def _classification_only(config, run, what):
+    if config.get('task') == 'regression':
+        raise te.EnsembleError(f'{run} is a regression run; {what} is defined for classification only')
 
 
 def _settings(config, keys=('dataset', 'arch', 'members', 'beta', 'combine')):
@@ -791,31 +836,45 @@ def evaluate(
 
     DIV is checked against the ambiguity decomposition of the combiner; also pairwise disagreement, the
     disagreement-error ratio, the ensemble improvement rate and the logit variance. The train split is
-    evaluated like the others: eval mode, no augmentation."""
+    evaluated like the others: eval mode, no augmentation. A regression run: MSE and RMSE in the targets'
+    units, DIV = mean_j (f_j − f̄)² with the (exact) decomposition's residual, and DIV / mean member MSE."""
     with _session() as console:
         config, nets, data = _load(run, device, dataset)
         combiner = _combiner(config, combine)
+        regression = combiner == 'mean'
+        loss, score = ('mse', 'rmse') if regression else ('nll', 'acc')
         result = dict(run=str(run), combiner=combiner, splits={})
         for name in dict.fromkeys(split):
             x, y = split_examples(data, name, examples)
-            r = result['splits'][name] = ensemble_report(_logits(console, nets, x, name), y, combiner, bins)
+            outputs = _logits(console, nets, x, name)
+            r = result['splits'][name] = (regression_report(outputs, y) if regression else
+                                          ensemble_report(outputs, y, combiner, bins))
             rows = [(f'member {j}', *m.values()) for j, m in enumerate(r['members'])]
             rows += [('mean member', *r['mean_member'].values()), ('ensemble', *r['ensemble'].values())]
-            console.print(_table(f'{run} — {name} split ({r["examples"]} images), combiner {combiner}',
-                                 ['', 'accuracy', 'NLL', 'Brier', f'ECE ({bins} bins)'], rows))
-            console.print(_table(None, ['diversity', 'value'], [
-                ('DIV', r['div']), ('decomposition residual', r['decomposition_residual']),
-                ('disagreement', r['disagreement']), ('disagreement / mean member error', r['disagreement_error_ratio']),
-                ('ensemble improvement rate', r['ensemble_improvement_rate']), ('logit variance', r['logit_variance'])]))
-            if r['decomposition_residual'] > 1e-4:
+            console.print(_table(f'{run} — {name} split ({r["examples"]} examples), combiner {combiner}',
+                                 ['', 'MSE', 'RMSE'] if regression else ['', 'accuracy', 'NLL', 'Brier', f'ECE ({bins} bins)'],
+                                 rows))
+            if regression:
+                console.print(_table(None, ['diversity', 'value'], [
+                    ('DIV = mean_j (f_j − f̄)²', r['div']), ('decomposition residual (relative)', r['decomposition_residual']),
+                    ('DIV / mean member MSE', r['ensemble_improvement'])]))
+            else:
+                console.print(_table(None, ['diversity', 'value'], [
+                    ('DIV', r['div']), ('decomposition residual', r['decomposition_residual']),
+                    ('disagreement', r['disagreement']), ('disagreement / mean member error', r['disagreement_error_ratio']),
+                    ('ensemble improvement rate', r['ensemble_improvement_rate']), ('logit variance', r['logit_variance'])]))
+            if r['decomposition_residual'] > (1e-9 if regression else 1e-4):
                 console.print(f"[yellow]warning: the ambiguity decomposition is off by {r['decomposition_residual']:.2g}[/]")
         if {'train', 'test'} <= result['splits'].keys():
             tr, ts = result['splits']['train'], result['splits']['test']
-            result['gap'] = dict(ensemble_loss=ts['ensemble']['nll'] - tr['ensemble']['nll'],
-                                 mean_member_loss=ts['mean_member']['nll'] - tr['mean_member']['nll'],
-                                 ensemble_error=tr['ensemble']['acc'] - ts['ensemble']['acc'],
-                                 div=ts['div'] - tr['div'])
-            console.print(_table('generalization gap (test − train)', ['', 'gap'],
+            gap = result['gap'] = dict(ensemble_loss=ts['ensemble'][loss] - tr['ensemble'][loss],
+                                       mean_member_loss=ts['mean_member'][loss] - tr['mean_member'][loss])
+            if regression:
+                gap['ensemble_rmse'] = ts['ensemble']['rmse'] - tr['ensemble']['rmse']
+            else:
+                gap['ensemble_error'] = tr['ensemble']['acc'] - ts['ensemble']['acc']
+            gap['div'] = ts['div'] - tr['div']
+            console.print(_table(f'generalization gap (test − train){"; losses are MSE" if regression else ""}', ['', 'gap'],
                                  [(k.replace('_', ' '), v) for k, v in result['gap'].items()]))
         _write(console, json_out, result)
 
@@ -824,6 +883,7 @@ def shifted_row(run, ood=None, examples=None, device='auto', console=None, sever
     """A run's numbers under shift, for compare --shifted: the ensemble's mean accuracy over every generated
     corruption (that the images allow) at `severities`, and with `ood` the AUROC of each OOD score."""
     config, nets, data = _load(run, device, None)
+    _classification_only(config, run, 'compare --shifted (corruptions and OOD detection)')
     x, y = split_examples(data, 'test', examples)
     names = [n for n in CORRUPTIONS if n != 'saturate' or x.size(1) == 3]
     with _progress(console, f'{Path(run).name}: corruptions', len(names) * len(severities)) as advance:
@@ -839,7 +899,8 @@ def shifted_row(run, ood=None, examples=None, device='auto', console=None, sever
 
 
 def compare_row(run, recompute=False, device='auto', examples=None, console=None):
-    """One run's row of the β sweep. Test numbers and training time come from summary.json. Its train_*
+    """One run's row of the β sweep (a regression run's has RMSE where others have accuracy, and its losses
+    are MSE). Test numbers and training time come from summary.json. Its train_*
     numbers are running averages over the epoch's augmented batches in train mode while the weights still
     move, so the gap they give is biased; `recompute` (or a run without summary.json, e.g. a merged
     one) evaluates train and test cleanly instead: eval mode, no augmentation, no test-time augmentation."""
@@ -847,22 +908,24 @@ def compare_row(run, recompute=False, device='auto', examples=None, console=None
     config = run_config(run)
     summary_path = run / 'summary.json'
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    score = te.score_name(config.get('task'))   # accuracy, or for regression RMSE
     row = dict(run=str(run), name=run.name, members=len(te.member_paths(run)), beta=config.get('beta'),
-               combine=config.get('combine', 'prob'), bagging=bool(config.get('bagging')),
+               combine=_combiner(config, None), task=config.get('task', 'classification'), bagging=bool(config.get('bagging')),
                param=config.get('param', 'standard'), train_time_s=summary.get('train_time_s'), config=config)
     if summary and not recompute:
-        row.update(source='summary.json', test_acc=summary['test_acc'], test_loss=summary['test_loss'],
-                   member_test_acc=sum(summary['member_test_acc']) / len(summary['member_test_acc']),
-                   member_test_loss=sum(summary['member_test_loss']) / len(summary['member_test_loss']),
-                   train_loss=summary['train_loss'], train_div=summary['train_div'], test_div=summary['test_div'])
+        row.update({'source': 'summary.json', f'test_{score}': summary[f'test_{score}'], 'test_loss': summary['test_loss'],
+                    f'member_test_{score}': sum(summary[f'member_test_{score}']) / len(summary[f'member_test_{score}']),
+                    'member_test_loss': sum(summary['member_test_loss']) / len(summary['member_test_loss']),
+                    'train_loss': summary['train_loss'], 'train_div': summary['train_div'], 'test_div': summary['test_div']})
     else:
         config, nets, data = _load(run, device, None)
         for split in ('train', 'test'):
             x, y = split_examples(data, split, examples)
             m = te.ensemble_metrics(_logits(console, nets, x, f'{run.name} {split}'), y, row['combine'])
-            row.update({f'{split}_loss': m['loss'], f'{split}_acc': m['acc'], f'{split}_div': m['div']})
+            row.update({f'{split}_loss': m['loss'], f'{split}_{score}': m[score], f'{split}_div': m['div']})
             if split == 'test':
-                row.update(member_test_acc=sum(m['member_acc']) / len(nets), member_test_loss=sum(m['member_loss']) / len(nets))
+                row.update({f'member_test_{score}': sum(m[f'member_{score}']) / len(nets),
+                            'member_test_loss': sum(m['member_loss']) / len(nets)})
         row['source'] = 'eval'
     row['gap'] = row['test_loss'] - row['train_loss']
     return row
@@ -912,14 +975,20 @@ def compare(
         if ood and not shifted:
             raise te.EnsembleError('--ood only applies with --shifted')
         rows = [compare_row(r, recompute, device, examples, console) for r in runs]
+        tasks = sorted({r['task'] for r in rows})
+        if len(tasks) > 1:
+            raise te.EnsembleError(f'these runs mix {" and ".join(tasks)}: compare runs of one task')
+        regression = tasks == ['regression']
         if shifted:
             for r in rows:
                 r.update(shifted_row(r['run'], ood, examples, device, console))
         rows.sort(key=lambda r: (r['beta'] is None, r['beta'] or 0.0, r['name']))
-        columns = ['run', 'M', 'β', 'combine', 'bagging', 'param', 'test acc', 'member acc', 'test loss',
-                   'member loss', 'train DIV', 'test DIV', 'gap', 'seconds']
+        score = 'rmse' if regression else 'acc'
+        columns = ['run', 'M', 'β', 'combine', 'bagging', 'param', *(('test RMSE', 'member RMSE', 'test MSE', 'member MSE')
+                   if regression else ('test acc', 'member acc', 'test loss', 'member loss')),
+                   'train DIV', 'test DIV', 'gap', 'seconds']
         table = [(r['name'], str(r['members']), '–' if r['beta'] is None else f"{r['beta']:g}", r['combine'],
-                  'yes' if r['bagging'] else 'no', r['param'], r['test_acc'], r['member_test_acc'], r['test_loss'],
+                  'yes' if r['bagging'] else 'no', r['param'], r[f'test_{score}'], r[f'member_test_{score}'], r['test_loss'],
                   r['member_test_loss'], r['train_div'], r['test_div'], r['gap'],
                   '–' if r['train_time_s'] is None else f"{r['train_time_s']:.1f}") for r in rows]
         if shifted:
@@ -948,7 +1017,7 @@ def debias_command(
     run: RunDir,
     fit_split: str = typer.Option('train', help='Split on which the member biases are estimated.'),
     split: str = typer.Option('test', help='Split on which they are removed and DIV is measured.'),
-    combine: Optional[str] = typer.Option(None, help="Combiner of DIV and the ensemble loss: prob or logit (default: the run's)."),
+    combine: Optional[str] = typer.Option(None, help="Combiner of DIV and the ensemble loss: prob or logit (default: the run's; regression: mean)."),
     examples: Examples = None,
     dataset: Dataset = None,
     device: Device = 'auto',
@@ -957,7 +1026,9 @@ def debias_command(
     """How much of the diversity is collusion: DIV before and after removing member biases.
 
     Member j's class-wise logit bias b_j = mean_x z_j(x) − mean_{x,i} z_i(x) is estimated on --fit-split
-    and removed on --split. The biases sum to zero, so the logit-averaged ensemble is unchanged (checked)."""
+    and removed on --split. The biases sum to zero, so the logit-averaged ensemble is unchanged (checked).
+    A regression run: b_j is member j's mean offset from the ensemble's prediction (per target); removing
+    it leaves the averaged prediction unchanged and lowers DIV and the members' MSE."""
     with _session() as console:
         config, nets, data = _load(run, device, dataset)
         combiner = _combiner(config, combine)
@@ -966,24 +1037,25 @@ def debias_command(
         before = _logits(console, nets, x, split)
         fit = _logits(console, nets, x_fit, fit_split) if fit_split != split else before
         after = debias(fit, before)
+        score, mean = te.score_name(config.get('task')), 'mean' if combiner == 'mean' else 'logit'
         numbers = {}
         for name, logits in (('before', before), ('after', after)):
             m = te.ensemble_metrics(logits, y, combiner)
-            numbers[name] = dict(div=m['div'], mean_member_loss=sum(m['member_loss']) / len(nets),
-                                 mean_member_acc=sum(m['member_acc']) / len(nets), ensemble_loss=m['loss'],
-                                 ensemble_acc=m['acc'])
-        change = float((te.combine(after, 'logit') - te.combine(before, 'logit')).abs().max())
+            numbers[name] = {'div': m['div'], 'mean_member_loss': sum(m['member_loss']) / len(nets),
+                             f'mean_member_{score}': sum(m[f'member_{score}']) / len(nets), 'ensemble_loss': m['loss'],
+                             f'ensemble_{score}': m[score]}
+        change = float((te.combine(after, mean) - te.combine(before, mean)).abs().max())
         div_before = numbers['before']['div']
         result = dict(run=str(run), combiner=combiner, fit_split=fit_split, split=split, examples=len(y), **numbers,
                       div_removed_percent=100 * (1 - numbers['after']['div'] / div_before) if div_before > 0 else None,
                       bias_norm=float(member_bias(fit).norm(dim=-1).mean()), logit_ensemble_max_change=change)
-        keys = ['div', 'mean_member_loss', 'mean_member_acc', 'ensemble_loss', 'ensemble_acc']
-        console.print(_table(f'{run}: biases fit on {fit_split}, removed on {split} ({len(y)} images), combiner {combiner}',
-                             ['', 'before', 'after'],
-                             [(k.replace('_', ' '), numbers['before'][k], numbers['after'][k]) for k in keys]))
+        console.print(_table(f'{run}: biases fit on {fit_split}, removed on {split} ({len(y)} examples), combiner {combiner}'
+                             + ('; losses are MSE' if combiner == 'mean' else ''), ['', 'before', 'after'],
+                             [(k.replace('_', ' '), numbers['before'][k], numbers['after'][k]) for k in numbers['before']]))
         removed = result['div_removed_percent']
         console.print(f"DIV removed: {'–' if removed is None else f'{removed:.1f}%'}; mean ‖b_j‖ {result['bias_norm']:.4f}; "
-                      f"logit-averaged ensemble changed by at most {change:.2g} (log-probability)")
+                      + (f'averaged prediction changed by at most {change:.2g}' if combiner == 'mean' else
+                         f'logit-averaged ensemble changed by at most {change:.2g} (log-probability)'))
         _write(console, json_out, result)
 
 
@@ -1011,21 +1083,23 @@ def drop(
     """What dropping members at test time costs the ensemble's loss and error.
 
     Mean and spread, over member subsets, of the increase over the full ensemble. Colluding members lean
-    on each other, so dropping some hurts far more than in an independently trained ensemble."""
+    on each other, so dropping some hurts far more than in an independently trained ensemble. For a
+    regression run the loss is the MSE and the error the RMSE."""
     with _session() as console:
         config, nets, data = _load(run, device, dataset)
         combiner, ps = _combiner(config, combine), _fractions(fractions)
         x, y = split_examples(data, split, examples)
         result = dict(run=str(run), combiner=combiner, split=split, members=len(nets),
                       **drop_learners(_logits(console, nets, x, split), y, combiner, ps, draws, seed))
+        loss, error = ('MSE', 'RMSE') if combiner == 'mean' else ('loss', 'error')
         console.print(_table(f"{run}: {len(nets)} members, {split} split, combiner {combiner}; full ensemble "
-                             f"loss {result['full_loss']:.4f}, error {result['full_error']:.4f}",
-                             ['dropped', 'kept', 'subsets', 'Δ loss', '± std', 'Δ error', '± std'],
+                             f"{loss} {result['full_loss']:.4f}, {error} {result['full_error']:.4f}",
+                             ['dropped', 'kept', 'subsets', f'Δ {loss}', '± std', f'Δ {error}', '± std'],
                              [(f"{r['fraction']:g}", str(r['kept']), str(r['subsets']), r['loss_increase'],
                                r['loss_increase_std'], r['error_increase'], r['error_increase_std'])
                               for r in result['fractions']]))
         if plot:
-            plot_drop(plot, result, f'dropping members: {_settings(config)}')
+            plot_drop(plot, result, f'dropping members: {_settings(config)}', (loss, error))
             console.print(f'wrote {plot}')
         _write(console, json_out, result)
 
@@ -1070,7 +1144,7 @@ def interpolate(
 ):
     """Loss and error along the line between two networks, and its barrier (linear mode connectivity).
 
-    Train and test loss and error at each λ, and the barrier max_λ L(λ) − ((1 − λ)L(0) + λL(1)). Every
+    Train and test loss and error (regression: MSE and RMSE) at each λ, and the barrier max_λ L(λ) − ((1 − λ)L(0) + λL(1)). Every
     floating tensor is interpolated, BatchNorm statistics included; --reset-bn/--repair treat the inner
     points only, so the endpoints are the trained networks as they are."""
     with _session() as console:
@@ -1084,11 +1158,12 @@ def interpolate(
         if te.architecture(spec) != te.architecture(spec_b):   # data statistics may differ (shards, datasets)
             raise te.EnsembleError(f'{paths[0]} and {paths[1]} are different networks: their architectures differ')
         data = run_data(run_config(a), dataset)
+        regression = spec.get('task') == 'regression'
         net = te.build_model(spec).to(dev).eval()
         state_a, state_b = ({k: v.to(dev) for k, v in s.items()} for s in (state_a, state_b))
         curves = {'A → B': (state_a, state_b)}
         if align:
-            example = torch.zeros(1, spec['in_channels'], spec['image_size'], spec['image_size'], device=dev)
+            example = torch.zeros(1, spec['in_channels'], *(() if regression else (spec['image_size'],) * 2), device=dev)
             with console.status('weight matching: permuting B into A\'s basin'):
                 aligned = align_state(net, state_a, state_b, example)
             curves.update({'A → π(B)': (state_a, aligned), 'B → π(B)': (state_b, aligned)})
@@ -1102,7 +1177,7 @@ def interpolate(
         def evaluate_net(net):
             out = {}
             for s, (x, y) in splits.items():
-                loss, error = ensemble_loss_error(te.predict_logits([net], x), y.to(dev), 'prob')
+                loss, error = ensemble_loss_error(te.predict_logits([net], x), y.to(dev), 'mean' if regression else 'prob')
                 out.update({f'{s}_loss': loss, f'{s}_error': error})
             return out
 
@@ -1115,16 +1190,17 @@ def interpolate(
                                                                      for s in ('train', 'test') for k in ('loss', 'error')})
         treatment = {'reset': ', BatchNorm reset', 'repair': ', REPAIR', None: ''}[bn]
         names = list(curves)
-        console.print(_table(f'{paths[0]} → {paths[1]}{treatment}: test loss / test error at each λ',
-                             ['λ'] + [f'{n} {k}' for n in names for k in ('loss', 'error')],
+        loss_names = ('MSE', 'RMSE') if regression else ('loss', 'error')
+        console.print(_table(f'{paths[0]} → {paths[1]}{treatment}: test {loss_names[0]} / test {loss_names[1]} at each λ',
+                             ['λ'] + [f'{n} {k}' for n in names for k in loss_names],
                              [(f'{lam:.2f}', *[result['curves'][n]['points'][i][f'test_{k}'] for n in names for k in ('loss', 'error')])
                               for i, lam in enumerate(lams)]))
-        console.print(_table('barriers', ['curve', 'train loss', 'train error', 'test loss', 'test error'],
+        console.print(_table('barriers', ['curve', *(f'{s} {k}' for s in ('train', 'test') for k in loss_names)],
                              [(n, *result['curves'][n]['barrier'].values()) for n in names]))
         if plot:
             plot_interpolation(plot, {n: c['points'] for n, c in result['curves'].items()},
                                f"{_short(paths[0])} → {_short(paths[1])}{treatment}: {spec['arch']} on {data.name}, "
-                               f"{len(splits['test'][1])} test images")
+                               f"{len(splits['test'][1])} test examples", loss_names)
             console.print(f'wrote {plot}')
         _write(console, json_out, result)
 
@@ -1149,6 +1225,7 @@ def sharpness_command(
         if rho <= 0 or steps < 1:
             raise te.EnsembleError(f'--rho must be positive and --steps at least 1, got {rho} and {steps}')
         config, nets, data = _load(run, device, dataset)
+        _classification_only(config, run, 'sharpness (of the cross-entropy)')
         dev = te.resolve_device(device)
         x, y = split_examples(data, 'train', examples)
         batches = sharpness_batches(x, y, batch_size, dev)
@@ -1195,6 +1272,7 @@ def ood_command(
     (H(p̄) − mean H(p_j), how much the members disagree). The OOD set is the positive class."""
     with _session() as console:
         config, nets, data = _load(run, device, None)
+        _classification_only(config, run, 'OOD detection (from predictive probabilities)')
         ood_data = run_data(config, ood)
         x_in, _ = split_examples(data, 'test', examples)
         x_out, _ = split_examples(ood_data, 'test', examples)
@@ -1240,6 +1318,7 @@ def robustness_command(
             raise te.EnsembleError(f"unknown corruption '{unknown[0]}': use all or some of {', '.join(CORRUPTIONS)}")
         levels = _severities(severities)
         config, nets, data = _load(run, device, dataset)
+        _classification_only(config, run, 'robustness (image corruptions)')
         combiner = _combiner(config, combine)
         x, y = split_examples(data, 'test', examples)
         if 'saturate' in names and x.size(1) != 3 and corrupted_dir is None:

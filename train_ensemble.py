@@ -66,6 +66,11 @@ RECIPES = {
         bias_scaler=1.0, lookahead=False, whiten_bias_epochs=0,
     ),
 }
+# Regression (an mlp on a table) overrides the mlp recipe: tables are small, so more epochs of smaller
+# batches, and a lower lr, since squared errors of heavy-tailed targets spike where cross-entropy saturates.
+# Bike sharing (tools/export_bikeshare.py), 4-member 64-64 mlp, 1,000 validation hours, 2026-11-23: lr 0.25,
+# 0.5, 1, 2 gave validation RMSE 39.1, 36.0, 33.9, 32.0 at beta 0, and at beta 1 38.1, 35.0, 33.2, diverged.
+REGRESSION_RECIPE = dict(RECIPES['mlp'], epochs=30, batch_size=128, lr=1.0)
 ADAM_LR = 1e-3                  # plain Adam(W) learning rate when --optimizer adam and no --lr
 # Lookahead: from epoch 3, every 5 steps, the weights move to an EMA of themselves; training ends on the
 # EMA, once, as in airbench94. (Snapping to it at every epoch end instead, as this file did before,
@@ -79,7 +84,7 @@ TRANSLATE = 2                   # random-crop padding (pixels, reflect) when aug
 EVAL_BATCH = 2000
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}   # --precision: autocast dtype
 SAM_EPS = 1e-12                 # added to each member's gradient norm before SAM divides by it (a zero gradient stays put)
-DIVERGED_LOSS = 1e4             # nats per example: an objective or test loss above this is divergence, not training
+DIVERGED_LOSS = 1e4             # nats (or squared target stds) per example: an objective or test loss above this is divergence
 MAX_MEMBER_PARAMETERS = 2**31   # a model spec describing more is refused before anything is allocated (8 GiB fp32)
 LOG_CHUNK = 2**22                # the training log reduces its steps' logits in chunks of about this many values
 PER_SAMPLE_GRAD_FLOATS = 2**27  # SharpBalance's scoring pass holds at most this many per-sample gradient floats (512 MB)
@@ -95,13 +100,17 @@ class EnsembleError(Exception):
 #                 Data                      #
 #############################################
 
-DATASETS = ('cifar10', 'cifar100', 'fashion-mnist', 'mnist', 'synthetic')
+DATASETS = ('cifar10', 'cifar100', 'fashion-mnist', 'mnist', 'synthetic', 'synthetic-regression')
+TASKS = ('classification', 'regression')
 DEBIAN_FASHION_MNIST = Path('/usr/share/datasets/fashion-mnist')
+CSV_TEST_FRACTION = 0.2   # a .csv is one table: this fixed share of its rows (a seeded choice) is the test split
+DATA_ORDER_SEED = 12345   # the fixed order validation splits, shards and subsets are taken from
 
 
 @dataclass
 class Data:
-    """A dataset held as uint8 NCHW images and int64 labels (on any device)."""
+    """A dataset on any device: uint8 NCHW images and int64 labels (classification), or float32 (N, D)
+    features and (N, T) real targets (regression). num_classes is K, or the number of targets T."""
     name: str
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -110,6 +119,7 @@ class Data:
     num_classes: int
     x_val: Optional[torch.Tensor] = None
     y_val: Optional[torch.Tensor] = None
+    task: str = 'classification'
 
     def split(self, name):
         if name not in ('train', 'val', 'test'):
@@ -172,6 +182,22 @@ def _synthetic(seed, n_train=50000, n_test=10000, num_classes=10):
     return x_train, y_train, x_test, y_test, num_classes
 
 
+@functools.lru_cache(maxsize=2)
+def _synthetic_regression(seed, n_train=4000, n_test=1000, features=8):
+    """Tabular, learnable, noisy, deterministic: 8 standard normal features, a nonlinear target of five of
+    them (a sine, a product, a square, a linear term) plus noise, in units far from standardized (mean 50,
+    scale 10), so that a member that did not map its outputs back to the targets' units would be far off."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n):
+        x = torch.randn(n, features, generator=g)
+        f = torch.sin(2 * x[:, 0]) + x[:, 1] * x[:, 2] + 0.5 * x[:, 3] ** 2 - x[:, 4]
+        return x, (50 + 10 * (f + 0.3 * torch.randn(n, generator=g))).unsqueeze(1)
+
+    (x_train, y_train), (x_test, y_test) = make(n_train), make(n_test)
+    return x_train, y_train, x_test, y_test, 1
+
+
 def _download(name, data_dir, download=True):
     """torchvision download, cached as a uint8 safetensors file in data_dir. download=False (the readers of
     runs, whose data_dir comes from a config.json) only reads what is there and creates nothing."""
@@ -211,6 +237,61 @@ def _download(name, data_dir, download=True):
     return x[0], y[0], x[1], y[1]
 
 
+def _checked_table(path, x_train, y_train, x_test, y_test):
+    """Regression arrays as float32 tensors, after every check that would otherwise fail later or silently:
+    (N, D) numeric features, one target row per example (1-D targets become (N, 1)), all finite."""
+    out = []
+    for split, x, y in (('train', x_train, y_train), ('test', x_test, y_test)):
+        for name, a, ndim in ((f'x_{split}', x, (2,)), (f'y_{split}', y, (1, 2))):
+            if a.ndim not in ndim or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+                raise EnsembleError(f'{path}: {name} must be a {" or ".join(f"{d}-D" for d in ndim)} numeric array '
+                                    f'(regression: features (N, D), targets (N,) or (N, T)), got {a.dtype} {a.shape}')
+            if not np.isfinite(a.astype(np.float64)).all():
+                raise EnsembleError(f'{path}: {name} holds NaN or infinite values; fill or drop them first')
+        if len(y) != len(x) or len(y) == 0:
+            raise EnsembleError(f'{path}: x_{split} holds {len(x)} rows and y_{split} {len(y)} targets; '
+                                'they must match and not be empty')
+        out += [torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y.reshape(len(y), -1), dtype=torch.float32)]
+    if out[2].shape[1] != out[0].shape[1] or out[3].shape[1] != out[1].shape[1]:
+        raise EnsembleError(f'{path}: train has {out[0].shape[1]} features and {out[1].shape[1]} targets, test '
+                            f'{out[2].shape[1]} and {out[3].shape[1]}; they must match')
+    return (*out, out[1].shape[1])
+
+
+def _read_csv(path, target=None):
+    """A numeric table with a header row as regression arrays: `target` (default: the last column) is
+    the target, every other column a feature, and a fixed CSV_TEST_FRACTION of the rows the test split."""
+    import csv
+    try:
+        with open(path, newline='') as f:
+            rows = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise EnsembleError(f'cannot read {path}: {e}') from None
+    header, rows = (rows[0], rows[1:]) if rows else ([], [])
+    header = [h.strip() for h in header]
+    if len(header) < 2 or len(rows) < 2:
+        raise EnsembleError(f'{path}: a .csv needs a header row, at least two columns and two rows')
+    target = header[-1] if target is None else target
+    if target not in header:
+        raise EnsembleError(f"{path}: no column '{target}' (--target); the columns are {', '.join(header)}")
+    table = np.empty((len(rows), len(header)))
+    for i, row in enumerate(rows):
+        if len(row) != len(header):
+            raise EnsembleError(f'{path}: line {i + 2} has {len(row)} fields, the header {len(header)}')
+        for j, cell in enumerate(row):
+            try:
+                table[i, j] = float(cell)
+            except ValueError:
+                raise EnsembleError(f"{path}: line {i + 2}, column '{header[j]}' is not a number ({cell!r}); "
+                                    'encode categories as numbers (e.g. one-hot) first') from None
+    t = header.index(target)
+    x, y = np.delete(table, t, axis=1), table[:, t]
+    test = torch.randperm(len(rows), generator=torch.Generator().manual_seed(DATA_ORDER_SEED))[:max(1, round(CSV_TEST_FRACTION * len(rows)))]
+    is_test = np.zeros(len(rows), dtype=bool)
+    is_test[test.numpy()] = True
+    return dict(x_train=x[~is_test], y_train=y[~is_test], x_test=x[is_test], y_test=y[is_test])
+
+
 def _class_ranks(y):
     """Each example's rank among the examples of its class, in the given order."""
     rank = torch.empty(len(y), dtype=torch.int64)
@@ -233,7 +314,8 @@ def _checked_arrays(path, x_train, y_train, x_test, y_test):
     x_train, x_test = _as_nchw(x_train), _as_nchw(x_test)
     for split, x, y in (('train', x_train, y_train), ('test', x_test, y_test)):
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise EnsembleError(f'{path}: y_{split} must be a 1-D array of integer labels, got {y.dtype} {y.shape}')
+            raise EnsembleError(f'{path}: y_{split} must be a 1-D array of integer labels, got {y.dtype} {y.shape} '
+                                '(real-valued targets: pass --task regression)')
         if len(y) != len(x) or len(y) == 0:
             raise EnsembleError(f'{path}: x_{split} holds {len(x)} images and y_{split} {len(y)} labels; '
                                 'they must match and not be empty')
@@ -252,25 +334,39 @@ def _checked_arrays(path, x_train, y_train, x_test, y_test):
             num_classes)
 
 
-def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None, device='cpu', download=True):
-    """Load a dataset as uint8 NCHW tensors on `device`.
+def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None, device='cpu', download=True,
+              task='classification', target=None):
+    """Load a dataset as tensors on `device`: uint8 NCHW images and labels, or (regression) float features
+    and targets.
 
-    name: a name from DATASETS or a path to a .npz file. `seed` only affects `synthetic` data.
-    val_size: hold out that many training images (a fixed, class-balanced choice) as a validation split.
-    shard: (i, n) keeps the i-th of n disjoint class-balanced parts of the training set.
-    subset: keep at most that many training and test images (class-balanced).
+    name: a name from DATASETS, a path to a .npz file, or (regression) a .csv file whose column `target`
+    (default: the last) is the target. `seed` only affects synthetic data.
+    val_size: hold out that many training examples (a fixed choice, class-balanced for labels) as a validation split.
+    shard: (i, n) keeps the i-th of n disjoint parts of the training set (class-balanced for labels).
+    subset: keep at most that many training and test examples (class-balanced for labels).
     """
-    if str(name).endswith('.npz'):
-        path = Path(name)
-        if not path.exists():
-            raise EnsembleError(f'dataset file {path} does not exist')
+    if task not in TASKS:
+        raise EnsembleError(f"unknown task '{task}': use {' or '.join(TASKS)}")
+    regression, name = task == 'regression', str(name)
+    tabular = name.endswith('.csv') or name == 'synthetic-regression'
+    if tabular != regression and not name.endswith('.npz'):
+        raise EnsembleError(f"dataset '{name}' is for regression: pass --task regression" if tabular else
+                            f"dataset '{name}' is for classification; --task regression needs synthetic-regression, "
+                            'a .csv table, or a .npz of features and real targets')
+    if name.endswith(('.npz', '.csv')) and not Path(name).exists():
+        raise EnsembleError(f'dataset file {name} does not exist')
+    if name.endswith('.csv'):
+        x_train, y_train, x_test, y_test, num_classes = _checked_table(name, **_read_csv(name, target))
+    elif name.endswith('.npz'):
         try:
-            with np.load(path, allow_pickle=False) as f:
+            with np.load(name, allow_pickle=False) as f:
                 arrays = {k: f[k] for k in ('x_train', 'y_train', 'x_test', 'y_test')}
         except Exception as e:  # noqa: BLE001 - a bad file raises KeyError, ValueError, BadZipFile, EOFError...
-            raise EnsembleError(f'cannot read {path}: needs a .npz with arrays x_train, y_train, x_test, y_test '
+            raise EnsembleError(f'cannot read {name}: needs a .npz with arrays x_train, y_train, x_test, y_test '
                                 f'({type(e).__name__}: {e})') from None
-        x_train, y_train, x_test, y_test, num_classes = _checked_arrays(path, **arrays)
+        x_train, y_train, x_test, y_test, num_classes = (_checked_table if regression else _checked_arrays)(name, **arrays)
+    elif name == 'synthetic-regression':
+        x_train, y_train, x_test, y_test, num_classes = _synthetic_regression(seed)
     elif name == 'synthetic':   # i.i.d. examples: a subset can simply be generated smaller
         sizes = dict(n_train=min(50000, subset), n_test=min(10000, subset)) if subset and not (val_size or shard) else {}
         x_train, y_train, x_test, y_test, num_classes = _synthetic(seed, **sizes)
@@ -278,9 +374,15 @@ def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None
         x_train, y_train, x_test, y_test = _download(name, data_dir, download)
         num_classes = 100 if name == 'cifar100' else 10
     else:
-        raise EnsembleError(f"unknown dataset '{name}': use one of {', '.join(DATASETS)} or a path to a .npz file")
+        raise EnsembleError(f"unknown dataset '{name}': use one of {', '.join(DATASETS)} or a path to a .npz file"
+                            + (' or a .csv file' if regression else ''))
 
-    order = _balanced_order(y_train, seed=12345)   # fixed, so every run holds out the same images
+    def fixed_order(y):   # the same for every run; class-balanced in every prefix for labels
+        if regression:
+            return torch.randperm(len(y), generator=torch.Generator().manual_seed(DATA_ORDER_SEED))
+        return _balanced_order(y, seed=DATA_ORDER_SEED)
+
+    order = fixed_order(y_train)
     x_val = y_val = None
     if val_size:
         if not 0 < val_size < len(y_train):
@@ -291,13 +393,14 @@ def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None
         i, n = shard
         if not 0 <= i < n:
             raise EnsembleError(f'--shard i/n needs 0 <= i < n, got {i}/{n}')
-        order = order[_class_ranks(y_train[order]) % n == i]   # each class dealt round-robin
+        deal = torch.arange(len(order)) if regression else _class_ranks(y_train[order])   # round-robin (per class)
+        order = order[deal % n == i]
     if subset:
         order = order[:subset]
-        test_order = _balanced_order(y_test, seed=12345)[:subset]
+        test_order = fixed_order(y_test)[:subset]
         x_test, y_test = x_test[test_order], y_test[test_order]
     x_train, y_train = x_train[order], y_train[order]
-    return Data(str(name), x_train, y_train, x_test, y_test, num_classes, x_val, y_val).to(device)
+    return Data(name, x_train, y_train, x_test, y_test, num_classes, x_val, y_val, task).to(device)
 
 
 def load_run_data(config, device='cpu', download=True, **overrides):
@@ -310,7 +413,8 @@ def load_run_data(config, device='cpu', download=True, **overrides):
     seed = config.get('data_seed')
     return load_data(config['dataset'], config.get('data_dir', 'data'), seed=config.get('seed', 0) if seed is None else seed,
                      val_size=config.get('val_size', 0), shard=parse_shard(shard) if shard else None,
-                     subset=config.get('subset'), device=device, download=download)
+                     subset=config.get('subset'), device=device, download=download,
+                     task=config.get('task') or 'classification', target=config.get('target'))
 
 
 @torch.no_grad()
@@ -349,15 +453,30 @@ def augment_batch(padded, idx, flip, shifts, size):
 # what rebasin.py traces.
 
 class Normalize(nn.Module):
-    """Per-channel standardization of [0, 1] images: checkpoints take raw images and need nothing else."""
+    """Per-channel standardization of [0, 1] images (statistics (C, 1, 1)), or per-feature standardization
+    of (B, D) features (statistics (D,)): checkpoints take raw inputs and need nothing else."""
 
-    def __init__(self, mean, std):
+    def __init__(self, mean, std, images=True):
         super().__init__()
-        self.register_buffer('mean', torch.tensor(mean).view(-1, 1, 1))
-        self.register_buffer('std', torch.tensor(std).view(-1, 1, 1))
+        shape = (-1, 1, 1) if images else (-1,)
+        self.register_buffer('mean', torch.tensor(mean).view(shape))
+        self.register_buffer('std', torch.tensor(std).view(shape))
 
     def forward(self, x):
         return (x - self.mean) / self.std
+
+
+class TargetScale(nn.Module):
+    """Regression's last layer, fixed: each member's T outputs from standardized units back to the targets'
+    (mean + std·z), so a checkpoint predicts in original units. Shapes (T,), shared by all members."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer('mean', torch.tensor(mean))
+        self.register_buffer('std', torch.tensor(std))
+
+    def forward(self, z):
+        return (z.view(z.size(0), -1, self.mean.numel()) * self.std + self.mean).flatten(1)
 
 
 class Conv(nn.Conv2d):
@@ -456,10 +575,12 @@ def build_model(spec, members=1):
     spec: dict with arch ('airbench' | 'resnet18' | 'mlp'), in_channels, image_size, num_classes,
     width, kernel_size, hidden (list of ints, mlp only), mean, std. Input: float images in [0, 1],
     (B, C, H, W). Output: (B, members·num_classes) logits, member-major; member_logits splits them.
+    A regression spec (task 'regression', mlp only) takes (B, D) features (in_channels D, image_size 1)
+    and ends in TargetScale(target_mean, target_std): its num_classes outputs are in the targets' units.
     """
     arch, c, k, m = spec['arch'], spec['in_channels'], spec['num_classes'], members
     scale = lambda n: max(1, round(n * spec.get('width', 1.0)))  # noqa: E731
-    layers = [Normalize(spec['mean'], spec['std'])]
+    layers = [Normalize(spec['mean'], spec['std'], images=spec.get('task') != 'regression')]
     if arch == 'airbench':
         widths = [scale(64), scale(256), scale(256)]
         whiten_width = 2 * c * 2 * 2
@@ -485,6 +606,8 @@ def build_model(spec, members=1):
             layers += [Linear(d_in, h, m, shared_input=(i == 0)), nn.ReLU()]
             d_in = h
         layers.append(Linear(d_in, k, m, shared_input=not spec['hidden']))
+        if spec.get('task') == 'regression':
+            layers.append(TargetScale(spec['target_mean'], spec['target_std']))
     else:
         raise EnsembleError(f"unknown architecture '{arch}': use airbench, resnet18 or mlp")
     return nn.Sequential(*layers)
@@ -493,7 +616,7 @@ def build_model(spec, members=1):
 def architecture(spec):
     """A model spec without its data statistics (input mean and std): two members with the same
     architecture can be compared, interpolated and merged even when trained on different data."""
-    return {k: v for k, v in spec.items() if k not in ('mean', 'std')}
+    return {k: v for k, v in spec.items() if k not in ('mean', 'std', 'target_mean', 'target_std')}
 
 
 def check_model_spec(spec, source):
@@ -511,9 +634,16 @@ def check_model_spec(spec, source):
         raise bad(f"needs 'width' > 0, got {spec.get('width')!r}")
     if not (isinstance(spec.get('hidden', []), list) and all(isinstance(h, int) and h >= 1 for h in spec.get('hidden', []))):
         raise bad(f"needs 'hidden' as a list of positive integers, got {spec.get('hidden')!r}")
-    for key in ('mean', 'std'):
-        if not (isinstance(spec.get(key), list) and len(spec[key]) == spec['in_channels'] and all(map(_finite, spec[key]))):
-            raise bad(f"needs '{key}' as {spec['in_channels']} finite numbers, got {spec.get(key)!r}")
+    sizes = dict(mean=spec['in_channels'], std=spec['in_channels'])
+    if spec.get('task', 'classification') not in TASKS:
+        raise bad(f"has an unknown 'task' {spec.get('task')!r}")
+    if spec.get('task') == 'regression':
+        if spec['arch'] != 'mlp' or spec['image_size'] != 1:
+            raise bad('is a regression spec that is not an mlp on features (image_size 1)')
+        sizes.update(target_mean=spec['num_classes'], target_std=spec['num_classes'])
+    for key, size in sizes.items():
+        if not (isinstance(spec.get(key), list) and len(spec[key]) == size and all(map(_finite, spec[key]))):
+            raise bad(f"needs '{key}' as {size} finite numbers, got {spec.get(key)!r}")
     with torch.device('meta'):
         count = sum(p.numel() for p in build_model(spec).parameters())
     if count > MAX_MEMBER_PARAMETERS:
@@ -579,15 +709,17 @@ def init_member(spec, seed, x_train=None):
 #############################################
 
 def combine(logits, combiner, member_log_probs=None):
-    """Log-probabilities of the ensemble from (M, B, K) member logits.
-    prob: log of the mean probability; logit: log-softmax of the mean logit.
+    """The ensemble's prediction from (M, B, K) member outputs. prob: the log of the mean probability;
+    logit: log-softmax of the mean logit; mean: the mean output (regression, score averaging).
     member_log_probs: log_softmax(logits), when the caller has it already."""
     if combiner == 'prob':
         log_p = F.log_softmax(logits, -1) if member_log_probs is None else member_log_probs
         return torch.logsumexp(log_p, dim=0) - math.log(logits.size(0))
     if combiner == 'logit':
         return F.log_softmax(logits.mean(0), -1)
-    raise EnsembleError(f"unknown combiner '{combiner}': use prob or logit")
+    if combiner == 'mean':
+        return logits.mean(0)
+    raise EnsembleError(f"unknown combiner '{combiner}': use prob or logit (classification), mean (regression)")
 
 
 def cross_entropy(log_probs, y, label_smoothing=0.0):
@@ -598,38 +730,56 @@ def cross_entropy(log_probs, y, label_smoothing=0.0):
     return (1 - label_smoothing) * nll - label_smoothing * log_probs.mean(-1)
 
 
+def squared_error(outputs, y, scale=None):
+    """Per-example squared error of outputs (..., B, T) against targets (B, T), the mean over the T
+    targets, each first divided by its `scale` (the targets' std: the standardized error regression
+    trains on; None: in the targets' units)."""
+    error = outputs - y if scale is None else (outputs - y) / scale
+    return error.pow(2).mean(-1)
+
+
 def ensemble_terms(logits, y, combiner, label_smoothing=0.0):
-    """Member CE (M, B), ensemble CE (B,) and DIV = mean member CE − ensemble CE (B,)."""
+    """Member losses (M, B), the ensemble's loss (B,) and DIV = mean member loss − ensemble loss (B,):
+    cross-entropy, or for the combiner 'mean' squared error (where DIV = mean_j (f_j − f̄)², exactly)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))   # bf16 in, fp32 (or fp64) math
-    log_p = F.log_softmax(logits, -1)
-    member_ce = cross_entropy(log_p, y, label_smoothing)
-    ensemble_ce = cross_entropy(combine(logits, combiner, log_p), y, label_smoothing)
-    return member_ce, ensemble_ce, member_ce.mean(0) - ensemble_ce
+    if combiner == 'mean':
+        member, ensemble = squared_error(logits, y), squared_error(logits.mean(0), y)
+    else:
+        log_p = F.log_softmax(logits, -1)
+        member = cross_entropy(log_p, y, label_smoothing)
+        ensemble = cross_entropy(combine(logits, combiner, log_p), y, label_smoothing)
+    return member, ensemble, member.mean(0) - ensemble
 
 
-def ensemble_objective(logits, y, beta, combiner, label_smoothing=0.0, weights=None):
-    """Σ_j (1 − β)·CE_j + β·M·CE(p̄), summed over the batch, and the terms it is made of:
-    (member CE (M, B), ensemble CE (B,)), smoothed as trained. At β = 0 the ensemble term is not
-    built at all (its CE is None): independent members cost no more than one member each.
+def ensemble_objective(logits, y, beta, combiner, label_smoothing=0.0, weights=None, scale=None):
+    """Σ_j (1 − β)·L_j + β·M·L(ensemble), summed over the batch, and the terms it is made of:
+    (member losses (M, B), ensemble loss (B,)). L is the cross-entropy (smoothed as trained), or for the
+    combiner 'mean' the squared error in units of `scale` (the targets' std). At β = 0 the ensemble term
+    is not built at all (its loss is None): independent members cost no more than one member each.
 
     weights: (M, B) per-member example weights (bagging's bootstrap counts); the ensemble term is
     weighted by their mean over members.
     """
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    log_p = F.log_softmax(logits, -1)
-    member_ce = cross_entropy(log_p, y, label_smoothing)
-    per_example = (member_ce if weights is None else weights * member_ce).sum(0)
-    ensemble_ce = None
+    if combiner == 'mean':
+        member_loss = squared_error(logits, y, scale)
+        ensemble_loss = lambda: squared_error(logits.mean(0), y, scale)  # noqa: E731
+    else:
+        log_p = F.log_softmax(logits, -1)
+        member_loss = cross_entropy(log_p, y, label_smoothing)
+        ensemble_loss = lambda: cross_entropy(combine(logits, combiner, log_p), y, label_smoothing)  # noqa: E731
+    per_example = (member_loss if weights is None else weights * member_loss).sum(0)
+    ensemble = None
     if beta != 0:
-        ensemble_ce = cross_entropy(combine(logits, combiner, log_p), y, label_smoothing)
+        ensemble = ensemble_loss()
         ensemble_weight = beta * logits.size(0) * (1 if weights is None else weights.mean(0))
-        per_example = (1 - beta) * per_example + ensemble_weight * ensemble_ce
-    return per_example.sum(), (member_ce, ensemble_ce)
+        per_example = (1 - beta) * per_example + ensemble_weight * ensemble
+    return per_example.sum(), (member_loss, ensemble)
 
 
 class TrainingLog:
-    """An epoch's training-set figures, unsmoothed: summed objective, ensemble CE, correct ensemble
-    predictions and DIV. Each step only keeps its (detached) logits and labels; they are reduced in
+    """An epoch's training-set figures, unsmoothed: summed objective, ensemble loss (CE, or squared error
+    in the targets' units), correct ensemble predictions (0 for regression) and DIV. Each step only keeps its (detached) logits and labels; they are reduced in
     chunks of about LOG_CHUNK values, on the device, so the loop never waits for the log. One pass over
     many steps costs a third of one pass per step (CPU, MLP on Fashion-MNIST, M = 1: 9 ms vs 28 ms an epoch).
     With several ranks (MemberBlock) a chunk gathers every rank's logits once, and the objective's shares
@@ -652,16 +802,20 @@ class TrainingLog:
         self.pending = []
         logits, y = self.block.gather(torch.cat(logits, dim=1)), torch.cat(y)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        log_p = logits - logits.logsumexp(-1, keepdim=True)   # = log_softmax; on a CPU 4x faster over 10 classes
-        ensemble_log_p = combine(logits, self.combiner, log_p)
-        member_nll, ensemble_nll = cross_entropy(log_p, y), cross_entropy(ensemble_log_p, y)
-        correct = (ensemble_log_p.argmax(-1) == y).sum().to(ensemble_nll.dtype)
-        sums = torch.stack([torch.stack(objectives).sum().to(ensemble_nll.dtype), ensemble_nll.sum(), correct,
-                            (member_nll.mean(0) - ensemble_nll).sum()])
+        if self.combiner == 'mean':
+            member_loss, ensemble_loss, div = ensemble_terms(logits, y, 'mean')
+            correct = torch.zeros((), dtype=ensemble_loss.dtype, device=logits.device)
+        else:
+            log_p = logits - logits.logsumexp(-1, keepdim=True)   # = log_softmax; on a CPU 4x faster over 10 classes
+            ensemble_log_p = combine(logits, self.combiner, log_p)
+            member_loss, ensemble_loss = cross_entropy(log_p, y), cross_entropy(ensemble_log_p, y)
+            correct = (ensemble_log_p.argmax(-1) == y).sum().to(ensemble_loss.dtype)
+        sums = torch.stack([torch.stack(objectives).sum().to(ensemble_loss.dtype), ensemble_loss.sum(), correct,
+                            (member_loss.mean(0) - ensemble_loss).sum()])
         self.sums = sums if self.sums is None else self.sums + sums
 
     def totals(self):
-        """(objective, ensemble CE, correct, DIV) summed over the epoch, as Python floats (waits for the device)."""
+        """(objective, ensemble loss, correct, DIV) summed over the epoch, as Python floats (waits for the device)."""
         self.reduce()
         if self.sums is None:
             return [0.0] * 4
@@ -870,7 +1024,9 @@ def load_run(run_dir, device='cpu'):
 #############################################
 
 def to_float_images(x_uint8, dtype=None):
-    """uint8 images as floats in [0, 1] (default dtype unless told otherwise)."""
+    """uint8 images as floats in [0, 1] (default dtype unless told otherwise); features pass as they are."""
+    if x_uint8.is_floating_point():
+        return x_uint8.to(dtype or torch.get_default_dtype())
     return x_uint8.to(dtype or torch.get_default_dtype()) / 255
 
 
@@ -928,8 +1084,13 @@ def predict_logits(nets, x_uint8, members=None, tta=False, batch_size=EVAL_BATCH
 
 
 def ensemble_metrics(logits, y, combiner):
-    """Loss, accuracy and DIV of the ensemble and each member from (M, N, K) logits (no smoothing)."""
+    """Loss, accuracy and DIV of the ensemble and each member from (M, N, K) logits (no smoothing); for the
+    combiner 'mean' (regression), MSE and RMSE in the targets' units instead of loss and accuracy."""
     member_ce, ensemble_ce, div = ensemble_terms(logits, y, combiner)
+    if combiner == 'mean':
+        member_mse = member_ce.mean(1)
+        return dict(loss=ensemble_ce.mean().item(), rmse=ensemble_ce.mean().sqrt().item(),
+                    member_loss=member_mse.tolist(), member_rmse=member_mse.sqrt().tolist(), div=div.mean().item())
     ensemble_pred = combine(logits, combiner).argmax(-1)
     return dict(
         loss=ensemble_ce.mean().item(),
@@ -1028,9 +1189,10 @@ def sam_step(net, members, rho, logits_at, objective_of, sam_mask=None):
     return logits.detach(), objective.detach()
 
 
-def sharpness_scores(net, x_uint8, y, members):
+def sharpness_scores(net, x_uint8, y, members, scale=None):
     """(M, N) SharpBalance's per-example sharpness of every member: the squared norm of the example's
-    gradient of the member's own cross-entropy (unsmoothed), w.r.t. all its trainable parameters.
+    gradient of the member's own cross-entropy (unsmoothed), w.r.t. all its trainable parameters. With
+    `scale` (regression: the targets' std) the loss is the member's standardized squared error.
 
     As in the official code (engine.py, test_fisher): the network in eval mode (BatchNorm on running
     statistics, so an example's gradient does not depend on its batch), the training images without
@@ -1042,8 +1204,10 @@ def sharpness_scores(net, x_uint8, y, members):
     params = {k: p.detach() for k, p in net.named_parameters() if p.requires_grad}
 
     def loss(params, x, y):
-        out = functional_call(net, params, (x.unsqueeze(0),))
-        return F.cross_entropy(out.view(members, -1).float(), y.expand(members), reduction='sum')
+        out = functional_call(net, params, (x.unsqueeze(0),)).view(members, -1).float()
+        if scale is not None:
+            return squared_error(out, y, scale).sum()
+        return F.cross_entropy(out, y.expand(members), reduction='sum')
 
     per_example_grads = vmap(grad(loss), in_dims=(None, 0, 0))
     chunk = max(1, PER_SAMPLE_GRAD_FLOATS // sum(p.numel() for p in params.values()))
@@ -1244,10 +1408,13 @@ class Config:
     """Every option of a run, each with its default and help; the command line is built from these
     fields. None means "the recipe's default for this architecture and dataset"."""
     # The ensemble and its objective
+    task: str = option('classification', "classification (cross-entropy) or regression (squared error, score "
+                                         'averaging; an mlp on a table of features: a .csv, a .npz or synthetic-regression).')
     members: int = option(1, 'Ensemble size M.')
     beta: float = option(0.0, 'Diversity weight: 0 = independent members, 1 = joint training (the ensemble loss); '
                               '> 1 needs --allow-unstable.')
-    combine: str = option('prob', "Combiner: 'prob' averages probabilities, 'logit' averages logits.")
+    combine: Optional[str] = option(None, "Combiner: 'prob' averages probabilities (the default), 'logit' averages "
+                                          "logits; regression's is 'mean' (averaged outputs).")
     bagging: bool = option(False, 'Each member weights each example by its own bootstrap count (batches stay shared).')
     allow_unstable: bool = option(False, 'Allow --beta > 1, where the objective is unbounded below.')
     param: str = option('standard', "Parametrization: 'standard' (PyTorch init, one lr) or 'spectral' (spectral.py: "
@@ -1262,26 +1429,31 @@ class Config:
     sam_start_epoch: Optional[int] = option(None, 'SharpBalance: plain SAM before this epoch, then score the training '
                                                   'set once and split it (default: half the epochs).')
     # Data
-    dataset: str = option('cifar10', 'cifar10, cifar100, fashion-mnist, mnist, synthetic, or a path to a .npz file.')
+    dataset: str = option('cifar10', 'cifar10, cifar100, fashion-mnist, mnist, synthetic, or a path to a .npz file; '
+                                     'regression: synthetic-regression, a .npz (x_train, y_train, x_test, y_test: '
+                                     'features and real targets) or a .csv (header row, numbers only; a fixed 20% of '
+                                     'the rows is the test split).')
+    target: Optional[str] = option(None, "Regression from a .csv: the target column (default: the last).")
     data_dir: str = option('data', 'Where datasets are downloaded and cached.')
-    val_size: int = option(0, 'Hold out this many training images as a validation split.')
-    shard: Optional[str] = option(None, "Train on the i-th of n disjoint class-balanced parts, as 'i/n'.")
-    subset: Optional[int] = option(None, 'Use at most this many training and test images (quick runs).')
+    val_size: int = option(0, 'Hold out this many training examples as a validation split.')
+    shard: Optional[str] = option(None, "Train on the i-th of n disjoint parts (class-balanced for labels), as 'i/n'.")
+    subset: Optional[int] = option(None, 'Use at most this many training and test examples (quick runs).')
     # The network
     arch: str = option('airbench', 'Network: airbench, resnet18 or mlp.')
     width: float = option(1.0, 'Width multiplier for airbench and resnet18 channels.')
     kernel_size: int = option(3, "airbench's conv kernel size k (k x k).")
     hidden: list = option([1024], "mlp hidden sizes, e.g. '1024' or '512,512,512'.", parse=parse_ints)
     # The recipe (None: the architecture's, RECIPES)
-    epochs: Optional[float] = option(None, 'Epochs (fractions allowed) (default: the recipe: airbench 9.9, resnet18 16, mlp 8).')
-    batch_size: Optional[int] = option(None, 'Batch size (default: airbench 1024, resnet18 512, mlp 256).')
+    epochs: Optional[float] = option(None, 'Epochs (fractions allowed) (default: the recipe: airbench 9.9, resnet18 16, '
+                                           'mlp 8; regression 30).')
+    batch_size: Optional[int] = option(None, 'Batch size (default: airbench 1024, resnet18 512, mlp 256; regression 128).')
     lr: Optional[float] = option(None, 'Learning rate; for sgd per 1024 examples, decoupled from momentum '
-                                       '(default: the recipe; adam 1e-3).')
+                                       '(default: the recipe: airbench 11.5, resnet18 8, mlp 4, regression 1; adam 1e-3).')
     momentum: Optional[float] = option(None, 'Nesterov momentum for sgd (default: the recipe).')
     weight_decay: Optional[float] = option(None, 'For sgd: fraction of the weights removed per 1024 examples; '
                                                  'for adam: AdamW decay.')
     label_smoothing: Optional[float] = option(None, 'Label smoothing of every cross-entropy term '
-                                                    '(default: airbench 0.2, resnet18 0.1, mlp 0).')
+                                                    '(default: airbench 0.2, resnet18 0.1, mlp 0; regression: none).')
     optimizer: str = option('sgd', 'sgd (Nesterov), adam (AdamW) or muon (the hidden weight matrices take orthogonalized, '
                                    'spectrally scaled steps at --muon-lr; input/output layers, biases and norms take sgd).')
     muon_lr: float = option(spectral.MUON_LR, 'muon: the spectral norm of a hidden layer\'s step per √(fan_out/fan_in), '
@@ -1347,14 +1519,26 @@ def resolve_config(cfg, data=None):
                             'stationary point is indefinite). Pass --allow-unstable to run it anyway')
     if cfg.arch not in RECIPES:
         raise EnsembleError(f"unknown architecture '{cfg.arch}': use {', '.join(RECIPES)}")
-    if cfg.combine not in ('prob', 'logit'):
-        raise EnsembleError(f"unknown combiner '{cfg.combine}': use prob or logit")
+    if cfg.task not in TASKS:
+        raise EnsembleError(f"unknown task '{cfg.task}': use {' or '.join(TASKS)}")
+    regression = cfg.task == 'regression'
+    if cfg.combine not in ((None, 'mean') if regression else (None, 'prob', 'logit')):
+        raise EnsembleError(f"unknown combiner '{cfg.combine}' for {cfg.task}: use "
+                            + ("mean (regression averages the members' outputs)" if regression else 'prob or logit'))
+    if regression:
+        for name, given, why in (('arch', cfg.arch != 'mlp', 'regression trains an mlp on features: --arch mlp'),
+                                 ('label_smoothing', cfg.label_smoothing not in (None, 0), 'labels only'),
+                                 ('augment', cfg.augment, 'images only'), ('tta', cfg.tta, 'images only')):
+            if given:
+                raise EnsembleError(f"--{name.replace('_', '-')} does not apply to --task regression ({why})")
+    elif cfg.target is not None:
+        raise EnsembleError('--target names the target column of a regression table: pass --task regression')
     if cfg.param not in ('standard', 'spectral'):
         raise EnsembleError(f"unknown parametrization '{cfg.param}': use standard or spectral")
     if cfg.optimizer not in ('sgd', 'adam', 'muon'):
         raise EnsembleError(f"unknown optimizer '{cfg.optimizer}': use sgd, adam or muon")
-    if not (str(cfg.dataset).endswith('.npz') or cfg.dataset in DATASETS):
-        raise EnsembleError(f"unknown dataset '{cfg.dataset}': use one of {', '.join(DATASETS)} or a .npz file")
+    if not (str(cfg.dataset).endswith(('.npz', '.csv')) or cfg.dataset in DATASETS):
+        raise EnsembleError(f"unknown dataset '{cfg.dataset}': use one of {', '.join(DATASETS)}, a .npz or (regression) a .csv file")
     if cfg.shard is not None:
         parse_shard(cfg.shard)
     if cfg.flat_ratio is None and cfg.sam_start_epoch is not None:
@@ -1368,7 +1552,7 @@ def resolve_config(cfg, data=None):
         if cfg.members < 2:
             raise EnsembleError('SharpBalance (--flat-ratio) gives each member the samples the OTHER members '
                                 'select: it needs --members 2 or more')
-    recipe = RECIPES[cfg.arch]
+    recipe = REGRESSION_RECIPE if regression else RECIPES[cfg.arch]
     resolved = {k: (recipe[k] if getattr(cfg, k) is None and k in recipe else getattr(cfg, k))
                 for k in asdict(cfg)}
     if cfg.optimizer == 'adam':
@@ -1376,6 +1560,10 @@ def resolve_config(cfg, data=None):
         resolved['weight_decay'] = 0.0 if cfg.weight_decay is None else cfg.weight_decay
     if resolved['data_seed'] is None:
         resolved['data_seed'] = cfg.seed
+    if resolved['combine'] is None:
+        resolved['combine'] = 'mean' if regression else 'prob'
+    if regression:   # a table of features: no labels to smooth, no image to flip, crop or lay out
+        resolved.update(label_smoothing=0.0, augment=False, tta=False, channels_last=False)
     if resolved['augment'] is None:   # flips and shifts suit natural images, not digits or clothes
         resolved['augment'] = (data.x_train.size(1) == 3) if data is not None else cfg.dataset not in ('mnist', 'fashion-mnist')
     if resolved['tta'] is None:
@@ -1397,7 +1585,7 @@ def resolve_config(cfg, data=None):
         tags = "_bag" * cfg.bagging + (f'_shard{cfg.shard.replace("/", "of")}' if cfg.shard else '')
         tags += f'_sam{cfg.sam_rho:g}' if cfg.sam_rho is not None else ''
         tags += f'_flat{cfg.flat_ratio:g}' if cfg.flat_ratio is not None else ''
-        resolved['out'] = f'runs/{name}_{cfg.arch}_m{cfg.members}_beta{cfg.beta:g}_{cfg.combine}{tags}_s{cfg.seed}'
+        resolved['out'] = f"runs/{name}_{cfg.arch}_m{cfg.members}_beta{cfg.beta:g}_{resolved['combine']}{tags}_s{cfg.seed}"
     return Config(**resolved)
 
 
@@ -1422,6 +1610,12 @@ def resolve_device(name):
 
 
 def model_spec(cfg, data):
+    if data.task == 'regression':   # statistics of the training split; a constant column keeps std 1
+        x, y = data.x_train, data.y_train
+        std = lambda t: torch.where(t.std(0) > 0, t.std(0), torch.ones(())).tolist()  # noqa: E731
+        return dict(arch=cfg.arch, task='regression', in_channels=x.size(1), image_size=1, num_classes=y.size(1),
+                    width=cfg.width, kernel_size=cfg.kernel_size, hidden=list(cfg.hidden), mean=x.mean(0).tolist(),
+                    std=std(x), target_mean=y.mean(0).tolist(), target_std=std(y))
     c, h, w = data.x_train.shape[1:]
     if h != w:
         raise EnsembleError(f'images must be square, got {h}x{w}')
@@ -1575,12 +1769,21 @@ def environment(device):
 COLUMNS = [('epoch', 'epoch', 'd'), ('train_objective', 'objective', '.4f'), ('train_loss', 'train loss', '.4f'),
            ('train_acc', 'train acc', '.4f'), ('train_div', 'train DIV', '.4f'), ('test_loss', 'test loss', '.4f'),
            ('test_acc', 'test acc', '.4f'), ('test_div', 'test DIV', '.4f'), ('time_s', 'seconds', '.2f')]
+# Regression's rows: losses are MSE and the score is RMSE, both in the targets' units.
+REGRESSION_COLUMNS = [(key.replace('_acc', '_rmse'), label.replace('loss', 'MSE').replace('acc', 'RMSE'), fmt)
+                      for key, label, fmt in COLUMNS]
 
 
-def format_row(row=None):
+def score_name(task):
+    """The metric a run reports beside its loss: accuracy, or for regression RMSE."""
+    return 'rmse' if task == 'regression' else 'acc'
+
+
+def format_row(row=None, task='classification'):
     """One line of the per-epoch table (the header when row is None)."""
-    cells = [label if row is None else format(row[key], fmt) for key, label, fmt in COLUMNS]
-    return ' | '.join(c.rjust(len(label)) for c, (_, label, _) in zip(cells, COLUMNS))
+    columns = REGRESSION_COLUMNS if task == 'regression' else COLUMNS
+    cells = [label if row is None else format(row[key], fmt) for key, label, fmt in columns]
+    return ' | '.join(c.rjust(len(label)) for c, (_, label, _) in zip(cells, columns))
 
 
 class Training:
@@ -1624,6 +1827,8 @@ class Training:
             states = initial_member_states(cfg, self.spec, data, range(block.start, block.stop))
             net.load_state_dict(stack_members(states, net.state_dict()))
         self.net = net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
+        # Regression trains on squared errors in units of the targets' std (so the recipe's lr fits any units).
+        self.scale = torch.tensor(self.spec['target_std'], device=device) if cfg.task == 'regression' else None
         self.opt = optimizer_for(self.net, cfg)
         # The training images once, on the device, already through the network's fixed first layer
         # (Normalize), in the input dtype and layout; padded for random crops. A step then gathers its
@@ -1707,10 +1912,11 @@ class Training:
         sharpness = '' if cfg.sam_rho is None else f', SAM rho={cfg.sam_rho:g}' + (
             f', SharpBalance flat_ratio={cfg.flat_ratio:g} from epoch {cfg.sam_start_epoch}' if cfg.flat_ratio else '')
         ranks = '' if self.block.world == 1 else f' on {self.block.world} processes'
-        self.console.print(f'[bold]{self.out}[/]: {cfg.members} member(s) of {cfg.arch} on {cfg.dataset} ({self.n} images), '
+        self.console.print(f'[bold]{self.out}[/]: {cfg.members} member(s) of {cfg.arch} on {cfg.dataset} ({self.n} '
+                           f'{"rows" if cfg.task == "regression" else "images"}), '
                            f'beta={cfg.beta:g}, combine={cfg.combine}{", bagging" if cfg.bagging else ""}{sharpness}, '
                            f'{cfg.epochs:g} epochs of {self.steps_per_epoch} steps, {self.device.type}{ranks}')
-        self.console.print(format_row(), soft_wrap=True)
+        self.console.print(format_row(task=cfg.task), soft_wrap=True)
 
     def clock(self):
         """Seconds, after the device has finished its queued work."""
@@ -1725,7 +1931,7 @@ class Training:
             self.net[1].bias.requires_grad = epoch < self.cfg.whiten_bias_epochs
         cfg = self.cfg
         if cfg.flat_ratio and epoch >= cfg.sam_start_epoch and self.sam_mask is None:   # once, on the whole training set
-            scores = self.block.gather(sharpness_scores(self.net, self.data.x_train, self.data.y_train, self.m))
+            scores = self.block.gather(sharpness_scores(self.net, self.data.x_train, self.data.y_train, self.m, self.scale))
             masks = sharpbalance_masks(scores, cfg.flat_ratio)   # every member's, from every member's scores
             self.sam_mask = masks[self.block.start:self.block.stop]
             shares = ', '.join(f'{share:.0%}' for share in masks.float().mean(1).tolist())
@@ -1764,9 +1970,9 @@ class Training:
         def objective_of(logits):   # differentiable in this rank's members
             if cfg.beta == 0:   # independent members: this rank's own terms, nothing communicated
                 own = None if weights is None else weights[block.start:block.stop]
-                return ensemble_objective(logits, y, 0.0, cfg.combine, cfg.label_smoothing, own)[0]
+                return ensemble_objective(logits, y, 0.0, cfg.combine, cfg.label_smoothing, own, self.scale)[0]
             everyone = block.with_others(logits)   # the whole objective, on every rank
-            return ensemble_objective(everyone, y, cfg.beta, cfg.combine, cfg.label_smoothing, weights)[0]
+            return ensemble_objective(everyone, y, cfg.beta, cfg.combine, cfg.label_smoothing, weights, self.scale)[0]
 
         self.opt.zero_grad(set_to_none=True)
         if cfg.sam_rho is None:
@@ -1791,19 +1997,22 @@ class Training:
 
     def end_epoch(self, epoch, log, steps):
         """The epoch's metrics row (training log, test and validation evaluation); write it and the resume state."""
-        cfg = self.cfg
-        objective_sum, ce_sum, correct, div_sum = log.totals()
+        cfg, score = self.cfg, score_name(self.cfg.task)
+        objective_sum, loss_sum, correct, div_sum = log.totals()
         count = max(steps * self.batch_size, 1)
         row = dict(epoch=epoch, time_s=self.train_time, lr=self.opt.param_groups[-1]['lr'],
-                   train_objective=objective_sum / count, train_loss=ce_sum / count,
-                   train_acc=correct / count, train_div=div_sum / count)
+                   train_objective=objective_sum / count, train_loss=loss_sum / count, train_div=div_sum / count)
+        row[f'train_{score}'] = math.sqrt(max(row['train_loss'], 0)) if cfg.task == 'regression' else correct / count
         for split in ('test', 'val') if self.data.x_val is not None else ('test',):
             r = self.evaluate(*self.data.split(split))
-            row.update({f'{split}_loss': r['loss'], f'{split}_acc': r['acc'], f'{split}_div': r['div']})
+            row.update({f'{split}_loss': r['loss'], f'{split}_{score}': r[score], f'{split}_div': r['div']})
             if split == 'test':
-                row.update(member_test_loss=r['member_loss'], member_test_acc=r['member_acc'])
-        self.console.print(format_row(row), soft_wrap=True)
-        if not all(math.isfinite(row[k]) and abs(row[k]) < DIVERGED_LOSS for k in ('train_objective', 'test_loss')):
+                row.update({'member_test_loss': r['member_loss'], f'member_test_{score}': r[f'member_{score}']})
+        self.console.print(format_row(row, cfg.task), soft_wrap=True)
+        # Divergence is judged in the units training sees: a regression's MSE over the targets' variance.
+        unit = 1.0 if self.scale is None else self.scale.pow(2).mean().item()
+        if not all(math.isfinite(row[k]) and abs(row[k]) / (unit if k == 'test_loss' else 1) < DIVERGED_LOSS
+                   for k in ('train_objective', 'test_loss')):
             # Before anything is written: the run directory keeps the last good epoch's state.
             raise EnsembleError(f'training diverged at epoch {epoch} (objective {row["train_objective"]}, test loss '
                                 f'{row["test_loss"]}); the last good epoch is kept. Lower --lr'
@@ -1826,7 +2035,7 @@ class Training:
 
     def finish(self):
         """The final numbers (with airbench's six-view TTA when asked), the member files and summary.json."""
-        cfg, block = self.cfg, self.block
+        cfg, block, score = self.cfg, self.block, score_name(self.cfg.task)
         summary = dict(self.metrics[-1], train_time_s=self.train_time, tta=bool(cfg.tta))
         if cfg.tta:
             r = self.evaluate(self.data.x_test, self.data.y_test, tta=True)
@@ -1839,8 +2048,8 @@ class Training:
                              for j, state in zip(range(block.start, block.stop), states)])
         # every member file is written before summary.json says the run is complete
         block.agree(lambda: write_json(self.out / 'summary.json', summary), ranks=0)
-        self.console.print(f"test accuracy: ensemble {summary['test_acc']:.4f}, mean member "
-                           f"{sum(summary['member_test_acc']) / cfg.members:.4f}{' (TTA)' if cfg.tta else ''}; "
+        self.console.print(f"test {'RMSE' if score == 'rmse' else 'accuracy'}: ensemble {summary[f'test_{score}']:.4f}, "
+                           f"mean member {sum(summary[f'member_test_{score}']) / cfg.members:.4f}{' (TTA)' if cfg.tta else ''}; "
                            f'{self.train_time:.1f} s of training; wrote {self.out}/')
         if self.lock is not None:
             self.lock.close()   # the directory is complete: another command may write it now

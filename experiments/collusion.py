@@ -3,12 +3,15 @@ for both combiners, with the paper's diagnostics (issue 9, experiment 1).
 
     python experiments/collusion.py                  # Fashion-MNIST, 4-member MLP 784-256-10, 3 seeds
     python experiments/collusion.py --quick          # the smoke size the tests run (seconds)
+    python experiments/collusion.py --task regression --dataset data/bikeshare.npz --hidden 64,64 --members 5
 
 For every combiner, β and seed: ensemble and mean-member test error, train and test DIV, the
 generalization gap (test minus training loss of the ensemble), the loss increase when half the members
 are dropped, and the share of test DIV that debiasing (removing each member's constant class-wise
 offset, fitted on training images) takes away. Mean ± standard deviation over seeds. Figures: error and
-DIV against β; training and test loss per epoch at β = 0 and 1 (the paper's gap figure).
+DIV against β; training and test loss per epoch at β = 0 and 1 (the paper's gap figure). With --task
+regression the paper's regression half: score averaging (the one combiner, 'mean'), squared error, RMSE
+as the error, and DIV = mean_j (f_j − f̄)²; --quick then runs on synthetic-regression.
 
 Runs live under --out, one directory each; finished runs are read back and interrupted ones resumed
 (train_ensemble.complete_run). Writes results.md, results.json, sweep.png and curves.png there.
@@ -35,19 +38,24 @@ def diagnostics(run_dir, combiner, fit_examples):
     test = te.predict_logits(nets, data.x_test)
     fit = te.predict_logits(nets, data.x_train[:fit_examples])
     drop = analyze.drop_learners(test, data.y_test, combiner, [0.5])['fractions'][0]
-    div = analyze.ambiguity(test, data.y_test, combiner)[0].mean().item()
-    debiased = analyze.ambiguity(analyze.debias(fit, test), data.y_test, combiner)[0].mean().item()
+
+    def div_of(outputs):
+        if combiner == 'mean':
+            return analyze.regression_report(outputs, data.y_test)['div']
+        return analyze.ambiguity(outputs, data.y_test, combiner)[0].mean().item()
+
+    div, debiased = div_of(test), div_of(analyze.debias(fit, test))
     return dict(drop_half_loss=drop['loss_increase'], debias_removed=(div - debiased) / div if div > 0 else 0.0)
 
 
 
-def plot(path_sweep, path_curves, rows, curves, betas):
+def plot(path_sweep, path_curves, rows, curves, betas, error='error'):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for combiner in sorted({c for c, _ in rows}):
-        for ax, key, title in ((axes[0], 'ensemble_error', 'ensemble test error'), (axes[1], 'member_error', 'member test error'),
+        for ax, key, title in ((axes[0], 'ensemble_error', f'ensemble test {error}'), (axes[1], 'member_error', f'member test {error}'),
                                (axes[2], 'test_div', 'test DIV')):
             ax.errorbar(betas, [rows[combiner, b][key][0] for b in betas], [rows[combiner, b][key][1] for b in betas],
                         marker='o', capsize=3, label=combiner)
@@ -59,7 +67,7 @@ def plot(path_sweep, path_curves, rows, curves, betas):
     for (beta, split), values in curves.items():
         ax.plot(range(1, len(values) + 1), values, marker='o', linestyle='-' if split == 'test' else '--',
                 label=f'β = {beta:g}, {split}')
-    ax.set(xlabel='epoch', ylabel='ensemble loss', title='training and test loss (prob, seed 0)')
+    ax.set(xlabel='epoch', ylabel='ensemble loss', title=f'training and test loss ({next(iter(rows))[0]}, seed 0)')
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path_curves, dpi=120)
@@ -75,17 +83,25 @@ def main(
     hidden: str = typer.Option('256', help='MLP hidden sizes.'),
     members: int = typer.Option(4, help='Ensemble size M (the paper: 5).'),
     betas: str = typer.Option('0,0.2,0.4,0.6,0.8,0.9,1', help='β grid.'),
-    combiners: str = typer.Option('prob,logit', help='Combiners.'),
+    combiners: str = typer.Option('prob,logit', help='Combiners (classification; regression has one, mean).'),
+    task: str = typer.Option('classification', help='classification, or regression (a table: --dataset a .npz or .csv).'),
     epochs: float = typer.Option(None, help="Epochs per run (default: the architecture's recipe)."),
     device: str = typer.Option('auto', help='auto, cpu or cuda.'),
 ):
     """The β sweep for both combiners, with DIV, gaps, dropping and debiasing: does joint training collude?"""
     console, quiet = Console(), Console(quiet=True)
-    common = dict(dataset=dataset, arch=arch, hidden=te.parse_ints(hidden), members=members, epochs=epochs, device=device)
+    regression = task == 'regression'
+    common = dict(task=task, dataset=dataset, arch=arch, hidden=te.parse_ints(hidden), members=members, epochs=epochs,
+                  device=device)
     beta_grid, combiner_list, fit_examples = [float(b) for b in betas.split(',')], combiners.split(','), FIT_EXAMPLES
+    if regression:
+        combiner_list = ['mean']
     if quick:
         common.update(hidden=[32], members=2, epochs=2, subset=1500)
+        if regression:
+            common['dataset'] = 'synthetic-regression'
         beta_grid, seeds, fit_examples = [0.0, 1.0], 1, 500
+    error_name = 'RMSE' if regression else 'error'   # an ensemble's and a member's error: RMSE, or the error rate
     start = time.perf_counter()
     rows, results = {}, dict(settings=dict(common, seeds=seeds, betas=beta_grid, combiners=combiner_list), runs={})
     for combiner in combiner_list:
@@ -96,18 +112,19 @@ def main(
                 summary = te.complete_run(te.Config(out=str(out / name), combine=combiner, beta=beta, seed=seed, **common), quiet)
                 extra = diagnostics(out / name, combiner, fit_examples)
                 results['runs'][name] = dict(summary, **extra)
-                per_seed.append(dict(ensemble_error=1 - summary['test_acc'],
-                                     member_error=1 - statistics.mean(summary['member_test_acc']),
+                per_seed.append(dict(ensemble_error=summary['test_rmse'] if regression else 1 - summary['test_acc'],
+                                     member_error=statistics.mean(summary['member_test_rmse']) if regression
+                                     else 1 - statistics.mean(summary['member_test_acc']),
                                      train_div=summary['train_div'], test_div=summary['test_div'],
                                      gap=summary['test_loss'] - summary['train_loss'], **extra))
             rows[combiner, beta] = {k: analyze.mean_std([s[k] for s in per_seed]) for k in per_seed[0]}
-            console.print(f"{combiner} β={beta:g}: ensemble error {rows[combiner, beta]['ensemble_error'][0]:.4f}, "
+            console.print(f"{combiner} β={beta:g}: ensemble {error_name} {rows[combiner, beta]['ensemble_error'][0]:.4f}, "
                           f"test DIV {rows[combiner, beta]['test_div'][0]:.4f}", highlight=False)
 
     fmt = lambda v, pct=False: f'{100 * v[0]:.0f}% ± {100 * v[1]:.0f}%' if pct else f'{v[0]:.4f} ± {v[1]:.4f}'  # noqa: E731
-    lines = [f'# Learner collusion: {dataset}, {common["members"]}-member {arch} {common["hidden"] if arch == "mlp" else ""}, '
+    lines = [f'# Learner collusion: {common["dataset"]}, {common["members"]}-member {arch} {common["hidden"] if arch == "mlp" else ""}, '
              f'{seeds} seed(s), {time.strftime("%Y-%m-%d")}', '',
-             '| combiner | β | ensemble test error | member test error | train DIV | test DIV | gap | Δ loss, half dropped | DIV removed by debias |',
+             f'| combiner | β | ensemble test {error_name} | member test {error_name} | train DIV | test DIV | gap | Δ loss, half dropped | DIV removed by debias |',
              '|---|---|---|---|---|---|---|---|---|']
     for (combiner, beta), r in rows.items():
         lines.append(f'| {combiner} | {beta:g} | ' + ' | '.join(fmt(r[k]) for k in (
@@ -124,7 +141,7 @@ def main(
             verdict = f'an intermediate β beats both ends, by {margin:.4f} over β = {end:g}, beyond the seeds\' spread'
         else:
             verdict = f'{margin:.4f} below β = {end:g}, within the seeds\' spread: no intermediate β is shown to be better'
-        lines.append(f'{combiner}: lowest mean ensemble error at β = {best:g} ({verdict}).')
+        lines.append(f'{combiner}: lowest mean ensemble {error_name} at β = {best:g} ({verdict}).')
     lines.append(f'\n{time.perf_counter() - start:.0f} s in all (runs read back count only their diagnostics).')
     curves = {}
     for beta in (beta_grid[0], beta_grid[-1]):
@@ -135,7 +152,7 @@ def main(
     results.update(rows={f'{c} beta={b:g}': r for (c, b), r in rows.items()},
                    curves={f'beta={b:g} {split}': v for (b, split), v in curves.items()})
     te.write_json(out / 'results.json', results)
-    plot(out / 'sweep.png', out / 'curves.png', rows, curves, beta_grid)
+    plot(out / 'sweep.png', out / 'curves.png', rows, curves, beta_grid, error_name)
     console.print('\n'.join(lines), highlight=False, soft_wrap=True)
     console.print(f'wrote {out}/results.md, results.json, sweep.png, curves.png')
 

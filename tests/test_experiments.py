@@ -84,3 +84,14 @@ def test_sharpness_diversity_quick_writes_its_table_and_tradeoff_plot(tmp_path, 
     assert all(r['div'][0] > 0 and 0 < r['ensemble_acc'][0] <= 1 for r in rows.values())
     assert '| sharpbalance | 0.05 |' in (out / 'results.md').read_text()
     assert (out / 'tradeoff.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_collusion_quick_runs_the_regression_half(tmp_path, monkeypatch):
+    out = tmp_path / 'regression'
+    run_experiment('collusion.py', '--quick', '--task', 'regression', '--out', out, '--device', 'cpu', monkeypatch=monkeypatch)
+    table = (out / 'results.md').read_text()
+    assert 'ensemble test RMSE' in table and '| mean | 0 |' in table and '| mean | 1 |' in table
+    rows = json.loads((out / 'results.json').read_text())['rows']
+    # Two members, half dropped: the MSE rises by exactly DIV (the ensemble's MSE is the mean member's minus DIV).
+    assert abs(rows['mean beta=1']['drop_half_loss'][0] - rows['mean beta=1']['test_div'][0]) < 1e-3 * rows['mean beta=1']['test_div'][0]
+    assert rows['mean beta=1']['test_div'][0] > rows['mean beta=0']['test_div'][0]
