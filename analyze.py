@@ -1163,7 +1163,7 @@ def interpolate(
         state_a, state_b = ({k: v.to(dev) for k, v in s.items()} for s in (state_a, state_b))
         curves = {'A → B': (state_a, state_b)}
         if align:
-            example = torch.zeros(1, spec['in_channels'], *(() if regression else (spec['image_size'],) * 2), device=dev)
+            example = torch.zeros(1, *te.input_shape(spec), device=dev)
             with console.status('weight matching: permuting B into A\'s basin'):
                 aligned = align_state(net, state_a, state_b, example)
             curves.update({'A → π(B)': (state_a, aligned), 'B → π(B)': (state_b, aligned)})

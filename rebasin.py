@@ -790,8 +790,7 @@ def _load_models(paths):
 def _permutation_spec_of(model_spec):
     """The network a model spec describes, and its permutation spec."""
     net = _te().build_model(model_spec)
-    size = model_spec['image_size']
-    return net, permutation_spec(net, torch.zeros(1, model_spec['in_channels'], size, size))
+    return net, permutation_spec(net, torch.zeros(1, *_te().input_shape(model_spec)))
 
 
 def _module(model_spec, state, device):
@@ -817,15 +816,15 @@ def _data_options(source, dataset, data_dir):
         raise RebasinError(f'{config_path} is not valid JSON ({e})') from None
     return dict(dataset=dataset or config.get('dataset'), data_dir=str(data_dir or config.get('data_dir', 'data')),
                 data_seed=config.get('data_seed', config.get('seed', 0)), val_size=config.get('val_size') or 0,
-                shard=config.get('shard'), subset=config.get('subset'))
+                shard=config.get('shard'), subset=config.get('subset'), task=config.get('task'), target=config.get('target'))
 
 
 def _training_batches(data, model_spec, examples, batch_size, device):
     te = _te()
     x = te.load_run_data(data, download=False).x_train
-    expected = (model_spec['in_channels'], model_spec['image_size'], model_spec['image_size'])
+    expected = te.input_shape(model_spec)
     if tuple(x.shape[1:]) != expected:
-        raise RebasinError(f"dataset {data['dataset']} has images of shape {tuple(x.shape[1:])}; "
+        raise RebasinError(f"dataset {data['dataset']} has inputs of shape {tuple(x.shape[1:])}; "
                            f"the models expect {expected}")
     x = x[:examples]
     return [te.to_float_images(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]

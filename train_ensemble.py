@@ -619,6 +619,13 @@ def architecture(spec):
     return {k: v for k, v in spec.items() if k not in ('mean', 'std', 'target_mean', 'target_std')}
 
 
+def input_shape(spec):
+    """The shape of one input a model spec takes: (C, H, W) images, or (D,) features for regression."""
+    if spec.get('task') == 'regression':
+        return (spec['in_channels'],)
+    return (spec['in_channels'], spec['image_size'], spec['image_size'])
+
+
 def check_model_spec(spec, source):
     """Refuse a model spec (from a checkpoint's metadata or a config.json) that would not build, or would
     build a member of more than MAX_MEMBER_PARAMETERS, before anything is allocated (counted on the meta device)."""

@@ -257,3 +257,15 @@ def test_weight_matching_aligns_regression_members_and_lowers_the_barrier(beta_p
     assert result.exit_code == 0, result.output
     curves = json.loads(out.read_text())['curves']
     assert curves['A → π(B)']['barrier']['test_loss'] < 0.5 * curves['A → B']['barrier']['test_loss']
+
+
+def test_mergemany_merges_regression_members_into_one_run_that_analyze_reads(beta_pair, tmp_path):
+    import rebasin
+    runner = CliRunner()
+    result = runner.invoke(rebasin.make_app(), ['merge', str(beta_pair[0.0][0]), '--out', str(tmp_path / 'merged')])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(analyze.app, ['evaluate', str(tmp_path / 'merged'), '--json', str(tmp_path / 'm.json')])
+    assert result.exit_code == 0, result.output
+    merged = json.loads((tmp_path / 'm.json').read_text())['splits']['test']['ensemble']
+    data = te.load_run_data(te.read_config(beta_pair[0.0][0]))
+    assert merged['mse'] < float(data.y_test.var())   # one merged network, in the targets' units, still predicts
