@@ -295,6 +295,41 @@ def interpolation_curve(net, state_a, state_b, lams, evaluate, bn=None, batches=
     return rows
 
 
+def lmc_curves(spec, state_a, state_b, splits, steps=INTERP_STEPS, align=False, bn=None, bn_inputs=None, device='cpu',
+               progress=None):
+    """Linear mode connectivity of two networks of one model spec (state dicts): the loss and error of each
+    split in `splits` ({name: (inputs, targets)}) at `steps` evenly spaced λ along A → B and, with `align`,
+    A → π(B) and B → π(B), π(B) = B permuted into A's basin by weight matching. bn ('reset' or 'repair')
+    treats the inner λ on `bn_inputs` (training inputs). Regression specs measure MSE and RMSE.
+    Returns {curve: dict(points=[{lam, <split>_loss, <split>_error}], barrier={<split>_loss, <split>_error})}."""
+    device = torch.device(device)
+    combiner = 'mean' if spec.get('task') == 'regression' else 'prob'
+    net = te.build_model(spec).to(device).eval()
+    state_a, state_b = ({k: v.to(device) for k, v in s.items()} for s in (state_a, state_b))
+    curves = {'A → B': (state_a, state_b)}
+    if align:
+        aligned = align_state(net, state_a, state_b, torch.zeros(1, *te.input_shape(spec), device=device))
+        curves.update({'A → π(B)': (state_a, aligned), 'B → π(B)': (state_b, aligned)})
+    batches = None
+    if bn:
+        batches = [te.to_float_images(bn_inputs[i:i + rebasin.BN_BATCH].to(device))
+                   for i in range(0, len(bn_inputs), rebasin.BN_BATCH)]
+
+    def evaluate(net):
+        out = {}
+        for name, (x, y) in splits.items():
+            loss, error = ensemble_loss_error(te.predict_logits([net], x), y.to(device), combiner)
+            out.update({f'{name}_loss': loss, f'{name}_error': error})
+        return out
+
+    lams, result = torch.linspace(0, 1, steps).tolist(), {}
+    for name, (sa, sb) in curves.items():
+        rows = interpolation_curve(net, sa, sb, lams, evaluate, bn, batches, progress)
+        result[name] = dict(points=rows, barrier={f'{s}_{k}': barrier([r[f'{s}_{k}'] for r in rows])
+                                                  for s in splits for k in ('loss', 'error')})
+    return result
+
+
 def sharpness_batches(x_uint8, y, batch_size=SHARP_BATCH, device='cpu'):
     """Fixed (float images, labels) batches on the device: what sharpness() measures the loss on."""
     return [(te.to_float_images(x_uint8[i:i + batch_size].to(device)), y[i:i + batch_size].to(device))
@@ -1159,35 +1194,14 @@ def interpolate(
             raise te.EnsembleError(f'{paths[0]} and {paths[1]} are different networks: their architectures differ')
         data = run_data(run_config(a), dataset)
         regression = spec.get('task') == 'regression'
-        net = te.build_model(spec).to(dev).eval()
-        state_a, state_b = ({k: v.to(dev) for k, v in s.items()} for s in (state_a, state_b))
-        curves = {'A → B': (state_a, state_b)}
-        if align:
-            example = torch.zeros(1, *te.input_shape(spec), device=dev)
-            with console.status('weight matching: permuting B into A\'s basin'):
-                aligned = align_state(net, state_a, state_b, example)
-            curves.update({'A → π(B)': (state_a, aligned), 'B → π(B)': (state_b, aligned)})
         splits = {s: split_examples(data, s, examples) for s in ('train', 'test')}
         bn = 'reset' if reset_bn else 'repair' if repair else None
-        batches = None
-        if bn:
-            x_bn = data.x_train[:bn_examples]
-            batches = [te.to_float_images(x_bn[i:i + rebasin.BN_BATCH].to(dev)) for i in range(0, len(x_bn), rebasin.BN_BATCH)]
-
-        def evaluate_net(net):
-            out = {}
-            for s, (x, y) in splits.items():
-                loss, error = ensemble_loss_error(te.predict_logits([net], x), y.to(dev), 'mean' if regression else 'prob')
-                out.update({f'{s}_loss': loss, f'{s}_error': error})
-            return out
-
-        lams = torch.linspace(0, 1, steps).tolist()
-        result = dict(a=str(paths[0]), b=str(paths[1]), bn=bn, examples=len(splits['test'][1]), curves={})
-        with _progress(console, 'interpolating', steps * len(curves)) as advance:
-            for name, (sa, sb) in curves.items():
-                rows = interpolation_curve(net, sa, sb, lams, evaluate_net, bn, batches, advance)
-                result['curves'][name] = dict(points=rows, barrier={f'{s}_{k}': barrier([r[f'{s}_{k}'] for r in rows])
-                                                                     for s in ('train', 'test') for k in ('loss', 'error')})
+        result = dict(a=str(paths[0]), b=str(paths[1]), bn=bn, examples=len(splits['test'][1]))
+        with _progress(console, 'weight matching, then interpolating', steps * (3 if align else 1)) as advance:
+            result['curves'] = lmc_curves(spec, state_a, state_b, splits, steps, align, bn, data.x_train[:bn_examples],
+                                          dev, advance)
+        lams = [r['lam'] for r in next(iter(result['curves'].values()))['points']]
+        curves = result['curves']
         treatment = {'reset': ', BatchNorm reset', 'repair': ', REPAIR', None: ''}[bn]
         names = list(curves)
         loss_names = ('MSE', 'RMSE') if regression else ('loss', 'error')

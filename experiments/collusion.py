@@ -61,13 +61,15 @@ def plot(path_sweep, path_curves, rows, curves, betas, error='error'):
                         marker='o', capsize=3, label=combiner)
             ax.set(xlabel='β', title=title)
     axes[0].legend(fontsize=7)
+    axes[2].set_yscale('log')   # DIV grows by orders of magnitude towards β = 1
     fig.tight_layout()
     fig.savefig(path_sweep, dpi=120)
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for (beta, split), values in curves.items():
-        ax.plot(range(1, len(values) + 1), values, marker='o', linestyle='-' if split == 'test' else '--',
+        ax.plot(range(1, len(values) + 1), values, marker='o' if len(values) <= 30 else None,
+                linestyle='-' if split == 'test' else '--',
                 label=f'β = {beta:g}, {split}')
-    ax.set(xlabel='epoch', ylabel='ensemble loss', title=f'training and test loss ({next(iter(rows))[0]}, seed 0)')
+    ax.set(xlabel='epoch', ylabel='ensemble loss', yscale='log', title=f'training and test loss ({next(iter(rows))[0]}, seed 0)')
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path_curves, dpi=120)
