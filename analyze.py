@@ -295,6 +295,12 @@ def interpolation_curve(net, state_a, state_b, lams, evaluate, bn=None, batches=
     return rows
 
 
+def float_batches(x, batch_size, device='cpu'):
+    """Inputs (uint8 images or features) as a list of float batches on the device: what BatchNorm
+    statistics are recomputed on."""
+    return [te.to_float_images(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
+
+
 def lmc_curves(spec, state_a, state_b, splits, steps=INTERP_STEPS, align=False, bn=None, bn_inputs=None, device='cpu',
                progress=None):
     """Linear mode connectivity of two networks of one model spec (state dicts): the loss and error of each
@@ -310,10 +316,7 @@ def lmc_curves(spec, state_a, state_b, splits, steps=INTERP_STEPS, align=False, 
     if align:
         aligned = align_state(net, state_a, state_b, torch.zeros(1, *te.input_shape(spec), device=device))
         curves.update({'A → π(B)': (state_a, aligned), 'B → π(B)': (state_b, aligned)})
-    batches = None
-    if bn:
-        batches = [te.to_float_images(bn_inputs[i:i + rebasin.BN_BATCH].to(device))
-                   for i in range(0, len(bn_inputs), rebasin.BN_BATCH)]
+    batches = float_batches(bn_inputs, rebasin.BN_BATCH, device) if bn else None
 
     def evaluate(net):
         out = {}

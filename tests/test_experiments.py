@@ -95,3 +95,23 @@ def test_collusion_quick_runs_the_regression_half(tmp_path, monkeypatch):
     # Two members, half dropped: the MSE rises by exactly DIV (the ensemble's MSE is the mean member's minus DIV).
     assert abs(rows['mean beta=1']['drop_half_loss'][0] - rows['mean beta=1']['test_div'][0]) < 1e-3 * rows['mean beta=1']['test_div'][0]
     assert rows['mean beta=1']['test_div'][0] > rows['mean beta=0']['test_div'][0]
+
+
+def test_rebasin_report_quick_runs_every_experiment_of_the_report(tmp_path, monkeypatch, fashion_mnist):
+    """Each subcommand at its smoke size: the table's rows, every number, the figure."""
+    expected = {'kernel-size': {'k=3', 'k=5'}, 'weight-decay': {'wd=0', 'wd=0.05'}, 'merge-many': {'k=3 n=2', 'k=3 n=3'},
+                'train-merge-train': {'k=3 n=2'}, 'shards': {'e=1 n=2'}}
+    for command, rows in expected.items():
+        out = tmp_path / command
+        run_experiment('rebasin_report.py', command, '--quick', '--out', out, '--device', 'cpu', monkeypatch=monkeypatch)
+        results = json.loads((out / 'results.json').read_text())
+        assert set(results['rows']) == rows, command
+        assert (out / 'results.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+        assert (out / 'results.md').read_text().count('\n|') >= len(rows) + 2
+    barriers = json.loads((tmp_path / 'kernel-size' / 'results.json').read_text())['rows']['k=3']
+    assert all(value[0] >= -1e-9 for key, value in barriers.items() if 'loss' in key)   # a barrier is never negative
+    merged = json.loads((tmp_path / 'merge-many' / 'results.json').read_text())['rows']['k=3 n=2']
+    assert 0 <= merged['merged_acc'][0] <= 1 and merged['ensemble_loss'][0] > 0
+    tmt = json.loads((tmp_path / 'train-merge-train' / 'results.json').read_text())['rows']['k=3 n=2']
+    assert abs(tmt['A_AC'][0] - tmt['A'][0] / tmt['AC'][0]) < 1e-9
+    assert (tmp_path / 'shards' / 'n2_e1_s0_merged.safetensors').exists()   # the merge the last run started from
