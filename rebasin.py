@@ -153,7 +153,12 @@ def _merges_channels(s_in, s_out):
 
 def permutation_spec(model, example_input):
     """Which permutation acts on which axis of which tensor of `model` (an nn.Module), found by tracing it
-    on `example_input` (a batch of inputs; one is enough). The model runs once in eval mode, unchanged."""
+    on `example_input` (a batch of inputs; one is enough). The model runs once in eval mode, unchanged.
+    A model with a permutation_table() method names its permutations itself ((table, buffers) as
+    spec_from_table takes them): attention, whose heads and head dimensions tracing cannot see."""
+    if hasattr(model, 'permutation_table'):
+        table, buffers = model.permutation_table()
+        return spec_from_table(table, model.state_dict(), buffers)
     try:
         graph = _Tracer().trace(model)
     except Exception as e:  # noqa: BLE001 - fx raises many types for data-dependent control flow
@@ -541,6 +546,9 @@ def activation_matching(spec, model_a, model_b, batches, device=None):
     the correlations of every layer that writes into it. Memory: the (n x n) statistics of each layer,
     never the activations. The outputs are pre-activations (before the nonlinearity that follows)."""
     device = _device(device)
+    if hasattr(model_a, 'permutation_table'):   # its permutations act inside modules (attention heads)
+        raise RebasinError(f'{type(model_a).__name__} names its own permutations, some inside a module (attention '
+                           'heads), where activation matching cannot see: use weight matching')
     layers = _output_permutations(spec, model_a)
     if not layers:
         raise RebasinError('activation matching found no layer whose outputs a permutation reorders')

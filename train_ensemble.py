@@ -65,7 +65,15 @@ RECIPES = {
         epochs=8, batch_size=256, lr=4.0, momentum=0.9, weight_decay=0.005, label_smoothing=0.0,
         bias_scaler=1.0, lookahead=False, whiten_bias_epochs=0,
     ),
+    # Transformers take Adam: Fashion-MNIST 5,000 images, 1,000 validation, width 1, 6 epochs, 2026-11-23:
+    # sgd lr 0.5 / 1 / 2 / 4 / 8 / 16 reached validation accuracy 0.667 / 0.658 / 0.681 / 0.712 / 0.740 / 0.479,
+    # AdamW lr 1e-3 / 3e-3 0.770 / 0.787.
+    'vit': dict(
+        optimizer='adam', epochs=10, batch_size=256, lr=3e-3, momentum=0.9, weight_decay=0.0, label_smoothing=0.1,
+        bias_scaler=1.0, lookahead=False, whiten_bias_epochs=0,
+    ),
 }
+VIT_DIM = 64                    # the ViT's token width at --width 1 (its MLPs are 4x wider)
 # Regression (an mlp on a table) overrides the mlp recipe: tables are small, so more epochs of smaller
 # batches, and a lower lr, since squared errors of heavy-tailed targets spike where cross-entropy saturates.
 # Bike sharing (tools/export_bikeshare.py), 4-member 64-64 mlp, 1,000 validation hours, 2026-11-23: lr 0.25,
@@ -517,11 +525,132 @@ class Linear(nn.Linear):
         if self.groups == 1:
             return F.linear(x, self.weight, self.bias)
         # One batched matmul over the members, reading each member's block of x in place (a strided
-        # view: no copy of the activations, which einsum made in both passes).
-        m, b = self.groups, x.size(0)
-        y = torch.bmm(x.view(b, m, -1).transpose(0, 1), self.weight.view(m, self.d_out, -1).transpose(1, 2))
-        y = y.transpose(0, 1).reshape(b, -1)
+        # view: no copy of the activations, which einsum made in both passes). Leading axes (a
+        # transformer's tokens) are folded into the batch.
+        m, lead = self.groups, x.shape[:-1]
+        x = x.reshape(-1, x.size(-1))
+        y = torch.bmm(x.view(x.size(0), m, -1).transpose(0, 1), self.weight.view(m, self.d_out, -1).transpose(1, 2))
+        y = y.transpose(0, 1).reshape(*lead, -1)
         return y if self.bias is None else y + self.bias
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over each member's own block of the last axis (M·d features: M LayerNorms of d)."""
+
+    def __init__(self, d, members=1, eps=1e-5):
+        super().__init__()
+        self.d, self.eps = d, eps
+        self.weight = nn.Parameter(torch.ones(members * d))
+        self.bias = nn.Parameter(torch.zeros(members * d))
+
+    def forward(self, x):
+        shape = x.shape
+        x = F.layer_norm(x.reshape(*shape[:-1], -1, self.d), (self.d,), eps=self.eps)
+        return (x.reshape(shape) * self.weight + self.bias)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p×p patches to tokens (B, T, M·d) plus fixed 2-D sine-cosine positions (SimpleViT,
+    Beyer et al. 2022): a buffer of (T, d) that every member adds to its own block."""
+
+    def __init__(self, c_in, d, patch, image_size, members=1):
+        super().__init__()
+        self.conv = Conv(c_in, d, patch, members, shared_input=True, padding=0, bias=True, stride=patch)
+        side = image_size // patch
+        y, x = torch.meshgrid(torch.arange(side), torch.arange(side), indexing='ij')
+        omega = 1 / 10000 ** (torch.arange(d // 4) / max(d // 4 - 1, 1))
+        angles = [x.flatten()[:, None] * omega, y.flatten()[:, None] * omega]
+        pos = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)
+        self.register_buffer('pos', F.pad(pos, (0, d - pos.size(1))))   # (T, d); d not a multiple of 4: zeros
+
+    def forward(self, x):
+        tokens = self.conv(x).flatten(2).transpose(1, 2)   # (B, T, M·d)
+        b, t, _ = tokens.shape
+        return (tokens.view(b, t, -1, self.pos.size(1)) + self.pos[:, None]).view(b, t, -1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention for M members at once: member m's H heads are heads mH..(m+1)H − 1 of one
+    attention over M·H heads. Each member's projections are stored per head, queries, keys and values as
+    (H, head dim, d) and the output as (d, H, head dim), so that a permutation of the heads, and of the
+    query/key and value dimensions within them, can each name an axis (ViT.permutation_table). Keys have no
+    bias: it adds q·b to every score of a query alike, which the softmax ignores, so its gradient is zero and
+    Adam would turn the rounding noise in it into full-size steps."""
+
+    def __init__(self, d, heads, members=1):
+        super().__init__()
+        self.heads, self.members, dh = heads, members, d // heads
+        for name in ('q', 'k', 'v'):
+            setattr(self, f'{name}_weight', nn.Parameter(torch.empty(members * heads, dh, d)))
+        self.q_bias = nn.Parameter(torch.zeros(members * heads, dh))
+        self.v_bias = nn.Parameter(torch.zeros(members * heads, dh))
+        self.out_weight = nn.Parameter(torch.empty(members * d, heads, dh))
+        self.out_bias = nn.Parameter(torch.zeros(members * d))
+        bound = 1 / math.sqrt(d)   # nn.Linear's default, fan-in d for every projection
+        for w in (self.q_weight, self.k_weight, self.v_weight, self.out_weight):
+            nn.init.uniform_(w, -bound, bound)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        m, h = self.members, self.heads
+        x = x.view(b, t, m, -1)
+
+        def project(w, bias=None):   # (B, M·H, T, head dim)
+            y = torch.einsum('btmd,mhed->bmhte', x, w.view(m, h, *w.shape[1:]))
+            return (y if bias is None else y + bias.view(m, h, 1, -1)).reshape(b, m * h, t, -1)
+
+        o = F.scaled_dot_product_attention(project(self.q_weight, self.q_bias), project(self.k_weight),
+                                           project(self.v_weight, self.v_bias))
+        w = self.out_weight.view(m, -1, h, o.size(-1))
+        return torch.einsum('bmhte,mdhe->btmd', o.view(b, m, h, t, -1), w).reshape(b, t, -1) + self.out_bias
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: x + attention(LN(x)), then x + MLP(LN(x)) with a GELU MLP of 4d."""
+
+    def __init__(self, d, heads, members=1):
+        super().__init__()
+        self.norm1, self.attn = LayerNorm(d, members), Attention(d, heads, members)
+        self.norm2, self.fc1, self.fc2 = LayerNorm(d, members), Linear(d, 4 * d, members), Linear(4 * d, d, members)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class TokenMean(nn.Module):
+    def forward(self, x):
+        return x.mean(1)
+
+
+class ViT(nn.Sequential):
+    """A small ViT (SimpleViT: sine-cosine positions, mean-pooled tokens, pre-norm blocks). A Sequential,
+    like every network here; it also names its own permutations for rebasin.py, since tracing cannot
+    see inside the heads."""
+
+    def permutation_table(self):
+        """(table, buffers) for rebasin.spec_from_table, for one member: the residual stream's permutation
+        'R' shared by every block; per block i the MLP's hidden units 'M<i>', and the heads 'H<i>', the
+        query/key dimensions 'QK<i>' (one permutation applied within every head) and the value dimensions 'V<i>'."""
+        table = {}
+        for i, layer in enumerate(self):
+            if isinstance(layer, PatchEmbed):
+                table.update({f'{i}.conv.weight': ('R', None, None, None), f'{i}.conv.bias': ('R',), f'{i}.pos': (None, 'R')})
+            elif isinstance(layer, Block):
+                heads, qk, v, mlp = f'H{i}', f'QK{i}', f'V{i}', f'M{i}'
+                for norm in ('norm1', 'norm2'):
+                    table.update({f'{i}.{norm}.weight': ('R',), f'{i}.{norm}.bias': ('R',)})
+                for name, dims in (('q', qk), ('k', qk), ('v', v)):
+                    table[f'{i}.attn.{name}_weight'] = (heads, dims, 'R')
+                table.update({f'{i}.attn.q_bias': (heads, qk), f'{i}.attn.v_bias': (heads, v)})
+                table.update({f'{i}.attn.out_weight': ('R', heads, v), f'{i}.attn.out_bias': ('R',),
+                              f'{i}.fc1.weight': (mlp, 'R'), f'{i}.fc1.bias': (mlp,), f'{i}.fc2.weight': ('R', mlp),
+                              f'{i}.fc2.bias': ('R',)})
+            elif isinstance(layer, LayerNorm):
+                table.update({f'{i}.weight': ('R',), f'{i}.bias': ('R',)})
+            elif isinstance(layer, Linear):
+                table.update({f'{i}.weight': (None, 'R'), f'{i}.bias': (None,)})
+        return table, [k for k in table if k.endswith('.pos')]
 
 
 class Mul(nn.Module):
@@ -572,8 +701,8 @@ class BasicBlock(nn.Module):
 def build_model(spec, members=1):
     """The network a model spec describes, with `members` members side by side.
 
-    spec: dict with arch ('airbench' | 'resnet18' | 'mlp'), in_channels, image_size, num_classes,
-    width, kernel_size, hidden (list of ints, mlp only), mean, std. Input: float images in [0, 1],
+    spec: dict with arch ('airbench' | 'resnet18' | 'mlp' | 'vit'), in_channels, image_size, num_classes,
+    width, kernel_size, hidden (list of ints, mlp only), depth, heads, patch_size (vit only), mean, std. Input: float images in [0, 1],
     (B, C, H, W). Output: (B, members·num_classes) logits, member-major; member_logits splits them.
     A regression spec (task 'regression', mlp only) takes (B, D) features (in_channels D, image_size 1)
     and ends in TargetScale(target_mean, target_std): its num_classes outputs are in the targets' units.
@@ -608,8 +737,14 @@ def build_model(spec, members=1):
         layers.append(Linear(d_in, k, m, shared_input=not spec['hidden']))
         if spec.get('task') == 'regression':
             layers.append(TargetScale(spec['target_mean'], spec['target_std']))
+    elif arch == 'vit':
+        d = scale(VIT_DIM)
+        layers.append(PatchEmbed(c, d, spec['patch_size'], spec['image_size'], m))
+        layers += [Block(d, spec['heads'], m) for _ in range(spec['depth'])]
+        layers += [TokenMean(), LayerNorm(d, m), Linear(d, k, m)]
+        return ViT(*layers)
     else:
-        raise EnsembleError(f"unknown architecture '{arch}': use airbench, resnet18 or mlp")
+        raise EnsembleError(f"unknown architecture '{arch}': use airbench, resnet18, mlp or vit")
     return nn.Sequential(*layers)
 
 
@@ -633,12 +768,15 @@ def check_model_spec(spec, source):
         return EnsembleError(f'{source}: its model spec {why}; the file was not written by this toolkit or was edited')
     if not isinstance(spec, dict) or spec.get('arch') not in RECIPES:
         raise bad(f"has no known 'arch' ({', '.join(RECIPES)})")
-    for key in ('in_channels', 'image_size', 'num_classes', 'kernel_size'):
+    keys = ('in_channels', 'image_size', 'num_classes', 'kernel_size') + (('depth', 'heads', 'patch_size') if spec['arch'] == 'vit' else ())
+    for key in keys:
         value = spec.get(key, 3) if key == 'kernel_size' else spec.get(key)   # kernel_size: airbench's only
         if not isinstance(value, int) or value < 1:
             raise bad(f"needs '{key}' as a positive integer, got {value!r}")
     if not (_finite(spec.get('width', 1.0)) and spec.get('width', 1.0) > 0):
         raise bad(f"needs 'width' > 0, got {spec.get('width')!r}")
+    if spec['arch'] == 'vit' and (round(VIT_DIM * spec.get('width', 1.0)) % spec['heads'] or spec['image_size'] % spec['patch_size']):
+        raise bad('is a vit whose heads do not divide its token width or whose patches do not tile its images')
     if not (isinstance(spec.get('hidden', []), list) and all(isinstance(h, int) and h >= 1 for h in spec.get('hidden', []))):
         raise bad(f"needs 'hidden' as a list of positive integers, got {spec.get('hidden')!r}")
     sizes = dict(mean=spec['in_channels'], std=spec['in_channels'])
@@ -1446,10 +1584,13 @@ class Config:
     shard: Optional[str] = option(None, "Train on the i-th of n disjoint parts (class-balanced for labels), as 'i/n'.")
     subset: Optional[int] = option(None, 'Use at most this many training and test examples (quick runs).')
     # The network
-    arch: str = option('airbench', 'Network: airbench, resnet18 or mlp.')
-    width: float = option(1.0, 'Width multiplier for airbench and resnet18 channels.')
+    arch: str = option('airbench', 'Network: airbench, resnet18, mlp or vit (a small SimpleViT).')
+    width: float = option(1.0, 'Width multiplier for airbench and resnet18 channels and the ViT\'s token width (64 at 1).')
     kernel_size: int = option(3, "airbench's conv kernel size k (k x k).")
     hidden: list = option([1024], "mlp hidden sizes, e.g. '1024' or '512,512,512'.", parse=parse_ints)
+    depth: int = option(4, 'vit: transformer blocks.')
+    heads: int = option(4, 'vit: attention heads per block (they split the token width).')
+    patch_size: int = option(4, 'vit: p x p patches become tokens (the image size must be a multiple).')
     # The recipe (None: the architecture's, RECIPES)
     epochs: Optional[float] = option(None, 'Epochs (fractions allowed) (default: the recipe: airbench 9.9, resnet18 16, '
                                            'mlp 8; regression 30).')
@@ -1461,8 +1602,9 @@ class Config:
                                                  'for adam: AdamW decay.')
     label_smoothing: Optional[float] = option(None, 'Label smoothing of every cross-entropy term '
                                                     '(default: airbench 0.2, resnet18 0.1, mlp 0; regression: none).')
-    optimizer: str = option('sgd', 'sgd (Nesterov), adam (AdamW) or muon (the hidden weight matrices take orthogonalized, '
-                                   'spectrally scaled steps at --muon-lr; input/output layers, biases and norms take sgd).')
+    optimizer: Optional[str] = option(None, 'sgd (Nesterov), adam (AdamW) or muon (the hidden weight matrices take '
+                                            'orthogonalized, spectrally scaled steps at --muon-lr; input/output layers, '
+                                            'biases and norms take sgd) (default: the recipe: sgd; vit adam).')
     muon_lr: float = option(spectral.MUON_LR, 'muon: the spectral norm of a hidden layer\'s step per √(fan_out/fan_in), '
                                               'at the schedule\'s peak.')
     lookahead: Optional[bool] = option(None, "airbench's Lookahead weight averaging (default: on for airbench).",
@@ -1499,6 +1641,9 @@ OPTION_RANGES = [
     ('width', lambda v: _finite(v) and v > 0, 'a finite number > 0'),
     ('kernel_size', lambda v: v >= 1, 'at least 1'),
     ('hidden', lambda v: all(h >= 1 for h in v), 'a list of sizes of at least 1'),
+    ('depth', lambda v: v >= 1, 'at least 1'),
+    ('heads', lambda v: v >= 1, 'at least 1'),
+    ('patch_size', lambda v: v >= 1, 'at least 1'),
     ('epochs', lambda v: _finite(v) and v > 0, 'a finite number > 0'),
     ('batch_size', lambda v: v >= 1, 'at least 1'),
     ('lr', lambda v: _finite(v) and v > 0, 'a finite number > 0'),
@@ -1542,8 +1687,15 @@ def resolve_config(cfg, data=None):
         raise EnsembleError('--target names the target column of a regression table: pass --task regression')
     if cfg.param not in ('standard', 'spectral'):
         raise EnsembleError(f"unknown parametrization '{cfg.param}': use standard or spectral")
-    if cfg.optimizer not in ('sgd', 'adam', 'muon'):
+    if cfg.optimizer not in (None, 'sgd', 'adam', 'muon'):
         raise EnsembleError(f"unknown optimizer '{cfg.optimizer}': use sgd, adam or muon")
+    if cfg.arch == 'vit':
+        d = max(1, round(VIT_DIM * cfg.width))
+        if d % cfg.heads:
+            raise EnsembleError(f'--heads {cfg.heads} must divide the ViT\'s token width {d} (64 x --width {cfg.width:g})')
+        if cfg.param == 'spectral' or cfg.optimizer == 'muon':
+            raise EnsembleError('--param spectral and --optimizer muon read weights as matrices; the ViT\'s attention '
+                                'weights are per head (3-D): use them with airbench, resnet18 or mlp')
     if not (str(cfg.dataset).endswith(('.npz', '.csv')) or cfg.dataset in DATASETS):
         raise EnsembleError(f"unknown dataset '{cfg.dataset}': use one of {', '.join(DATASETS)}, a .npz or (regression) a .csv file")
     if cfg.shard is not None:
@@ -1562,7 +1714,13 @@ def resolve_config(cfg, data=None):
     recipe = REGRESSION_RECIPE if regression else RECIPES[cfg.arch]
     resolved = {k: (recipe[k] if getattr(cfg, k) is None and k in recipe else getattr(cfg, k))
                 for k in asdict(cfg)}
-    if cfg.optimizer == 'adam':
+    resolved['optimizer'] = optimizer = cfg.optimizer or recipe.get('optimizer', 'sgd')
+    # A recipe's lr and weight decay are for its own kind of optimizer: sgd (and muon, whose other groups take
+    # sgd), or adam. The other kind takes ADAM_LR and no decay for adam, and needs --lr for sgd.
+    if (optimizer == 'adam') != (recipe.get('optimizer') == 'adam'):
+        if optimizer != 'adam' and cfg.lr is None:
+            raise EnsembleError(f"the {cfg.arch} recipe is {recipe.get('optimizer', 'sgd')}'s: --optimizer {optimizer} "
+                                'needs --lr too')
         resolved['lr'] = ADAM_LR if cfg.lr is None else cfg.lr
         resolved['weight_decay'] = 0.0 if cfg.weight_decay is None else cfg.weight_decay
     if resolved['data_seed'] is None:
@@ -1627,8 +1785,11 @@ def model_spec(cfg, data):
     if h != w:
         raise EnsembleError(f'images must be square, got {h}x{w}')
     x = data.x_train[:10000].float() / 255
+    if cfg.arch == 'vit' and h % cfg.patch_size:
+        raise EnsembleError(f'--patch-size {cfg.patch_size} must divide the image size {h}')
     return dict(arch=cfg.arch, in_channels=c, image_size=h, num_classes=data.num_classes, width=cfg.width,
-                kernel_size=cfg.kernel_size, hidden=list(cfg.hidden),
+                kernel_size=cfg.kernel_size, hidden=list(cfg.hidden), depth=cfg.depth, heads=cfg.heads,
+                patch_size=cfg.patch_size,
                 mean=x.mean((0, 2, 3)).tolist(), std=x.std((0, 2, 3)).clamp_min(1e-3).tolist())
 
 
@@ -2097,8 +2258,11 @@ def complete_run(cfg, console=None):
     out = Path(cfg.out)
     if (out / 'config.json').exists():
         saved = read_config(out)
+        # None and 'auto' were resolved when it ran; an option its config.json lacks is newer than the run,
+        # which therefore ran as that option's default does
+        defaults = {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(Config)}
         differ = [f.name for f in fields(Config) if getattr(cfg, f.name) not in (None, 'auto') and f.name != 'out'
-                  and saved.get(f.name) != getattr(cfg, f.name)]   # None and 'auto' were resolved when it ran
+                  and saved.get(f.name, defaults[f.name]) != getattr(cfg, f.name)]
         if differ:
             raise EnsembleError(f'{out} holds a run with other options ({", ".join(differ)}): pass another --out')
         if (out / 'summary.json').exists():

@@ -166,13 +166,14 @@ def _save(plt, fig, path, title):
     plt.close(fig)
 
 
-def barrier_sweep(exp, label, values, options_of):
-    """kernel-size and weight-decay: barriers of two models per seed at each value of one option."""
+def barrier_sweep(exp, label, tag, values, options_of):
+    """kernel-size and weight-decay: barriers of two models per seed at each value of one option (runs
+    named <tag><value>_s<seed>)."""
     rows = {}
     for value in values:
         per_seed = []
         for seed in range(exp.seeds):
-            run_dir, _ = exp.train(f'{label}{value:g}_s{seed}', members=2, seed=2 * seed, **options_of(value))
+            run_dir, _ = exp.train(f'{tag}{value:g}_s{seed}', members=2, seed=2 * seed, **options_of(value))
             per_seed.append(exp.barriers(run_dir))
         rows[value] = summarize(per_seed)
         exp.console.print(f"{label} {value:g}: test loss barrier A → B {rows[value]['A → B loss'][0]:.4f}, "
@@ -207,7 +208,7 @@ def kernel_size(kernel_sizes: str = typer.Option('3,5,7', help='Conv kernel size
     """Barriers between two models against the kernel size (the report: larger kernels are said to match better)."""
     exp = Experiment('kernel-size', out, seeds, quick, dataset, width, subset, examples, device, epochs)
     ks = te.parse_ints(kernel_sizes)[:2] if quick else te.parse_ints(kernel_sizes)
-    rows, lines, figure = barrier_sweep(exp, 'kernel size', ks, lambda k: dict(kernel_size=k))
+    rows, lines, figure = barrier_sweep(exp, 'kernel size', 'k', ks, lambda k: dict(kernel_size=k))
     exp.report('Barriers against the kernel size', lines, dict(rows={f'k={k}': r for k, r in rows.items()}), figure)
 
 
@@ -221,7 +222,7 @@ def weight_decay(weight_decays: str = typer.Option('0,0.005,0.015,0.05', help="W
     exp = Experiment('weight-decay', out, seeds, quick, dataset, width, subset, examples, device, epochs)
     wds = [float(w) for w in weight_decays.split(',')]
     wds = [wds[0], wds[-1]] if quick else wds
-    rows, lines, figure = barrier_sweep(exp, 'weight decay', wds, lambda wd: dict(weight_decay=wd))
+    rows, lines, figure = barrier_sweep(exp, 'weight decay', 'wd', wds, lambda wd: dict(weight_decay=wd))
     exp.report('Barriers against the weight decay', lines, dict(rows={f'wd={w:g}': r for w, r in rows.items()}), figure)
 
 

@@ -351,8 +351,8 @@ def test_edited_checkpoint_metadata_is_refused_before_anything_is_allocated(tmp_
     spec = dict(arch='mlp', in_channels=1, image_size=28, num_classes=10, width=1.0, kernel_size=3, hidden=[8],
                 mean=[0.5], std=[0.25])
     net = te.build_model(spec)
-    for edit, message in [(dict(hidden=[10**6, 10**6]), 'over the limit'), (dict(arch='vit'), "known 'arch'"),
-                          (dict(hidden=[0]), "'hidden'"), (dict(mean=[0.5, 0.5]), "'mean'")]:
+    for edit, message in [(dict(hidden=[10**6, 10**6]), 'over the limit'), (dict(arch='transformer'), "known 'arch'"),
+                          (dict(arch='vit'), "needs 'depth'"), (dict(hidden=[0]), "'hidden'"), (dict(mean=[0.5, 0.5]), "'mean'")]:
         te.save_member(tmp_path / 'm.safetensors', net.state_dict(), {**spec, **edit})
         with pytest.raises(te.EnsembleError, match=message):
             te.load_member(tmp_path / 'm.safetensors')
@@ -414,3 +414,15 @@ def test_complete_run_trains_reads_back_resumes_and_never_mixes_options(tmp_path
         te.complete_run(te.Config(out=str(tmp_path / 'r'), device='cpu', beta=1.0, **TINY_MLP), quiet_console())
     (tmp_path / 'r' / 'summary.json').unlink()   # as if stopped while writing its members
     assert te.complete_run(cfg, quiet_console())['test_acc'] == first['test_acc']
+
+
+def test_complete_run_reads_back_a_run_made_before_an_option_existed(tmp_path):
+    """A config.json without a newer option ran as that option's default: it is read back, not refused."""
+    cfg = te.Config(out=str(tmp_path / 'old'), device='cpu', **TINY_MLP)
+    summary = te.train(cfg, console=quiet_console())
+    config = json.loads((tmp_path / 'old' / 'config.json').read_text())
+    del config['depth'], config['heads']   # options added after this run was made
+    (tmp_path / 'old' / 'config.json').write_text(json.dumps(config))
+    assert te.complete_run(cfg, quiet_console()) == summary
+    with pytest.raises(te.EnsembleError, match='other options'):
+        te.complete_run(te.Config(out=str(tmp_path / 'old'), device='cpu', **dict(TINY_MLP, epochs=4)), quiet_console())
