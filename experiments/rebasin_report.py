@@ -43,6 +43,8 @@ import rebasin  # noqa: E402
 import train_ensemble as te  # noqa: E402
 
 CURVES = ('A → B', 'A → π(B)', 'B → π(B)')
+LMC_BN_EXAMPLES = 1000   # training images the BatchNorm statistics are recomputed on at each inner λ (after a
+                         # merge, once: rebasin.BN_EXAMPLES)
 QUICK = dict(width=1 / 16, subset=600, epochs=1, examples=200, steps=3, seeds=1)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -119,7 +121,7 @@ class Experiment:
         row = dict(member_acc=sum(self.evaluate(spec, [s], x, y)[1] for s in (a, b)) / 2)
         for bn in (None, 'reset'):
             curves = analyze.lmc_curves(spec, a, b, {'test': (x, y)}, self.steps, align=True, bn=bn,
-                                        bn_inputs=data.x_train[:rebasin.BN_EXAMPLES], device=self.device)
+                                        bn_inputs=data.x_train[:LMC_BN_EXAMPLES], device=self.device)
             for curve in CURVES:
                 for key in ('loss', 'error'):
                     row[f'{curve} {key}{" reset" if bn else ""}'] = curves[curve]['barrier'][f'test_{key}']
