@@ -83,8 +83,10 @@ class Experiment:
         options = {**self.base, 'epochs': self.epochs, **options}
         return self.out / name, te.complete_run(te.Config(out=str(self.out / name), **options), self.quiet)
 
-    def test_split(self, run_dir):
-        return analyze.split_examples(analyze.run_data(te.read_config(run_dir)), 'test', self.examples)
+    def test_split(self, run_dir=None):
+        """The first --examples test images of a run's data (class-balanced), or without a run of the dataset's."""
+        config = te.read_config(run_dir) if run_dir else dict(dataset=self.base['dataset'], subset=self.examples)
+        return analyze.split_examples(analyze.run_data(config), 'test', self.examples)
 
     def evaluate(self, spec, states, x, y):
         """Test (loss, accuracy) of the ensemble of these states (one state: that model), probability averaging."""
@@ -210,6 +212,7 @@ def kernel_size(kernel_sizes: str = typer.Option('3,5,7', help='Conv kernel size
     """Barriers between two models against the kernel size (the report: larger kernels are said to match better)."""
     exp = Experiment('kernel-size', out, seeds, quick, dataset, width, subset, examples, device, epochs)
     ks = te.parse_ints(kernel_sizes)[:2] if quick else te.parse_ints(kernel_sizes)
+    exp.settings.update(kernel_sizes=ks)
     rows, lines, figure = barrier_sweep(exp, 'kernel size', 'k', ks, lambda k: dict(kernel_size=k))
     exp.report('Barriers against the kernel size', lines, dict(rows={f'k={k}': r for k, r in rows.items()}), figure)
 
@@ -224,6 +227,7 @@ def weight_decay(weight_decays: str = typer.Option('0,0.005,0.015,0.05', help="W
     exp = Experiment('weight-decay', out, seeds, quick, dataset, width, subset, examples, device, epochs)
     wds = [float(w) for w in weight_decays.split(',')]
     wds = [wds[0], wds[-1]] if quick else wds
+    exp.settings.update(weight_decays=wds)
     rows, lines, figure = barrier_sweep(exp, 'weight decay', 'wd', wds, lambda wd: dict(weight_decay=wd))
     exp.report('Barriers against the weight decay', lines, dict(rows={f'wd={w:g}': r for w, r in rows.items()}), figure)
 
@@ -239,6 +243,7 @@ def merge_many(models: str = typer.Option('3,6,9,12', help='How many models Merg
     ns, ks = te.parse_ints(models), te.parse_ints(kernel_sizes)
     if quick:
         ns, ks = [2, 3], ks[:1]
+    exp.settings.update(models=ns, kernel_sizes=ks)
     rows = {}
     for k in ks:
         per_seed = {n: [] for n in ns}
@@ -291,6 +296,7 @@ def train_merge_train(models: str = typer.Option('3,6', help='How many models ar
     ns, ks, e = te.parse_ints(models), te.parse_ints(kernel_sizes), exp.epochs
     if quick:
         ns, ks = [2], ks[:1]
+    exp.settings.update(models=ns, kernel_sizes=ks)
     rows = {}
     for k in ks:
         for n in ns:
@@ -337,37 +343,40 @@ def shards(models: str = typer.Option('2,4,8', help='How many models are merged 
     ns, es = te.parse_ints(models), [float(e) for e in epochs_list.split(',')]
     if quick:
         ns, es = [2], [1.0]
+    exp.settings.update(models=ns, epochs=es)
     kinds = ('models', 'merged', 'merged_trained', 'control_1', 'control_n')
+    x, y = exp.test_split()   # one test set for every n (a run's own would shrink with its part)
     rows = {}
     for e in es:
         for n in ns:
             per_seed = []
+            # --subset is the whole training set: each of the n + 1 disjoint parts keeps a class-balanced 1/(n + 1) of it
+            part = dict(members=1, epochs=e, subset=exp.base['subset'] and max(1, exp.base['subset'] // (n + 1)))
             for seed in range(exp.seeds):
                 name, last = f'n{n}_e{e:g}_s{seed}', f'{n}/{n + 1}'
-                parts = [exp.train(f'{name}_model{i}', members=1, seed=100 * seed + i, shard=f'{i}/{n + 1}', epochs=e)[0]
-                         for i in range(n)]
+                runs = [exp.train(f'{name}_model{i}', seed=100 * seed + i, shard=f'{i}/{n + 1}', **part)[0] for i in range(n)]
                 spec, states = None, []
-                for part in parts:
-                    spec, state, _ = te.load_member_state(te.member_paths(part)[0])
+                for run_dir in runs:
+                    spec, state, _ = te.load_member_state(te.member_paths(run_dir)[0])
                     states.append(state)
-                control_1, c1 = exp.train(f'{name}_control1', members=1, seed=100 * seed + 50, shard=last, epochs=e)
+                control_1, _ = exp.train(f'{name}_control1', seed=100 * seed + 50, shard=last, **part)
                 merged_path = exp.out / f'{name}_merged.safetensors'
                 merged = exp.merge(states, spec, control_1, merged_path)   # statistics on the last part's images
-                _, trained = exp.train(f'{name}_merged_trained', members=1, seed=100 * seed + 50, shard=last, epochs=e,
-                                       init=str(merged_path))
-                _, cn = exp.train(f'{name}_control{n}', members=1, seed=100 * seed + 50, shard=last, epochs=n * e)
-                x, y = exp.test_split(control_1)
+                trained, _ = exp.train(f'{name}_merged_trained', seed=100 * seed + 50, shard=last, init=str(merged_path), **part)
+                control_n, _ = exp.train(f'{name}_control{n}', seed=100 * seed + 50, shard=last, **dict(part, epochs=n * e))
                 models = [exp.evaluate(spec, [s], x, y) for s in states]
+                state_of = lambda run_dir: te.load_member_state(te.member_paths(run_dir)[0])[1]  # noqa: E731
                 numbers = dict(models=(sum(m[0] for m in models) / n, sum(m[1] for m in models) / n),
                                merged=exp.evaluate(spec, [merged], x, y),
-                               merged_trained=(trained['test_loss'], trained['test_acc']),
-                               control_1=(c1['test_loss'], c1['test_acc']), control_n=(cn['test_loss'], cn['test_acc']))
+                               **{kind: exp.evaluate(spec, [state_of(run_dir)], x, y) for kind, run_dir in
+                                  (('merged_trained', trained), ('control_1', control_1), ('control_n', control_n))})
                 per_seed.append({f'{kind}_{what}': numbers[kind][i] for kind in kinds for i, what in enumerate(('loss', 'acc'))})
             rows[e, n] = summarize(per_seed)
             exp.console.print(f"e={e:g}, n={n}: merged+trained acc {rows[e, n]['merged_trained_acc'][0]:.4f}, control 1 "
                               f"{rows[e, n]['control_1_acc'][0]:.4f}, control n {rows[e, n]['control_n_acc'][0]:.4f}", highlight=False)
-    lines = ['', "Test accuracy (loss below): the n models (mean, each on its own part), their merge, the merge trained e "
-                 "epochs on the last part, and one model trained on the last part for e (control 1) and n·e epochs (control n).", '']
+    lines = ['', f"The training set cut into n + 1 disjoint parts. Test accuracy on {len(y)} test images (loss below): the "
+                 "n models (mean, each trained on its own part), their merge, the merge trained e epochs on the last "
+                 "part, and one model trained on the last part for e (control 1) and n·e epochs (control n).", '']
     for what in ('acc', 'loss'):
         lines += markdown(['epochs e', 'models n', *(k.replace('_', ' ') for k in kinds)],
                           [[f'{e:g}', str(n), *(fmt(r[f'{k}_{what}']) for k in kinds)] for (e, n), r in rows.items()]) + ['']
