@@ -295,12 +295,6 @@ def interpolation_curve(net, state_a, state_b, lams, evaluate, bn=None, batches=
     return rows
 
 
-def float_batches(x, batch_size, device='cpu'):
-    """Inputs (uint8 images or features) as a list of float batches on the device: what BatchNorm
-    statistics are recomputed on."""
-    return [te.to_float_images(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
-
-
 def lmc_curves(spec, state_a, state_b, splits, steps=INTERP_STEPS, align=False, bn=None, bn_inputs=None, device='cpu',
                progress=None):
     """Linear mode connectivity of two networks of one model spec (state dicts): the loss and error of each
@@ -316,7 +310,7 @@ def lmc_curves(spec, state_a, state_b, splits, steps=INTERP_STEPS, align=False, 
     if align:
         aligned = align_state(net, state_a, state_b, torch.zeros(1, *te.input_shape(spec), device=device))
         curves.update({'A → π(B)': (state_a, aligned), 'B → π(B)': (state_b, aligned)})
-    batches = float_batches(bn_inputs, rebasin.BN_BATCH, device) if bn else None
+    batches = te.float_batches(bn_inputs, rebasin.BN_BATCH, device) if bn else None
 
     def evaluate(net):
         out = {}
@@ -335,8 +329,7 @@ def lmc_curves(spec, state_a, state_b, splits, steps=INTERP_STEPS, align=False, 
 
 def sharpness_batches(x_uint8, y, batch_size=SHARP_BATCH, device='cpu'):
     """Fixed (float images, labels) batches on the device: what sharpness() measures the loss on."""
-    return [(te.to_float_images(x_uint8[i:i + batch_size].to(device)), y[i:i + batch_size].to(device))
-            for i in range(0, len(x_uint8), batch_size)]
+    return list(zip(te.float_batches(x_uint8, batch_size, device), y.to(device).split(batch_size)))
 
 
 def sharpness(model, batches, rho=SHARP_RHO, steps=SHARP_STEPS, adaptive=True, eta=ASAM_ETA):
@@ -814,7 +807,7 @@ def _progress(console, description, total):
 
 def _logits(console, nets, x, label):
     """(M, N, K) logits, computed in batches on the networks' device; the metrics run on the CPU."""
-    with _progress(console, f'{label}: {len(x)} images', len(x)) as advance:
+    with _progress(console, f'{label}: {len(x)} examples', len(x)) as advance:
         return te.predict_logits(nets, x, progress=advance).cpu()
 
 
@@ -948,7 +941,7 @@ def compare_row(run, recompute=False, device='auto', examples=None, console=None
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     score = te.score_name(config.get('task'))   # accuracy, or for regression RMSE
     row = dict(run=str(run), name=run.name, members=len(te.member_paths(run)), beta=config.get('beta'),
-               combine=_combiner(config, None), task=config.get('task', 'classification'), bagging=bool(config.get('bagging')),
+               combine=_combiner(config, None), task=config.get('task') or 'classification', bagging=bool(config.get('bagging')),
                param=config.get('param', 'standard'), train_time_s=summary.get('train_time_s'), config=config)
     if summary and not recompute:
         row.update({'source': 'summary.json', f'test_{score}': summary[f'test_{score}'], 'test_loss': summary['test_loss'],
@@ -1066,7 +1059,7 @@ def debias_command(
     Member j's class-wise logit bias b_j = mean_x z_j(x) − mean_{x,i} z_i(x) is estimated on --fit-split
     and removed on --split. The biases sum to zero, so the logit-averaged ensemble is unchanged (checked).
     A regression run: b_j is member j's mean offset from the ensemble's prediction (per target); removing
-    it leaves the averaged prediction unchanged and lowers DIV and the members' MSE."""
+    it leaves the averaged prediction unchanged (and lowers DIV on the split it was fit on)."""
     with _session() as console:
         config, nets, data = _load(run, device, dataset)
         combiner = _combiner(config, combine)
@@ -1200,7 +1193,8 @@ def interpolate(
         splits = {s: split_examples(data, s, examples) for s in ('train', 'test')}
         bn = 'reset' if reset_bn else 'repair' if repair else None
         result = dict(a=str(paths[0]), b=str(paths[1]), bn=bn, examples=len(splits['test'][1]))
-        with _progress(console, 'weight matching, then interpolating', steps * (3 if align else 1)) as advance:
+        with _progress(console, 'weight matching, then interpolating' if align else 'interpolating',
+                       steps * (3 if align else 1)) as advance:
             result['curves'] = lmc_curves(spec, state_a, state_b, splits, steps, align, bn, data.x_train[:bn_examples],
                                           dev, advance)
         lams = [r['lam'] for r in next(iter(result['curves'].values()))['points']]

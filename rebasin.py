@@ -835,7 +835,7 @@ def _training_batches(data, model_spec, examples, batch_size, device):
         raise RebasinError(f"dataset {data['dataset']} has inputs of shape {tuple(x.shape[1:])}; "
                            f"the models expect {expected}")
     x = x[:examples]
-    return [te.to_float_images(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
+    return te.float_batches(x, batch_size, device)
 
 
 def _check_out(out, force):
@@ -862,7 +862,8 @@ def _write_run(out, states, sources, model_spec, config, force):
     try:
         for i, (state, source) in enumerate(zip(states, sources)):
             te.save_member(tmp / f'member_{i}.safetensors', state, model_spec, source=source)
-        te.write_json(tmp / 'config.json', {**config, 'format': te.FORMAT})
+        # the task is the members' own (a source run's config.json may predate the option, or be missing)
+        te.write_json(tmp / 'config.json', {**config, 'task': model_spec.get('task', 'classification'), 'format': te.FORMAT})
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(tmp, out)

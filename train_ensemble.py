@@ -31,7 +31,7 @@ import json
 import math
 import os
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -67,13 +67,17 @@ RECIPES = {
     ),
     # Transformers take Adam: Fashion-MNIST 5,000 images, 1,000 validation, width 1, 6 epochs, 2026-11-23:
     # sgd lr 0.5 / 1 / 2 / 4 / 8 / 16 reached validation accuracy 0.667 / 0.658 / 0.681 / 0.712 / 0.740 / 0.479,
-    # AdamW lr 1e-3 / 3e-3 0.770 / 0.787.
+    # Adam (no weight decay) lr 1e-3 / 3e-3 0.770 / 0.787.
     'vit': dict(
         optimizer='adam', epochs=10, batch_size=256, lr=3e-3, momentum=0.9, weight_decay=0.0, label_smoothing=0.1,
         bias_scaler=1.0, lookahead=False, whiten_bias_epochs=0,
     ),
 }
 VIT_DIM = 64                    # the ViT's token width at --width 1 (its MLPs are 4x wider)
+
+
+def vit_dim(width):
+    return max(1, round(VIT_DIM * width))
 # Regression (an mlp on a table) overrides the mlp recipe: tables are small, so more epochs of smaller
 # batches, and a lower lr, since squared errors of heavy-tailed targets spike where cross-entropy saturates.
 # Bike sharing (tools/export_bikeshare.py), 4-member 64-64 mlp, 1,000 validation hours, 2026-11-23: lr 0.25,
@@ -271,7 +275,7 @@ def _read_csv(path, target=None):
     the target, every other column a feature, and a fixed CSV_TEST_FRACTION of the rows the test split."""
     import csv
     try:
-        with open(path, newline='') as f:
+        with open(path, newline='', encoding='utf-8-sig') as f:   # -sig: a byte-order mark is not part of a name
             rows = list(csv.reader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise EnsembleError(f'cannot read {path}: {e}') from None
@@ -738,7 +742,7 @@ def build_model(spec, members=1):
         if spec.get('task') == 'regression':
             layers.append(TargetScale(spec['target_mean'], spec['target_std']))
     elif arch == 'vit':
-        d = scale(VIT_DIM)
+        d = vit_dim(spec.get('width', 1.0))
         layers.append(PatchEmbed(c, d, spec['patch_size'], spec['image_size'], m))
         layers += [Block(d, spec['heads'], m) for _ in range(spec['depth'])]
         layers += [TokenMean(), LayerNorm(d, m), Linear(d, k, m)]
@@ -775,7 +779,7 @@ def check_model_spec(spec, source):
             raise bad(f"needs '{key}' as a positive integer, got {value!r}")
     if not (_finite(spec.get('width', 1.0)) and spec.get('width', 1.0) > 0):
         raise bad(f"needs 'width' > 0, got {spec.get('width')!r}")
-    if spec['arch'] == 'vit' and (round(VIT_DIM * spec.get('width', 1.0)) % spec['heads'] or spec['image_size'] % spec['patch_size']):
+    if spec['arch'] == 'vit' and (vit_dim(spec.get('width', 1.0)) % spec['heads'] or spec['image_size'] % spec['patch_size']):
         raise bad('is a vit whose heads do not divide its token width or whose patches do not tile its images')
     if not (isinstance(spec.get('hidden', []), list) and all(isinstance(h, int) and h >= 1 for h in spec.get('hidden', []))):
         raise bad(f"needs 'hidden' as a list of positive integers, got {spec.get('hidden')!r}")
@@ -816,9 +820,19 @@ def split_members(wide_state, member_state):
 
 
 def stack_members(states, wide_state):
-    """The inverse of split_members: M single-member state dicts as one wide state dict."""
-    return {key: (states[0][key] if t.shape == states[0][key].shape else torch.cat([s[key] for s in states]))
-            for key, t in wide_state.items()}
+    """The inverse of split_members: M single-member state dicts as one wide state dict. A tensor the wide
+    network holds once (input statistics, a ViT's positions) must be the same in every member: members
+    whose shared tensors differ (e.g. a ViT aligned by rebasin.py, its positions permuted) are refused."""
+    stacked = {}
+    for key, t in wide_state.items():
+        if t.shape != states[0][key].shape:
+            stacked[key] = torch.cat([s[key] for s in states])
+            continue
+        if states[0][key].is_floating_point() and any(not torch.equal(s[key], states[0][key]) for s in states[1:]):
+            raise EnsembleError(f"the members differ in '{key}', which a wide network holds once for all of them: "
+                                'they cannot be trained side by side (start them from one run, or train them apart)')
+        stacked[key] = states[0][key]
+    return stacked
 
 
 #############################################
@@ -1173,6 +1187,12 @@ def to_float_images(x_uint8, dtype=None):
     if x_uint8.is_floating_point():
         return x_uint8.to(dtype or torch.get_default_dtype())
     return x_uint8.to(dtype or torch.get_default_dtype()) / 255
+
+
+def float_batches(x, batch_size, device='cpu'):
+    """Inputs (uint8 images or features) as a list of float batches on the device (to recompute BatchNorm
+    statistics on, or to measure a loss on)."""
+    return [to_float_images(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
 
 
 def resolve_precision(precision, device):
@@ -1584,7 +1604,8 @@ class Config:
     shard: Optional[str] = option(None, "Train on the i-th of n disjoint parts (class-balanced for labels), as 'i/n'.")
     subset: Optional[int] = option(None, 'Use at most this many training and test examples (quick runs).')
     # The network
-    arch: str = option('airbench', 'Network: airbench, resnet18, mlp or vit (a small SimpleViT).')
+    arch: Optional[str] = option(None, 'Network: airbench (the default), resnet18, mlp (regression\'s default and only '
+                                       'one) or vit (a small SimpleViT).')
     width: float = option(1.0, 'Width multiplier for airbench and resnet18 channels and the ViT\'s token width (64 at 1).')
     kernel_size: int = option(3, "airbench's conv kernel size k (k x k).")
     hidden: list = option([1024], "mlp hidden sizes, e.g. '1024' or '512,512,512'.", parse=parse_ints)
@@ -1593,15 +1614,17 @@ class Config:
     patch_size: int = option(4, 'vit: p x p patches become tokens (the image size must be a multiple).')
     # The recipe (None: the architecture's, RECIPES)
     epochs: Optional[float] = option(None, 'Epochs (fractions allowed) (default: the recipe: airbench 9.9, resnet18 16, '
-                                           'mlp 8; regression 30).')
-    batch_size: Optional[int] = option(None, 'Batch size (default: airbench 1024, resnet18 512, mlp 256; regression 128).')
-    lr: Optional[float] = option(None, 'Learning rate; for sgd per 1024 examples, decoupled from momentum '
-                                       '(default: the recipe: airbench 11.5, resnet18 8, mlp 4, regression 1; adam 1e-3).')
+                                           'mlp 8, vit 10; regression 30).')
+    batch_size: Optional[int] = option(None, 'Batch size (default: airbench 1024, resnet18 512, mlp 256, vit 256; '
+                                             'regression 128).')
+    lr: Optional[float] = option(None, 'Learning rate; for sgd per 1024 examples, decoupled from momentum (default: the '
+                                       'recipe: airbench 11.5, resnet18 8, mlp 4, vit 3e-3 (adam), regression 1; '
+                                       'adam on a sgd recipe 1e-3).')
     momentum: Optional[float] = option(None, 'Nesterov momentum for sgd (default: the recipe).')
     weight_decay: Optional[float] = option(None, 'For sgd: fraction of the weights removed per 1024 examples; '
                                                  'for adam: AdamW decay.')
     label_smoothing: Optional[float] = option(None, 'Label smoothing of every cross-entropy term '
-                                                    '(default: airbench 0.2, resnet18 0.1, mlp 0; regression: none).')
+                                                    '(default: airbench 0.2, resnet18 0.1, mlp 0, vit 0.1; regression: none).')
     optimizer: Optional[str] = option(None, 'sgd (Nesterov), adam (AdamW) or muon (the hidden weight matrices take '
                                             'orthogonalized, spectrally scaled steps at --muon-lr; input/output layers, '
                                             'biases and norms take sgd) (default: the recipe: sgd; vit adam).')
@@ -1661,6 +1684,8 @@ OPTION_RANGES = [
 
 def resolve_config(cfg, data=None):
     """Check the options and fill every None from the recipe; raises EnsembleError on bad input."""
+    if cfg.arch is None:
+        cfg = replace(cfg, arch='mlp' if cfg.task == 'regression' else 'airbench')
     for name, ok, requirement in OPTION_RANGES:
         value = getattr(cfg, name)
         if value is not None and not ok(value):
@@ -1683,14 +1708,15 @@ def resolve_config(cfg, data=None):
                                  ('augment', cfg.augment, 'images only'), ('tta', cfg.tta, 'images only')):
             if given:
                 raise EnsembleError(f"--{name.replace('_', '-')} does not apply to --task regression ({why})")
-    elif cfg.target is not None:
-        raise EnsembleError('--target names the target column of a regression table: pass --task regression')
+    if cfg.target is not None and not (regression and str(cfg.dataset).endswith('.csv')):
+        raise EnsembleError('--target names the target column of a .csv table (with --task regression); '
+                            f'{cfg.dataset} is not one')
     if cfg.param not in ('standard', 'spectral'):
         raise EnsembleError(f"unknown parametrization '{cfg.param}': use standard or spectral")
     if cfg.optimizer not in (None, 'sgd', 'adam', 'muon'):
         raise EnsembleError(f"unknown optimizer '{cfg.optimizer}': use sgd, adam or muon")
     if cfg.arch == 'vit':
-        d = max(1, round(VIT_DIM * cfg.width))
+        d = vit_dim(cfg.width)
         if d % cfg.heads:
             raise EnsembleError(f'--heads {cfg.heads} must divide the ViT\'s token width {d} (64 x --width {cfg.width:g})')
         if cfg.param == 'spectral' or cfg.optimizer == 'muon':
@@ -1787,9 +1813,9 @@ def model_spec(cfg, data):
     x = data.x_train[:10000].float() / 255
     if cfg.arch == 'vit' and h % cfg.patch_size:
         raise EnsembleError(f'--patch-size {cfg.patch_size} must divide the image size {h}')
+    vit = dict(depth=cfg.depth, heads=cfg.heads, patch_size=cfg.patch_size) if cfg.arch == 'vit' else {}
     return dict(arch=cfg.arch, in_channels=c, image_size=h, num_classes=data.num_classes, width=cfg.width,
-                kernel_size=cfg.kernel_size, hidden=list(cfg.hidden), depth=cfg.depth, heads=cfg.heads,
-                patch_size=cfg.patch_size,
+                kernel_size=cfg.kernel_size, hidden=list(cfg.hidden), **vit,
                 mean=x.mean((0, 2, 3)).tolist(), std=x.std((0, 2, 3)).clamp_min(1e-3).tolist())
 
 
@@ -1938,8 +1964,8 @@ COLUMNS = [('epoch', 'epoch', 'd'), ('train_objective', 'objective', '.4f'), ('t
            ('train_acc', 'train acc', '.4f'), ('train_div', 'train DIV', '.4f'), ('test_loss', 'test loss', '.4f'),
            ('test_acc', 'test acc', '.4f'), ('test_div', 'test DIV', '.4f'), ('time_s', 'seconds', '.2f')]
 # Regression's rows: losses are MSE and the score is RMSE, both in the targets' units.
-REGRESSION_COLUMNS = [(key.replace('_acc', '_rmse'), label.replace('loss', 'MSE').replace('acc', 'RMSE'), fmt)
-                      for key, label, fmt in COLUMNS]
+REGRESSION_COLUMNS = [(key.replace('_acc', '_rmse'), label.replace('loss', 'MSE').replace('acc', 'RMSE')
+                       .replace('objective', 'objective/σ²'), fmt) for key, label, fmt in COLUMNS]   # trained in std units
 
 
 def score_name(task):
@@ -2260,7 +2286,7 @@ def complete_run(cfg, console=None):
         saved = read_config(out)
         # None and 'auto' were resolved when it ran; an option its config.json lacks is newer than the run,
         # which therefore ran as that option's default does
-        defaults = {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(Config)}
+        defaults = option_defaults()
         differ = [f.name for f in fields(Config) if getattr(cfg, f.name) not in (None, 'auto') and f.name != 'out'
                   and saved.get(f.name, defaults[f.name]) != getattr(cfg, f.name)]
         if differ:
@@ -2274,6 +2300,11 @@ def complete_run(cfg, console=None):
 #############################################
 #                  Main                     #
 #############################################
+
+def option_defaults():
+    """{option: its default}, as written in Config."""
+    return {f.name: f.default_factory() if f.default is MISSING else f.default for f in fields(Config)}
+
 
 def cli_error(message):
     """Print a one-line error and exit non-zero: bad input never ends in a traceback."""
@@ -2304,7 +2335,8 @@ def command():
     import typer
 
     def main(resume: Optional[str] = None, **options):
-        """Train an M-member deep ensemble with the objective  Σ_j (1−β)·CE(y, p_j) + β·M·CE(y, p̄)."""
+        """Train an M-member deep ensemble with the objective  Σ_j (1−β)·CE(y, p_j) + β·M·CE(y, p̄)
+        (regression: Σ_j (1−β)·(f_j − y)² + β·M·(f̄ − y)²)."""
         try:
             if resume:
                 cfg = config_to_resume(resume)
@@ -2324,9 +2356,9 @@ def command():
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
 
-    params = []
+    params, defaults = [], option_defaults()
     for f in fields(Config):
-        default = f.default_factory() if f.default is MISSING else f.default
+        default = defaults[f.name]
         annotation = f.type
         if f.metadata['parse'] is not None:   # the command line takes text
             annotation, default = str, ','.join(map(str, default))

@@ -109,7 +109,7 @@ class Experiment:
                                        states, device=self.device)
         net.load_state_dict(merged)
         x = analyze.run_data(te.read_config(run_dir)).x_train[:rebasin.BN_EXAMPLES]
-        merged = rebasin.reset_bn(net, analyze.float_batches(x, rebasin.BN_BATCH, self.device))
+        merged = rebasin.reset_bn(net, te.float_batches(x, rebasin.BN_BATCH, self.device))
         if path is not None:
             te.save_member(path, merged, spec, merged_from=len(states))
         return merged

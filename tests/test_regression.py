@@ -180,6 +180,7 @@ def test_regression_npz_val_shards_and_subsets_are_disjoint(tmp_path):
     (['--task', 'regression', '--dataset', 'fashion-mnist'], 'is for classification'),
     (['--dataset', 'synthetic-regression'], 'pass --task regression'),
     (['--target', 'y', '--dataset', 'synthetic'], '--target names the target column'),
+    (['--task', 'regression', '--target', 'y'], 'synthetic-regression is not one'),
     (['--task', 'clustering'], "unknown task 'clustering'"),
 ])
 def test_bad_regression_options_get_a_one_line_error(args, message, tmp_path):

@@ -111,3 +111,14 @@ def test_bad_vit_options_get_a_one_line_error(args, message, tmp_path):
                                       '--out', str(tmp_path / 'x'), *args])
     assert result.exit_code == 1 and message in result.output, result.output
     assert not (tmp_path / 'x').exists()
+
+
+def test_members_whose_shared_tensors_differ_are_refused_side_by_side():
+    """rebasin.py permutes an aligned ViT's positions (a buffer the wide network holds once): stacking it with
+    an unaligned member would silently give it the other's positions."""
+    a, b = member(0), member(1)
+    spec = rebasin.permutation_spec(b, images(1))
+    aligned = rebasin.apply_permutation(spec, rebasin.weight_matching(spec, a.state_dict(), b.state_dict()), b.state_dict())
+    wide = te.build_model(SPEC, members=2)
+    with pytest.raises(te.EnsembleError, match="differ in '1.pos'"):
+        te.stack_members([a.state_dict(), aligned], wide.state_dict())

@@ -49,4 +49,6 @@ def main(wheel, out):
 
 
 if __name__ == '__main__':
+    if len(sys.argv) != 3:
+        sys.exit(f'usage: python {sys.argv[0]} ISLP_WHEEL OUT.npz (see the docstring)')
     main(*sys.argv[1:3])
