@@ -336,6 +336,8 @@ def train_merge_train(models: str = typer.Option('3,6', help='How many models ar
 @app.command('shards')
 def shards(models: str = typer.Option('2,4,8', help='How many models are merged (n); the data is cut into n + 1 parts.'),
            epochs_list: str = typer.Option('2,5', '--epochs', help='Epochs e of each model.'),
+           batch_size: int = typer.Option(128, help="Batch size (airbench's 1024 would leave a part of a few hundred "
+                                                     'images one step an epoch).'),
            out: Out = None, seeds: Seeds = 3, quick: Quick = False, dataset: Dataset = 'fashion-mnist',
            width: Width = 0.25, subset: Subset = 5000, examples: Examples = 2000, device: Device = 'auto'):
     """n models on disjoint shards, merged, trained on the held-back shard; against models trained on it alone."""
@@ -343,7 +345,7 @@ def shards(models: str = typer.Option('2,4,8', help='How many models are merged 
     ns, es = te.parse_ints(models), [float(e) for e in epochs_list.split(',')]
     if quick:
         ns, es = [2], [1.0]
-    exp.settings.update(models=ns, epochs=es)
+    exp.settings.update(models=ns, epochs=es, batch_size=batch_size)
     kinds = ('models', 'merged', 'merged_trained', 'control_1', 'control_n')
     x, y = exp.test_split()   # one test set for every n (a run's own would shrink with its part)
     rows = {}
@@ -351,7 +353,8 @@ def shards(models: str = typer.Option('2,4,8', help='How many models are merged 
         for n in ns:
             per_seed = []
             # --subset is the whole training set: each of the n + 1 disjoint parts keeps a class-balanced 1/(n + 1) of it
-            part = dict(members=1, epochs=e, subset=exp.base['subset'] and max(1, exp.base['subset'] // (n + 1)))
+            part = dict(members=1, epochs=e, batch_size=batch_size,
+                        subset=exp.base['subset'] and max(1, exp.base['subset'] // (n + 1)))
             for seed in range(exp.seeds):
                 name, last = f'n{n}_e{e:g}_s{seed}', f'{n}/{n + 1}'
                 runs = [exp.train(f'{name}_model{i}', seed=100 * seed + i, shard=f'{i}/{n + 1}', **part)[0] for i in range(n)]
