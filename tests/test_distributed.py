@@ -58,7 +58,8 @@ def test_member_blocks_are_contiguous_cover_every_member_and_differ_by_at_most_o
     dict(members=3, beta=0.5, bagging=True, combine='logit'),         # uneven blocks (2 + 1), bootstrap weights
     dict(members=3, beta=0.0),                                        # independent: no communication in the step
     dict(members=3, beta=1.0, sam_rho=0.05, flat_ratio=0.3),          # SharpBalance: scores gathered, sets split
-], ids=['beta1', 'beta0.5-uneven-bagging', 'beta0', 'sharpbalance'])
+    dict(members=3, beta=1.0, task='regression', dataset='synthetic-regression', bagging=True),   # (M, B, T) outputs
+], ids=['beta1', 'beta0.5-uneven-bagging', 'beta0', 'sharpbalance', 'regression'])
 def test_two_processes_train_the_weights_of_one(tmp_path, options):
     options = {**TINY, **options}
     run(tmp_path, 'one', **options)
@@ -70,7 +71,8 @@ def test_two_processes_train_the_weights_of_one(tmp_path, options):
     one, two = (json.loads((tmp_path / d / 'summary.json').read_text()) for d in ('one', 'two'))
     for key in ('train_objective', 'train_loss', 'train_div', 'test_loss', 'test_div'):
         assert one[key] == pytest.approx(two[key], rel=1e-4, abs=1e-6), key
-    assert one['member_test_acc'] == pytest.approx(two['member_test_acc'], abs=1 / 256)
+    score = te.score_name(options.get('task'))
+    assert one[f'member_test_{score}'] == pytest.approx(two[f'member_test_{score}'], rel=1e-4, abs=1 / 256)
 
 
 @pytest.fixture(scope='module')
