@@ -117,9 +117,9 @@ class Experiment:
     def barriers(self, run_dir):
         """Member 0 against member 1 of a run: test loss and error barriers of the three curves, as trained
         and with BatchNorm reset, and the members' mean test accuracy."""
-        (spec, a, _), (_, b, _) = (te.load_member_state(p) for p in te.member_paths(run_dir)[:2])
-        x, y = self.test_split(run_dir)
+        spec, (a, b) = load_members(te.member_paths(run_dir)[:2])
         data = analyze.run_data(te.read_config(run_dir))
+        x, y = analyze.split_examples(data, 'test', self.examples)
         row = dict(member_acc=sum(self.evaluate(spec, [s], x, y)[1] for s in (a, b)) / 2)
         for bn in (None, 'reset'):
             curves = analyze.lmc_curves(spec, a, b, {'test': (x, y)}, self.steps, align=True, bn=bn,
@@ -140,6 +140,17 @@ class Experiment:
         figure(self.out / 'results.png')
         self.console.print('\n'.join(lines), highlight=False, soft_wrap=True)
         self.console.print(f'wrote {self.out}/results.md, results.json, results.png')
+
+
+def load_members(paths):
+    """(model spec, state dicts) of member files of one architecture."""
+    loaded = [te.load_member_state(p) for p in paths]
+    return loaded[0][0], [state for _, state, _ in loaded]
+
+
+def first_members(run_dirs):
+    """(model spec, state dicts) of the first member of each run."""
+    return load_members([te.member_paths(run_dir)[0] for run_dir in run_dirs])
 
 
 def summarize(per_seed):
@@ -249,10 +260,7 @@ def merge_many(models: str = typer.Option('3,6,9,12', help='How many models Merg
         per_seed = {n: [] for n in ns}
         for seed in range(exp.seeds):
             run_dir, _ = exp.train(f'k{k}_s{seed}', members=max(ns), seed=max(ns) * seed, kernel_size=k)
-            spec, states = None, []
-            for path in te.member_paths(run_dir):
-                spec, state, _ = te.load_member_state(path)
-                states.append(state)
+            spec, states = load_members(te.member_paths(run_dir))
             x, y = exp.test_split(run_dir)
             for n in ns:
                 merged = exp.evaluate(spec, [exp.merge(states[:n], spec, run_dir)], x, y)
@@ -303,8 +311,7 @@ def train_merge_train(models: str = typer.Option('3,6', help='How many models ar
             per_seed = []
             for seed in range(exp.seeds):
                 first, _ = exp.train(f'k{k}_n{n}_s{seed}_first', members=n, seed=100 * seed, kernel_size=k)
-                spec = te.load_member_state(te.member_paths(first)[0])[0]
-                states = [te.load_member_state(p)[1] for p in te.member_paths(first)]
+                spec, states = load_members(te.member_paths(first))
                 merged_path = exp.out / f'k{k}_n{n}_s{seed}_merged.safetensors'
                 exp.merge(states, spec, first, merged_path)
                 _, then = exp.train(f'k{k}_n{n}_s{seed}_then', members=1, seed=100 * seed, kernel_size=k, init=str(merged_path))
@@ -358,21 +365,18 @@ def shards(models: str = typer.Option('2,4,8', help='How many models are merged 
             for seed in range(exp.seeds):
                 name, last = f'n{n}_e{e:g}_s{seed}', f'{n}/{n + 1}'
                 runs = [exp.train(f'{name}_model{i}', seed=100 * seed + i, shard=f'{i}/{n + 1}', **part)[0] for i in range(n)]
-                spec, states = None, []
-                for run_dir in runs:
-                    spec, state, _ = te.load_member_state(te.member_paths(run_dir)[0])
-                    states.append(state)
+                spec, states = first_members(runs)
                 control_1, _ = exp.train(f'{name}_control1', seed=100 * seed + 50, shard=last, **part)
                 merged_path = exp.out / f'{name}_merged.safetensors'
                 merged = exp.merge(states, spec, control_1, merged_path)   # statistics on the last part's images
                 trained, _ = exp.train(f'{name}_merged_trained', seed=100 * seed + 50, shard=last, init=str(merged_path), **part)
                 control_n, _ = exp.train(f'{name}_control{n}', seed=100 * seed + 50, shard=last, **dict(part, epochs=n * e))
                 models = [exp.evaluate(spec, [s], x, y) for s in states]
-                state_of = lambda run_dir: te.load_member_state(te.member_paths(run_dir)[0])[1]  # noqa: E731
+                _, finals = first_members([trained, control_1, control_n])
                 numbers = dict(models=(sum(m[0] for m in models) / n, sum(m[1] for m in models) / n),
                                merged=exp.evaluate(spec, [merged], x, y),
-                               **{kind: exp.evaluate(spec, [state_of(run_dir)], x, y) for kind, run_dir in
-                                  (('merged_trained', trained), ('control_1', control_1), ('control_n', control_n))})
+                               **{kind: exp.evaluate(spec, [state], x, y) for kind, state in
+                                  zip(('merged_trained', 'control_1', 'control_n'), finals)})
                 per_seed.append({f'{kind}_{what}': numbers[kind][i] for kind in kinds for i, what in enumerate(('loss', 'acc'))})
             rows[e, n] = summarize(per_seed)
             exp.console.print(f"e={e:g}, n={n}: merged+trained acc {rows[e, n]['merged_trained_acc'][0]:.4f}, control 1 "
