@@ -203,14 +203,28 @@ def test_alignment_brings_b_closer_and_the_objective_never_decreases():
         assert perm.objective[-1] == perm.objective[-2]   # stopped after a sweep without improvement
 
 
-def test_weight_matching_stops_where_no_single_permutation_can_gain():
+def conv_pair(arch, width):
+    s = model_spec(arch, width=width)
+    a, b = member(s, 0), member(s, 1)
+    return a, b, rebasin.permutation_spec(a, images(s, 1))
+
+
+@pytest.mark.parametrize('pair', [lambda: mlp_pair(hidden=(48, 32, 24)), lambda: conv_pair('airbench', 0.25),
+                                  lambda: conv_pair('resnet18', 0.125)], ids=['mlp', 'airbench', 'resnet18'])
+def test_weight_matching_stops_where_no_single_permutation_can_gain(pair):
     """It ends at a coordinate-wise optimum, though it re-solves a permutation only when a neighbouring one
-    has changed since: solving any one permutation again, from scratch and in float64, gains nothing."""
+    has changed since, updates cost matrices by the columns that moved and warm-starts the assignments:
+    solving any one permutation again, from scratch and in float64, gains nothing (convolutions, residual
+    streams)."""
     from scipy.optimize import linear_sum_assignment
-    a, b, spec = mlp_pair(hidden=(48, 32, 24))
-    perm = rebasin.weight_matching(spec, params(a), params(b), seed=2)
-    a64 = {k: v.double() for k, v in params(a).items()}
-    b64 = {k: v.double() for k, v in params(b).items()}
+    a, b, spec = pair()
+    g = torch.Generator().manual_seed(0)
+    a, b = ({k: v.std() * torch.randn(v.shape, generator=g) if k in rebasin._matched_keys(spec, params(net)) and v.numel() > 1 else v
+             for k, v in params(net).items()} for net in (a, b))   # Gaussian weights: the most sweeps
+    perm = rebasin.weight_matching(spec, a, b, seed=2)
+    assert len(perm.objective) >= 3   # a second sweep: the incremental updates and warm starts were used
+    a64 = {k: v.double() for k, v in a.items()}
+    b64 = {k: v.double() for k, v in b.items()}
     for p, n in spec.perms.items():
         cost = torch.zeros(n, n, dtype=torch.float64)
         for k in rebasin._matched_keys(spec, a64):
@@ -220,6 +234,50 @@ def test_weight_matching_stops_where_no_single_permutation_can_gain():
         rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
         best, current = cost[rows, cols].sum().item(), cost[torch.arange(n), perm[p]].sum().item()
         assert best <= current + 1e-6 * cost.abs().max().item(), p
+
+
+def test_the_columns_a_cost_update_recomputes_are_all_that_moved():
+    """Between two permutations of a tensor's other axes, every column _moved_columns leaves out is the
+    same: convolution kernels, BatchNorm vectors, and a flatten whose Linear moves in blocks of 16."""
+    net = UserNet()
+    spec = rebasin.permutation_spec(net, torch.rand(2, 3, 8, 8))
+    state = params(net)
+    used, perm = rebasin.random_permutation(spec, 0), rebasin.random_permutation(spec, 0)
+    for p in perm:
+        perm[p] = perm[p].clone()
+        perm[p][[0, 1]] = perm[p][[1, 0]]   # two units swapped: a few columns move
+    checked = 0
+    for key in rebasin._matched_keys(spec, state):
+        for axis, p in enumerate(spec.axes[key]):
+            if p is None:
+                continue
+            n, t = spec.perms[p], state[key].float()
+            moved = rebasin._moved_columns(spec, key, axis, perm, used, t.shape)
+            new = rebasin._rows(rebasin._permute_except(spec, perm, key, axis, t), axis, n)
+            old = rebasin._rows(rebasin._permute_except(spec, used, key, axis, t), axis, n)
+            kept = torch.ones(new.shape[1], dtype=torch.bool)
+            kept[moved] = False
+            assert torch.equal(new[:, kept], old[:, kept]), (key, axis)
+            checked += int(new.shape[1] > 1 and kept.any())
+    assert checked >= 4   # fc's blocks, conv2's kernels, ... were exercised
+
+
+def test_a_warm_started_assignment_is_the_assignment_and_its_prices_certify_it():
+    """Column prices never change which assignment is best; _prices returns prices under which every row's
+    best reduced entry is its own column (LP duality: a certificate of optimality)."""
+    from scipy.optimize import linear_sum_assignment
+    g = torch.Generator().manual_seed(0)
+    cost = torch.randn(200, 200, dtype=torch.float64, generator=g)
+    cols, prices = rebasin._assign(cost)
+    reduced = cost.numpy() - prices
+    assert (reduced.argmax(1) == cols).all() or \
+        (reduced[range(200), cols] >= reduced.max(1) - 1e-9).all()
+    for scale in (0.01, 0.1, 1.0):   # nearby and far problems, warm-started from the first one's prices
+        nearby = cost + scale * torch.randn(200, 200, dtype=torch.float64, generator=g)
+        warm, _ = rebasin._assign(nearby, prices)
+        _, cold = linear_sum_assignment(nearby.numpy(), maximize=True)
+        i = torch.arange(200)
+        assert nearby[i, warm].sum().item() == pytest.approx(nearby[i, cold].sum().item(), rel=1e-12)
 
 
 def test_aligning_a_network_with_itself_gives_the_identity():
