@@ -4,6 +4,7 @@ airbench and resnet18 at width 1 on CIFAR-shaped inputs. Prints one table row pe
     python benchmarks/bench_rebasin.py                       # both architectures, N = 12
     python benchmarks/bench_rebasin.py --arch airbench --threads 1 --models 4
     python benchmarks/bench_rebasin.py --arch resnet50 --threads 1    # scale: torchvision's ResNet-50 pair, 25.6M parameters
+    python benchmarks/bench_rebasin.py --arch vit-b16 --threads 1 --peer /tmp/peer-lib   # a ViT-B/16-sized pair, and the peer
 
 Networks are freshly initialized members (train_ensemble.init_member, different seeds): timing depends on
 sizes and sweep counts, not on training. Three pairs: two inits (airbench's identity-initialized convs make
@@ -13,8 +14,11 @@ on N inits and on N gaussian networks. The load average is printed because other
 """
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rebasin  # noqa: E402
 import train_ensemble as te  # noqa: E402
+from snimu_rebasin import large_pair  # noqa: E402
 
 
 def networks(arch, count, width=1.0):
@@ -46,30 +51,66 @@ def gaussian(state, seed):
             for k, v in state.items()}
 
 
-def scale(device):
-    """Spec tracing + weight matching of two torchvision ResNet-50s (random weights: timing depends on sizes),
-    and the process's peak memory (run it alone: the peak is the whole process's)."""
+def scale(arch, device):
+    """Spec tracing + weight matching of a large pair (snimu_rebasin.large_pair), and the process's peak
+    memory (run it alone: the peak is the whole process's, the two networks included)."""
     import resource
-    import torchvision
-    nets = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        nets.append(torchvision.models.resnet50(weights=None))
+    model_a, model_b, x = large_pair(arch)
     start = time.perf_counter()
-    spec = rebasin.permutation_spec(nets[0], torch.zeros(1, 3, 224, 224))
+    spec = rebasin.permutation_spec(model_a, x)
     spec_s = time.perf_counter() - start
-    perm = rebasin.weight_matching(spec, nets[0].state_dict(), nets[1].state_dict(), device=device)
+    perm = rebasin.weight_matching(spec, model_a.state_dict(), model_b.state_dict(), device=device)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
-    print(f'{"resnet50":10} {"match 2 inits":22} {seconds:8.2f} {spec_s:7.2f} {len(perm.objective) - 1:14d}  '
-          f'{len(spec.perms)} permutations, {sum(p.numel() for p in nets[0].parameters()) / 1e6:.1f}M parameters, '
+    print(f'{arch:10} {"match 2 inits":22} {seconds:8.2f} {spec_s:7.2f} {len(perm.objective) - 1:14d}  '
+          f'{len(spec.perms)} permutations, {sum(p.numel() for p in model_a.parameters()) / 1e6:.1f}M parameters, '
           f'peak memory {peak:.2f} GiB', flush=True)
+
+
+def peer(arch, directory, timeout, memory_gib):
+    """The same job by snimu/rebasin, installed in `directory`, in a child process (snimu_rebasin.py) that is
+    stopped after `timeout` seconds or above `memory_gib` of resident memory; prints its row or its failure."""
+    worker = Path(__file__).with_name('snimu_rebasin.py')
+    env = dict(os.environ, PYTHONPATH=str(Path(directory).resolve()), OMP_NUM_THREADS='1')
+    start, peak, failure = time.perf_counter(), 0.0, None
+    with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
+        child = subprocess.Popen([sys.executable, str(worker), arch], stdout=out, stderr=err, env=env,
+                                 cwd=tempfile.gettempdir())
+        while child.poll() is None:
+            time.sleep(0.5)
+            try:
+                rss = int(Path(f'/proc/{child.pid}/statm').read_text().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+            except (OSError, IndexError):
+                continue
+            peak = max(peak, rss / 2**30)
+            if time.perf_counter() - start > timeout or peak > memory_gib:
+                child.kill()
+                child.wait()
+                failure = (f'stopped: over {memory_gib:g} GiB of memory' if peak > memory_gib
+                           else f'stopped: not done in {timeout:g} s')
+        out.seek(0)
+        err.seek(0)
+        lines = [line for line in out.read().splitlines() if line.startswith('{')]
+        if failure is None and (child.returncode or not lines):
+            tail = [line for line in err.read().splitlines() if line.strip()]
+            failure = f'failed (exit {child.returncode}): {tail[-1] if tail else "no output"}'
+    if failure:
+        print(f'{arch:10} {"snimu/rebasin":22} {time.perf_counter() - start:8.1f} {"":7} {"":14}  {failure}, '
+              f'peak memory {peak:.2f} GiB', flush=True)
+        return
+    result = json.loads(lines[-1])
+    print(f'{arch:10} {"snimu/rebasin":22} {result["seconds"]:8.2f} {result["trace_s"]:7.2f} {"":14}  '
+          f'peak memory {max(peak, result["peak_gib"]):.2f} GiB', flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--arch', choices=['airbench', 'resnet18', 'resnet50', 'all'], default='all',
-                        help="'all' is airbench and resnet18; resnet50 (the scale test) runs alone")
+    parser.add_argument('--arch', choices=['airbench', 'resnet18', 'resnet50', 'vit-b16', 'all'], default='all',
+                        help="'all' is airbench and resnet18; resnet50 and vit-b16 (the scale test) run alone")
+    parser.add_argument('--peer', metavar='DIR', help='scale test: also run snimu/rebasin, installed in DIR '
+                        '(pip install --target DIR rebasin==0.0.47 torchview graphviz tqdm --no-deps)')
+    parser.add_argument('--peer-timeout', type=float, default=600, help='seconds before the peer is stopped')
+    parser.add_argument('--peer-memory', type=float, default=16, help='GiB of memory above which the peer is stopped')
     parser.add_argument('--models', type=int, default=12, help='networks merged by MergeMany (0 skips it)')
     parser.add_argument('--threads', type=int, default=None,
                         help="torch CPU threads (default: torch's own choice; 1 is steadier on a busy machine)")
@@ -80,8 +121,11 @@ def main():
     print(f'device {args.device}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}, '
           f'torch {torch.__version__}')
     print(f"{'arch':10} {'case':22} {'seconds':>8} {'spec s':>7} {'sweeps/passes':>14}  result")
-    if args.arch == 'resnet50':
-        return scale(args.device)
+    if args.arch in ('resnet50', 'vit-b16'):
+        scale(args.arch, args.device)
+        if args.peer:
+            peer(args.arch, args.peer, args.peer_timeout, args.peer_memory)
+        return
     for arch in (['airbench', 'resnet18'] if args.arch == 'all' else [args.arch]):
         spec, nets = networks(arch, max(2, args.models))
         states = [net.state_dict() for net in nets]
