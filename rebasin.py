@@ -69,6 +69,9 @@ class PermutationSpec:
     axes: dict         # tensor key -> for each axis, the name of the permutation acting on it, or None
     unpermuted: dict   # tensor key -> why (some of) its channel axes are left alone
     buffers: list = field(default_factory=list)  # buffer keys (BatchNorm statistics): permuted, never matched
+    # permutation -> the permutation of the blocks it reorders within (attention heads' dimensions): a
+    # different reordering for each block. Its index is a (blocks, size) tensor; see Permutation.
+    within: dict = field(default_factory=dict)
 
 
 LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.PReLU)
@@ -156,11 +159,11 @@ def _merges_channels(s_in, s_out):
 def permutation_spec(model, example_input):
     """Which permutation acts on which axis of which tensor of `model` (an nn.Module), found by tracing it
     on `example_input` (a batch of inputs; one is enough). The model runs once in eval mode, unchanged.
-    A model with a permutation_table() method names its permutations itself ((table, buffers) as
+    A model with a permutation_table() method names its permutations itself ((table, buffers, within) as
     spec_from_table takes them): attention, whose heads and head dimensions tracing cannot see."""
     if hasattr(model, 'permutation_table'):
-        table, buffers = model.permutation_table()
-        return spec_from_table(table, model.state_dict(), buffers)
+        table, buffers, within = model.permutation_table()
+        return spec_from_table(table, model.state_dict(), buffers, within)
     try:
         graph = _Tracer().trace(model)
     except Exception as e:  # noqa: BLE001 - fx raises many types for data-dependent control flow
@@ -316,13 +319,16 @@ class _SpecBuilder:
         return PermutationSpec(perms, axes, unpermuted, buffers)
 
 
-def spec_from_table(table, params, buffers=()):
+def spec_from_table(table, params, buffers=(), within=None):
     """A PermutationSpec written by hand, for a model tracing cannot handle, the way the reference
     implementation writes its specs: table maps a tensor's key to the permutation acting on each of its
     axes (a name, or None), e.g. {'fc1.weight': ('P1', None), 'fc1.bias': ('P1',), 'fc2.weight': (None, 'P1')}.
     Tensors of `params` not in the table are left unpermuted; each permutation's size is read from the
     tensors and must agree on every axis it names. buffers: keys permuted but never matched (BatchNorm
-    statistics). `rebasin.py spec --json` writes a traced spec's table to start from."""
+    statistics). within: {permutation: the permutation of blocks it acts within}, for a reordering that may
+    differ from block to block (the dimensions of each attention head, given the heads' own permutation);
+    every tensor it acts on has its blocks on another axis. `rebasin.py spec --json` writes a traced spec's
+    table to start from."""
     perms, axes, unpermuted = {}, {}, {}
     for key, names in table.items():
         if key not in params:
@@ -337,10 +343,18 @@ def spec_from_table(table, params, buffers=()):
             if perms.setdefault(name, n) != n:
                 raise RebasinError(f"permutation '{name}' is {perms[name]} channels, but '{key}' axis {axis} has {n}")
         axes[key] = names
+    within = dict(within or {})
+    for inner, blocks in within.items():
+        if inner not in perms or blocks not in perms or blocks in within:
+            raise RebasinError(f"within: '{inner}' must act within the blocks of another permutation of the "
+                               f"table, not '{blocks}'")
+        for key, names in axes.items():
+            if inner in names and (blocks not in names or names.count(inner) > 1):
+                raise RebasinError(f"'{key}' has permutation '{inner}' without its blocks '{blocks}' on another axis")
     for key, t in params.items():
         if key not in axes:
             axes[key], unpermuted[key] = (None,) * t.dim(), 'not in the hand-written spec'
-    return PermutationSpec(perms, axes, unpermuted, [k for k in buffers if k in params])
+    return PermutationSpec(perms, axes, unpermuted, [k for k in buffers if k in params], within)
 
 
 def _reduces_positions(node, ndim):
@@ -357,7 +371,9 @@ def _reduces_positions(node, ndim):
 # original. Applying it reorders every axis the spec names, so the new tensors compute the same function.
 
 class Permutation(dict):
-    """{permutation name: LongTensor index}; `objective` is weight matching's Σ⟨A, π(B)⟩ at the start and
+    """{permutation name: LongTensor index}: channel i of the permuted model is channel index[i] of the
+    original. A permutation within blocks (spec.within) has a (blocks, size) index: after the blocks are
+    reordered, row h reorders the channels of the block now at position h. `objective` is weight matching's Σ⟨A, π(B)⟩ at the start and
     after each sweep (empty when the permutation did not come from weight matching); `prices` are the
     column prices of weight matching's last assignments, which warm-start a later weight_matching(init=it)."""
 
@@ -368,14 +384,30 @@ class Permutation(dict):
 
 
 def identity_permutation(spec):
-    return Permutation({p: torch.arange(n) for p, n in spec.perms.items()})
+    return Permutation({p: torch.arange(n).repeat(spec.perms[spec.within[p]], 1) if p in spec.within
+                        else torch.arange(n) for p, n in spec.perms.items()})
 
 
 def random_permutation(spec, seed=0, generator=None):
     """A uniformly random Permutation for every permutation of the spec, from `generator` (else a new one
     seeded with `seed`): plant it with apply_permutation to test a matching method on a known answer."""
     g = generator or torch.Generator().manual_seed(seed)
-    return Permutation({p: torch.randperm(n, generator=g) for p, n in spec.perms.items()})
+    return Permutation({p: torch.stack([torch.randperm(n, generator=g) for _ in range(spec.perms[spec.within[p]])])
+                        if p in spec.within else torch.randperm(n, generator=g) for p, n in spec.perms.items()})
+
+
+def compose(spec, first, then):
+    """The permutation that applies `first`, then `then`: compose(spec, planted, found) is the identity
+    when weight matching of A and B = planted(A) found the planted permutation."""
+    return {p: first[p][then[spec.within[p]]].gather(1, then[p]) if p in spec.within else q[then[p]]
+            for p, q in first.items()}
+
+
+def inverse(spec, perm):
+    """The permutation that undoes `perm`: compose(spec, perm, inverse(spec, perm)) is the identity."""
+    out = {p: torch.argsort(q) for p, q in perm.items() if p not in spec.within}
+    out.update({p: torch.argsort(perm[p][out[spec.within[p]]], dim=1) for p in perm if p in spec.within})
+    return out
 
 
 def _take(t, axis, index):
@@ -387,16 +419,31 @@ def _take(t, axis, index):
     return t.index_select(axis, index)
 
 
+def _permute(spec, perm, key, t, skip=()):
+    """t (the tensor `key`, or a tensor of its shape) with every axis the spec names permuted by `perm`,
+    except the axes in `skip`. A permutation within blocks goes after its blocks' own: block by block."""
+    names = spec.axes[key]
+    for axis, name in enumerate(names):
+        if name is not None and axis not in skip and name not in spec.within:
+            t = _take(t, axis, perm[name])
+    for axis, name in enumerate(names):
+        if name in spec.within and axis not in skip:
+            blocks = names.index(spec.within[name])
+            index = perm[name].to(t.device)               # (blocks, size)
+            shape = [1] * t.dim()
+            shape[blocks], shape[axis] = index.shape
+            index = (index if blocks < axis else index.T).reshape(shape)
+            t = t.gather(axis, index.expand(t.shape))
+    return t
+
+
 def apply_permutation(spec, perm, params):
     """New tensors: every tensor of `params` (parameters and buffers) with its axes permuted by `perm`."""
     out = {}
     for key, t in params.items():
         if key not in spec.axes:
             raise RebasinError(f"tensor '{key}' is not in the permutation spec (a different architecture?)")
-        permuted = t
-        for axis, name in enumerate(spec.axes[key]):
-            if name is not None:
-                permuted = _take(permuted, axis, perm[name])
+        permuted = _permute(spec, perm, key, t)
         out[key] = permuted if permuted is not t else t.clone()
     return out
 
@@ -446,23 +493,13 @@ def _rows(t, axis, n):
     return t.movedim(axis, 0).reshape(n, -1)   # row i: everything of channel i (its block, if flattened)
 
 
-def _permute_except(spec, perm, key, skip, t):
-    for axis, name in enumerate(spec.axes[key]):
-        if name is not None and axis != skip:
-            t = _take(t, axis, perm[name])
-    return t
-
-
 def _column_map(spec, perm, key, axis, shape):
     """Column c of _rows(π(tensor), axis), its other axes permuted by `perm`, is column map[c] of
     _rows(tensor, axis): the same reordering applied to the column indices."""
     block = shape[axis] // len(perm[spec.axes[key][axis]])   # a row holds a block of positions, if flattened
     index = torch.arange(math.prod(shape) // shape[axis] * block, device=perm[spec.axes[key][axis]].device)
-    index = index.view([block] + [s for ax, s in enumerate(shape) if ax != axis])
-    for ax, q in enumerate(spec.axes[key]):
-        if q is not None and ax != axis:
-            index = _take(index, 1 + ax - (ax > axis), perm[q])
-    return index.flatten()
+    index = index.view([block] + [s for ax, s in enumerate(shape) if ax != axis]).movedim(0, axis)
+    return _permute(spec, perm, key, index, skip=(axis,)).movedim(axis, 0).flatten()
 
 
 def _inner(a, b):
@@ -516,17 +553,20 @@ def weight_matching(spec, params_a, params_b, max_iter=MAX_SWEEPS, seed=0, init=
     a = {k: params_a[k].to(device, torch.float32) for k in keys}
     b32 = {k: params_b[k].to(device, torch.float32) for k in keys}
     touched = {p: [(k, axis) for k in keys for axis, q in enumerate(spec.axes[k]) if q == p] for p in spec.perms}
-    a_rows = {(k, axis): _rows(a[k], axis, n) for p, n in spec.perms.items() for k, axis in touched[p]}
-    perm = {p: torch.arange(n, device=device) for p, n in spec.perms.items()}
+    # A permutation within blocks is solved together with its blocks' permutation (solve_blocks), never alone.
+    inner = {p: [c for c, blocks in spec.within.items() if blocks == p] for p in spec.perms}
+    plain = [p for p in spec.perms if p not in spec.within]
+    a_rows = {(k, axis): _rows(a[k], axis, spec.perms[p]) for p in plain for k, axis in touched[p]}
+    perm = {p: q.to(device) for p, q in identity_permutation(spec).items()}
     # p's cost matrix depends only on the permutations of the other axes of the tensors p touches (its
     # neighbours): while none of them has changed since p was last solved, solving p again gives p again.
-    neighbours = {p: {q for k, axis in touched[p] for ax, q in enumerate(spec.axes[k]) if ax != axis and q is not None}
-                  for p in spec.perms}
+    neighbours = {p: {q for k, axis in touched[p] for ax, q in enumerate(spec.axes[k])
+                      if ax != axis and q is not None and q not in inner[p]} for p in spec.perms}
     changes = dict.fromkeys(spec.perms, 0)   # how often each permutation has changed
     solved_at = {}                           # p -> its neighbours' change counts when p was last solved
     prices = dict(getattr(init, 'prices', {}))   # p -> the column prices of its last solve (a warm start)
 
-    b_rows = {(k, axis): _rows(b32[k], axis, n) for p, n in spec.perms.items() for k, axis in touched[p]}
+    b_rows = {(k, axis): _rows(b32[k], axis, spec.perms[p]) for p in plain for k, axis in touched[p]}
     costs, used = {}, {}   # p -> its last full cost matrix; (tensor, axis) -> the column map it was built with
 
     def cost_of(p, entries):
@@ -550,20 +590,50 @@ def weight_matching(spec, params_a, params_b, max_iter=MAX_SWEEPS, seed=0, init=
             costs[p] = cost
         return cost
 
+    def solve(p, entries):   # (gain, the cost scale, {p: the best p given the others})
+        cost = cost_of(p, entries)
+        cols, prices[p] = _assign(cost, prices.get(p))
+        new, i = torch.as_tensor(cols, device=device), torch.arange(spec.perms[p], device=device)
+        return float(cost[i, new].sum() - cost[i, perm[p]].sum()), max(float(cost.max()), -float(cost.min())), {p: new}
+
+    def solve_blocks(p, entries):
+        # p and the reorderings within its blocks, jointly and exactly: for each block h of A and g of B the
+        # best reordering within (one assignment per pair), then p's assignment of blocks on those values.
+        n, i = spec.perms[p], torch.arange(spec.perms[p], device=device)
+        between = torch.zeros(n, n, dtype=torch.float64, device=device)   # tensors without a within-axis
+        within = {c: torch.zeros(n, n, spec.perms[c], spec.perms[c], dtype=torch.float64, device=device)
+                  for c in inner[p]}
+        for k, axis in touched[p] if entries is None else entries:
+            c = next((c for c in inner[p] if c in spec.axes[k]), None)
+            if c is None:
+                between += a_rows[k, axis] @ _rows(_permute(spec, perm, k, b32[k], skip=(axis,)), axis, n).T
+                continue
+            ax = spec.axes[k].index(c)
+            blocks = lambda t: t.movedim((axis, ax), (0, 1)).reshape(n, spec.perms[c], -1)  # noqa: E731
+            within[c] += torch.einsum('hir,gjr->hgij', blocks(a[k]), blocks(_permute(spec, perm, k, b32[k], (axis, ax))))
+        value, best = between.clone(), {}
+        for c, cost in within.items():
+            best[c] = torch.stack([torch.as_tensor(linear_sum_assignment(pair.cpu().numpy(), maximize=True)[1])
+                                   for pair in cost.flatten(0, 1)]).view(n, n, -1).to(device)
+            value += cost.gather(3, best[c][..., None]).sum((2, 3))
+        new = {p: torch.as_tensor(linear_sum_assignment(value.cpu().numpy(), maximize=True)[1], device=device)}
+        new.update({c: best[c][i, new[p]] for c in inner[p]})
+
+        def total(q):   # the cost of q's blocks and reorderings within them
+            return float(between[i, q[p]].sum() + sum(within[c][i, q[p]].gather(2, q[c][..., None]).sum() for c in inner[p]))
+        return total(new) - total(perm), float(value.abs().max()), new
+
     def improve(p, entries=None):   # the best p given the others, from entries (default all); returns the gain
         seen = {q: changes[q] for q in neighbours[p]}
         if entries is None and solved_at.get(p) == seen:
             return 0.0
-        n = spec.perms[p]
-        cost = cost_of(p, entries)
-        cols, prices[p] = _assign(cost, prices.get(p))
-        new, i = torch.as_tensor(cols, device=device), torch.arange(n, device=device)
+        gain, scale, new = (solve_blocks if inner[p] else solve)(p, entries)
         if entries is None:
             solved_at[p] = seen
-        gain = float(cost[i, new].sum() - cost[i, perm[p]].sum())
-        if gain > TOL * max(float(cost.max()), -float(cost.min())):
-            perm[p] = new   # a different permutation of equal cost is no progress
-            changes[p] += 1
+        if gain > TOL * scale:
+            perm.update(new)   # a different permutation of equal cost is no progress
+            for q in new:
+                changes[q] += 1
             return gain
         return 0.0
 
@@ -576,15 +646,15 @@ def weight_matching(spec, params_a, params_b, max_iter=MAX_SWEEPS, seed=0, init=
         # weights given its input's permutation). Coordinate descent from the identity stalls when layers
         # are strongly coupled (airbench's identity-initialized convolutions); this start does not.
         identity, at_identity, solved = dict(perm), objective(), set()
-        for p in spec.perms:
-            improve(p, [(k, axis) for k, axis in touched[p]
-                        if all(q is None or q in solved for ax, q in enumerate(spec.axes[k]) if ax != axis)])
-            solved.add(p)
+        for p in plain:
+            improve(p, [(k, axis) for k, axis in touched[p] if all(
+                q is None or q in solved or q in inner[p] for ax, q in enumerate(spec.axes[k]) if ax != axis)])
+            solved.update([p, *inner[p]])
         start = objective()
         if start < at_identity:
             perm.update(identity)
             start = at_identity
-    history, order = [start], [p for p in spec.perms if touched[p]]
+    history, order = [start], [p for p in plain if touched[p]]
     rng = random.Random(seed)
     for _ in range(max_iter):
         # A step changes only the tensors p touches, by the gain its cost matrix measured: the objective
@@ -621,7 +691,7 @@ def activation_matching(spec, model_a, model_b, batches, device=None):
     the correlations of every layer that writes into it. Memory: the (n x n) statistics of each layer,
     never the activations. The outputs are pre-activations (before the nonlinearity that follows)."""
     device = _device(device)
-    if hasattr(model_a, 'permutation_table'):   # its permutations act inside modules (attention heads)
+    if hasattr(model_a, 'permutation_table') or spec.within:   # permutations inside modules (attention heads)
         raise RebasinError(f'{type(model_a).__name__} names its own permutations, some inside a module (attention '
                            'heads), where activation matching cannot see: use weight matching')
     layers = _output_permutations(spec, model_a)
@@ -731,8 +801,8 @@ def merge_many(spec, params_list, max_iter=MAX_SWEEPS, seed=0, device=None, max_
         if not distance[-1] < distance[-2] * (1 - tol):
             break
     # Re-express everything in the first model's basin: compose each permutation with π_0's inverse.
-    inverse = {p: torch.argsort(q) for p, q in perms[0].items()}
-    perms = [Permutation({p: q[p][inverse[p]] for p in q}, q.objective) for q in perms]
+    undo = inverse(spec, perms[0])
+    perms = [Permutation(compose(spec, q, undo), q.objective) for q in perms]
     merged = average([apply_permutation(spec, q, params) for q, params in zip(perms, params_list)])
     return merged, perms
 

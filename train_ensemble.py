@@ -633,15 +633,17 @@ class ViT(nn.Sequential):
     see inside the heads."""
 
     def permutation_table(self):
-        """(table, buffers) for rebasin.spec_from_table, for one member: the residual stream's permutation
-        'R' shared by every block; per block i the MLP's hidden units 'M<i>', and the heads 'H<i>', the
-        query/key dimensions 'QK<i>' (one permutation applied within every head) and the value dimensions 'V<i>'."""
-        table = {}
+        """(table, buffers, within) for rebasin.spec_from_table, for one member: the residual stream's
+        permutation 'R' shared by every block; per block i the MLP's hidden units 'M<i>', the heads 'H<i>',
+        and within each head its own reordering of the query/key dimensions 'QK<i>' (queries and keys alike,
+        so the scores stay) and of the value dimensions 'V<i>' (values and the output projection)."""
+        table, within = {}, {}
         for i, layer in enumerate(self):
             if isinstance(layer, PatchEmbed):
                 table.update({f'{i}.conv.weight': ('R', None, None, None), f'{i}.conv.bias': ('R',), f'{i}.pos': (None, 'R')})
             elif isinstance(layer, Block):
                 heads, qk, v, mlp = f'H{i}', f'QK{i}', f'V{i}', f'M{i}'
+                within.update({qk: heads, v: heads})
                 for norm in ('norm1', 'norm2'):
                     table.update({f'{i}.{norm}.weight': ('R',), f'{i}.{norm}.bias': ('R',)})
                 for name, dims in (('q', qk), ('k', qk), ('v', v)):
@@ -654,7 +656,7 @@ class ViT(nn.Sequential):
                 table.update({f'{i}.weight': ('R',), f'{i}.bias': ('R',)})
             elif isinstance(layer, Linear):
                 table.update({f'{i}.weight': (None, 'R'), f'{i}.bias': (None,)})
-        return table, [k for k in table if k.endswith('.pos')]
+        return table, [k for k in table if k.endswith('.pos')], within
 
 
 class Mul(nn.Module):

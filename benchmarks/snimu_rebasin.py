@@ -7,10 +7,9 @@ whose PYTHONPATH is the peer's install directory (`pip install --target DIR reba
 graphviz tqdm --no-deps`; it never enters the project's environment) and whose working directory is not
 the project's, so `import rebasin` finds the peer, not rebasin.py. The child prints one JSON line: the
 seconds of the peer's tracing (PermutationCoordinateDescent's constructor), of its matching and
-permuting (.rebasin()), and the child's peak memory.
+permuting (.rebasin()), and the child's peak resident memory (Linux: VmHWM).
 """
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -53,8 +52,9 @@ def main(arch):
     traced = time.perf_counter()
     job.rebasin()
     done = time.perf_counter()
-    print(json.dumps({'trace_s': traced - start, 'seconds': done - start,
-                      'peak_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}))
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a child would report its parent's peak.
+    hwm = next(line for line in Path('/proc/self/status').read_text().splitlines() if line.startswith('VmHWM'))
+    print(json.dumps({'trace_s': traced - start, 'seconds': done - start, 'peak_gib': int(hwm.split()[1]) / 2 ** 20}))
 
 
 if __name__ == '__main__':

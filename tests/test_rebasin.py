@@ -229,7 +229,7 @@ def test_weight_matching_stops_where_no_single_permutation_can_gain(pair):
         cost = torch.zeros(n, n, dtype=torch.float64)
         for k in rebasin._matched_keys(spec, a64):
             for axis in [ax for ax, q in enumerate(spec.axes[k]) if q == p]:
-                moved = rebasin._permute_except(spec, perm, k, axis, b64[k])
+                moved = rebasin._permute(spec, perm, k, b64[k], skip=(axis,))
                 cost += rebasin._rows(a64[k], axis, n) @ rebasin._rows(moved, axis, n).T
         rows, cols = linear_sum_assignment(cost.numpy(), maximize=True)
         best, current = cost[rows, cols].sum().item(), cost[torch.arange(n), perm[p]].sum().item()
@@ -249,7 +249,7 @@ def test_a_cost_matrix_reads_the_permuted_tensor_through_a_column_map():
             if p is not None:
                 n, t = spec.perms[p], state[key]
                 cols = rebasin._column_map(spec, perm, key, axis, t.shape)
-                moved = rebasin._rows(rebasin._permute_except(spec, perm, key, axis, t), axis, n)
+                moved = rebasin._rows(rebasin._permute(spec, perm, key, t, skip=(axis,)), axis, n)
                 assert torch.equal(moved, rebasin._rows(t, axis, n)[:, cols]), (key, axis)
                 checked.add(key)
     assert {'fc.weight', 'conv2.weight', 'bn.weight'} <= checked

@@ -45,8 +45,9 @@ def test_a_permuted_vit_computes_the_same_function_and_weight_matching_finds_the
     assert spec.perms == {'R': 32, 'H2': 4, 'QK2': 8, 'V2': 8, 'M2': 128, 'H3': 4, 'QK3': 8, 'V3': 8, 'M3': 128}
     assert spec.axes['2.attn.q_weight'] == ('H2', 'QK2', 'R') and spec.axes['2.attn.out_weight'] == ('R', 'H2', 'V2')
     assert spec.axes['5.weight'] == ('R',) and spec.axes['6.weight'] == (None, 'R')   # the classes stay put
-    assert spec.buffers == ['1.pos']
+    assert spec.buffers == ['1.pos'] and spec.within == {'QK2': 'H2', 'V2': 'H2', 'QK3': 'H3', 'V3': 'H3'}
     planted = rebasin.random_permutation(spec, seed=1)
+    assert planted['QK2'].shape == (4, 8) and len({tuple(row.tolist()) for row in planted['QK2']}) > 1   # per head
     permuted = rebasin.apply_permutation(spec, planted, net.state_dict())
     random_init = [k for k in spec.axes if k.endswith('weight') and 'norm' not in k and k != '5.weight']   # not ones
     assert all(not torch.equal(permuted[k], net.state_dict()[k]) for k in random_init)
@@ -57,7 +58,9 @@ def test_a_permuted_vit_computes_the_same_function_and_weight_matching_finds_the
     found = rebasin.weight_matching(spec, net.state_dict(), permuted)
     with pytest.raises(rebasin.RebasinError, match='use weight matching'):
         rebasin.activation_matching(spec, net, twin, [images()])
-    assert all(torch.equal(found[p][planted[p]], torch.arange(n)) for p, n in spec.perms.items())
+    identity, recovered = rebasin.identity_permutation(spec), rebasin.compose(spec, planted, found)
+    assert all(torch.equal(recovered[p], identity[p]) for p in spec.perms)
+    assert torch.equal(rebasin.compose(spec, planted, rebasin.inverse(spec, planted))['QK2'], identity['QK2'])
 
 
 @pytest.fixture
@@ -122,3 +125,45 @@ def test_members_whose_shared_tensors_differ_are_refused_side_by_side():
     wide = te.build_model(SPEC, members=2)
     with pytest.raises(te.EnsembleError, match="differ in '1.pos'"):
         te.stack_members([a.state_dict(), aligned], wide.state_dict())
+
+
+def test_merging_permuted_copies_of_one_vit_returns_that_vit():
+    """MergeMany composes per-head permutations (rebasin.compose, rebasin.inverse) to express every model
+    in the first one's basin."""
+    net = member(0)
+    spec = rebasin.permutation_spec(net, images(1))
+    copies = [net.state_dict()] + [rebasin.apply_permutation(spec, rebasin.random_permutation(spec, i), net.state_dict())
+                                   for i in range(1, 4)]
+    merged, perms = rebasin.merge_many(spec, copies, seed=0)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(merged[k], v, rtol=1e-5, atol=1e-6)
+    assert torch.equal(perms[0]['QK2'], rebasin.identity_permutation(spec)['QK2'])
+
+
+def test_the_heads_and_their_dimensions_are_solved_jointly_and_exactly():
+    """With everything else fixed, weight matching's choice of a block's heads and of each head's own query/key
+    and value orders is the best of all 2! x (2!)^2 x (2!)^2 = 32 (two heads of two dimensions: brute force)."""
+    import itertools
+    spec_ = dict(SPEC, width=4 / te.VIT_DIM, heads=2, depth=1)
+    a, b = member(0, spec_).state_dict(), member(1, spec_).state_dict()
+    spec = rebasin.permutation_spec(member(0, spec_), images(1))
+    found = rebasin.weight_matching(spec, a, b)
+    keys = rebasin._matched_keys(spec, a)
+
+    def objective(perm):
+        moved = rebasin.apply_permutation(spec, perm, b)
+        return sum(float((a[k].double() * moved[k].double()).sum()) for k in keys)
+
+    orders = [torch.tensor(o) for o in itertools.permutations(range(2))]
+    best = max(objective({**found, 'H2': heads, 'QK2': torch.stack(qk), 'V2': torch.stack(v)})
+               for heads in orders for qk in itertools.product(orders, repeat=2) for v in itertools.product(orders, repeat=2))
+    assert objective(found) == pytest.approx(best, rel=1e-6)
+
+
+def test_a_hand_written_spec_within_blocks_is_checked():
+    state = member(0).state_dict()
+    table, buffers, within = member(0).permutation_table()
+    with pytest.raises(rebasin.RebasinError, match="without its blocks 'H2'"):
+        rebasin.spec_from_table({**table, '2.attn.q_bias': (None, 'QK2')}, state, buffers, within)
+    with pytest.raises(rebasin.RebasinError, match="must act within the blocks"):
+        rebasin.spec_from_table(table, state, buffers, {**within, 'QK2': 'X'})
