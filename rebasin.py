@@ -396,6 +396,16 @@ def random_permutation(spec, seed=0, generator=None):
                         if p in spec.within else torch.randperm(n, generator=g) for p, n in spec.perms.items()})
 
 
+def _channels(spec):
+    """How many channels the spec's permutations reorder (a permutation within blocks: in every block)."""
+    return sum(q.numel() for q in identity_permutation(spec).values())
+
+
+def _channels_moved(spec, perm):
+    identity = identity_permutation(spec)
+    return sum(int((q != identity[p]).sum()) for p, q in perm.items())
+
+
 def compose(spec, first, then):
     """The permutation that applies `first`, then `then`: compose(spec, planted, found) is the identity
     when weight matching of A and B = planted(A) found the planted permutation."""
@@ -1031,13 +1041,14 @@ def _print_spec(spec, state, title):
                 module, _, attr = key.rpartition('.')
                 k = state[key].shape[axis] // n
                 touched.setdefault((module, f'[{axis}]' + (f' (blocks of {k})' if k > 1 else '')), []).append(attr)
-        perms.add_row(escape(p), str(n), escape(', '.join(
+        name = f'{p} (in each block of {spec.within[p]})' if p in spec.within else p
+        perms.add_row(escape(name), str(n), escape(', '.join(
             f'{m}.{a[0]}{ax}' if len(a) == 1 else f'{m}.{{{",".join(a)}}}{ax}' for (m, ax), a in touched.items())))
     for key, why in spec.unpermuted.items():
         left.add_row(escape(key), str(list(state[key].shape)), escape(why))
     console = Console()
     console.print(perms)
-    console.print(f'{len(spec.perms)} permutations over {sum(spec.perms.values()):,} channels')
+    console.print(f'{len(spec.perms)} permutations over {_channels(spec):,} channels')
     console.print(left)
 
 
@@ -1109,11 +1120,11 @@ def _add_align(app, typer):
                 dist = [math.sqrt(_sq_distance({k: ref.state[k] for k in keys}, s)) for s in (m.state, states[-1])]
                 members.append(dict(source=str(m.path), sweeps=len(perm.objective) - 1, objective=perm.objective,
                                     distance_before=dist[0], distance_after=dist[1],
-                                    channels_moved=sum(int((q != torch.arange(len(q))).sum()) for q in perm.values())))
+                                    channels_moved=_channels_moved(spec, perm)))
                 how = f'after {members[-1]["sweeps"]} sweep(s)' if method == 'weight' else f'by activations on {examples} images'
                 Console(soft_wrap=True).print(
                     f'{m.path}: ‖A − B‖ {dist[0]:.4g} -> {dist[1]:.4g} {how}, '
-                    f'{members[-1]["channels_moved"]} of {sum(spec.perms.values())} channels moved')
+                    f'{members[-1]["channels_moved"]} of {_channels(spec)} channels moved')
             config = dict(command='align', method=method, reference=str(ref.path), sources=[str(m.path) for m in models],
                           model=ref.model_spec, seed=seed, max_iter=max_iter, members=members, **data,
                           examples=examples if method == 'activation' else None,

@@ -42,9 +42,9 @@ def noisy(state, scale, generator):
 
 def recovered(spec, found, planted):
     """(all permutations exact, fraction of units back in place)."""
-    exact = [torch.equal(found[p][planted[p]], torch.arange(n)) for p, n in spec.perms.items()]
-    units = sum(int((found[p][planted[p]] == torch.arange(n)).sum()) for p, n in spec.perms.items())
-    return all(exact), units / sum(spec.perms.values())
+    back, identity = rebasin.compose(spec, planted, found), rebasin.identity_permutation(spec)
+    return (all(torch.equal(back[p], identity[p]) for p in spec.perms),
+            sum(int((back[p] == identity[p]).sum()) for p in spec.perms) / sum(q.numel() for q in identity.values()))
 
 
 def network(name, run, examples):

@@ -32,7 +32,7 @@ def large_pair(arch):
             nets.append(torchvision.models.resnet50(weights=None))
         return nets[0], nets[1], torch.zeros(1, 3, 224, 224)
     if arch == 'vit-b16':
-        sys.path.insert(1, str(ROOT))   # after the peer's directory: only train_ensemble is wanted from here
+        sys.path.append(str(ROOT))   # last, after the peer's directory: only train_ensemble is wanted from here
         import train_ensemble as te
         spec = dict(arch='vit', in_channels=3, image_size=224, num_classes=1000, width=768 / te.VIT_DIM, depth=12,
                     heads=12, patch_size=16, kernel_size=3, mean=[0.5] * 3, std=[0.25] * 3)

@@ -99,6 +99,13 @@ def test_vits_learn_and_align_and_merge_from_the_command_line(tmp_path, fashion_
     result = CliRunner().invoke(rebasin.make_app(), ['merge', str(tmp_path / 'vit'), '--out', str(tmp_path / 'merged')])
     assert result.exit_code == 0, result.output
     assert len(te.member_paths(tmp_path / 'merged')) == 1
+    result = CliRunner().invoke(rebasin.make_app(), ['align', str(tmp_path / 'vit'), str(tmp_path / 'vit'),
+                                                     '--out', str(tmp_path / 'aligned')])
+    assert result.exit_code == 0 and 'of 424 channels moved' in result.output, result.output   # 32 + 2 x (4 + 2 x 4 x 8 + 128)
+    result = CliRunner().invoke(rebasin.make_app(), ['spec', str(tmp_path / 'vit' / 'member_0.safetensors'),
+                                                     '--json', str(tmp_path / 'spec.json')])
+    assert result.exit_code == 0 and 'QK2 (in each block of H2)' in result.output, result.output
+    assert json.loads((tmp_path / 'spec.json').read_text())['within']['V3'] == 'H3'
 
 
 @pytest.mark.parametrize('args, message', [
