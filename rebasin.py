@@ -634,6 +634,8 @@ def weight_matching(spec, params_a, params_b, max_iter=MAX_SWEEPS, seed=0, init=
         return total(new) - total(perm), float(value.abs().max()), new
 
     def improve(p, entries=None):   # the best p given the others, from entries (default all); returns the gain
+        if entries is not None and len(entries) == len(touched[p]):
+            entries = None   # all of them: a full solve, which a later sweep need not repeat
         seen = {q: changes[q] for q in neighbours[p]}
         if entries is None and solved_at.get(p) == seen:
             return 0.0
