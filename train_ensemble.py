@@ -632,18 +632,19 @@ class ViT(nn.Sequential):
     like every network here; it also names its own permutations for rebasin.py, since tracing cannot
     see inside the heads."""
 
-    def permutation_table(self):
+    def permutation_table(self, per_head=True):
         """(table, buffers, within) for rebasin.spec_from_table, for one member: the residual stream's
         permutation 'R' shared by every block; per block i the MLP's hidden units 'M<i>', the heads 'H<i>',
         and within each head its own reordering of the query/key dimensions 'QK<i>' (queries and keys alike,
-        so the scores stay) and of the value dimensions 'V<i>' (values and the output projection)."""
+        so the scores stay) and of the value dimensions 'V<i>' (values and the output projection); with
+        per_head False, one query/key and one value reordering shared by the block's heads."""
         table, within = {}, {}
         for i, layer in enumerate(self):
             if isinstance(layer, PatchEmbed):
                 table.update({f'{i}.conv.weight': ('R', None, None, None), f'{i}.conv.bias': ('R',), f'{i}.pos': (None, 'R')})
             elif isinstance(layer, Block):
                 heads, qk, v, mlp = f'H{i}', f'QK{i}', f'V{i}', f'M{i}'
-                within.update({qk: heads, v: heads})
+                within.update({qk: heads, v: heads} if per_head else {})
                 for norm in ('norm1', 'norm2'):
                     table.update({f'{i}.{norm}.weight': ('R',), f'{i}.{norm}.bias': ('R',)})
                 for name, dims in (('q', qk), ('k', qk), ('v', v)):

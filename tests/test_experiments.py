@@ -115,3 +115,20 @@ def test_rebasin_report_quick_runs_every_experiment_of_the_report(tmp_path, monk
     tmt = json.loads((tmp_path / 'train-merge-train' / 'results.json').read_text())['rows']['k=3 n=2']
     assert abs(tmt['A_AC'][0] - tmt['A'][0] / tmt['AC'][0]) < 1e-9
     assert (tmp_path / 'shards' / 'n2_e1_s0_merged.safetensors').exists()   # the merge the last run started from
+
+
+def test_vit_heads_compares_per_head_with_shared_head_permutations_on_every_pair(tmp_path, monkeypatch):
+    import train_ensemble as te
+    from rich.console import Console
+    run = tmp_path / 'vit'
+    te.train(te.Config(out=str(run), dataset='synthetic', arch='vit', width=0.25, depth=1, heads=2, patch_size=8,
+                       subset=256, batch_size=64, epochs=2, members=3, device='cpu'), console=Console(quiet=True))
+    out = tmp_path / 'heads'
+    run_experiment('vit_heads.py', run, '--examples', 128, '--out', out, monkeypatch=monkeypatch)
+    results = json.loads((out / 'results.json').read_text())
+    assert len(results['pairs']) == 3   # 0-1, 0-2, 1-2
+    for pair in results['pairs'].values():
+        for spec in ('shared', 'per head'):   # alignment moves B closer to A under either spec
+            assert pair[spec]['distance'] < pair['unaligned']['distance']
+            assert pair[spec]['objective'] > pair['unaligned']['objective']
+    assert '| per head |' in (out / 'results.md').read_text()
