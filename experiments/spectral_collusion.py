@@ -1,6 +1,8 @@
 """Does the spectral condition stop learner collusion? (the reproduction log's hypothesis; issues 9 and 11)
 
     python experiments/spectral_collusion.py                  # Fashion-MNIST, 4-member MLP 256-256, 3 seeds
+    python experiments/spectral_collusion.py --arch airbench --out runs/spectral_collusion_airbench
+                                                              # airbench at width 0.25, 20,000 images
     python experiments/spectral_collusion.py --quick          # the smoke size the tests run (seconds)
 
 Three ways to train, each at its own best learning rate: standard SGD (PyTorch init, one lr), the
@@ -32,7 +34,10 @@ METHODS = {   # how each way of training is asked for, and which option its swep
     'spectral': (dict(param='spectral', optimizer='sgd'), 'lr'),
     'muon': (dict(param='standard', optimizer='muon'), 'muon_lr'),
 }
-LRS = {'standard': (2.0, 4.0, 8.0), 'spectral': (8.0, 16.0, 32.0), 'muon': (0.05, 0.1, 0.2)}
+# Learning-rate grids per architecture: around the recipe's lr (mlp 4, airbench 11.5) for standard training,
+# and where a first look put the other two (the spectral parametrization rescales every matrix's lr).
+LRS = {'mlp': {'standard': (2.0, 4.0, 8.0), 'spectral': (8.0, 16.0, 32.0), 'muon': (0.05, 0.1, 0.2)},
+       'airbench': {'standard': (5.75, 11.5, 23.0), 'spectral': (11.5, 23.0, 46.0), 'muon': (0.05, 0.1, 0.2)}}
 QUICK_LRS = {'standard': (2.0, 8.0), 'spectral': (8.0, 32.0), 'muon': (0.05, 0.2)}
 BETAS = (0.0, 1.0)
 
@@ -87,18 +92,28 @@ def main(
     quick: bool = typer.Option(False, '--quick', help='Tiny data, 1 seed, 2 learning rates: the smoke test (seconds).'),
     dataset: str = typer.Option('fashion-mnist', help='Any train_ensemble.py dataset.'),
     members: int = typer.Option(4, help='Ensemble size M.'),
+    arch: str = typer.Option('mlp', help='mlp or airbench (its recipe otherwise: batch 1024, label smoothing, Lookahead).'),
     hidden: str = typer.Option('256,256', help='MLP hidden sizes.'),
+    width: float = typer.Option(0.25, help='airbench width multiplier.'),
+    subset: int = typer.Option(None, help='Training (and test) images; default all for mlp, 20,000 for airbench.'),
     epochs: float = typer.Option(5, help='Epochs per run.'),
-    val_size: int = typer.Option(10000, help='Training images held out to choose each learning rate.'),
+    val_size: int = typer.Option(None, help='Training images held out to choose each learning rate '
+                                            '(default 10,000; 4,000 for airbench).'),
     device: str = typer.Option('auto', help='auto, cpu or cuda.'),
 ):
     """Standard, spectral and muon training at β = 0 and 1, each at its best lr: does collusion persist?"""
     console, quiet = Console(), Console(quiet=True)
-    common = dict(dataset=dataset, arch='mlp', hidden=te.parse_ints(hidden), members=members, epochs=epochs,
-                  val_size=val_size, device=device)
-    lrs = QUICK_LRS if quick else LRS
+    if arch not in LRS:
+        raise typer.BadParameter(f"'{arch}': use mlp or airbench", param_hint='--arch')
+    airbench = arch == 'airbench'
+    common = dict(dataset=dataset, arch=arch, members=members, epochs=epochs, device=device,
+                  val_size=val_size if val_size is not None else 4000 if airbench else 10000,
+                  **(dict(width=width, subset=(20000 if subset is None else subset) or None) if airbench else
+                     dict(hidden=te.parse_ints(hidden), subset=subset or None)))
+    lrs = QUICK_LRS if quick else LRS[arch]
     if quick:
-        common.update(hidden=[32, 16], members=2, epochs=2, subset=1500, val_size=500)   # one hidden matrix for muon
+        common.update(members=2, epochs=2, subset=1500, val_size=500,
+                      **(dict(width=1 / 16) if airbench else dict(hidden=[32, 16])))   # mlp: one hidden matrix for muon
         seeds = 1
     start = time.perf_counter()
     sweep, best, rows, results = {}, {}, {}, dict(settings=dict(common, seeds=seeds, lrs=lrs), runs={})
@@ -126,7 +141,8 @@ def main(
                           highlight=False)
 
     fmt = lambda v: f'{v[0]:.4f} ± {v[1]:.4f}'  # noqa: E731
-    lines = [f'# Spectral hypothesis: {dataset}, {common["members"]}-member MLP {common["hidden"]}, '
+    network = f'airbench width {common["width"]:g}' if airbench else f'MLP {common["hidden"]}'
+    lines = [f'# Spectral hypothesis: {dataset}, {common["members"]}-member {network}, '
              f'{common["epochs"]:g} epochs, {seeds} seed(s), {time.strftime("%Y-%m-%d")}', '',
              '| method | β | best lr | ensemble test error | member test error | train DIV | test DIV | gap (test − train loss) |',
              '|---|---|---|---|---|---|---|---|']

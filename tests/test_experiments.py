@@ -35,6 +35,15 @@ def test_spectral_collusion_quick_writes_its_table_and_figures_and_reuses_finish
     assert stamps and all(p.stat().st_mtime == t for p, t in stamps.items())
 
 
+def test_spectral_collusion_runs_airbench_too(tmp_path, monkeypatch, fashion_mnist):
+    out = tmp_path / 'sc_airbench'
+    run_experiment('spectral_collusion.py', '--quick', '--arch', 'airbench', '--out', out, '--device', 'cpu',
+                   monkeypatch=monkeypatch)
+    results = json.loads((out / 'results.json').read_text())
+    assert results['settings']['arch'] == 'airbench' and len(results['rows']) == 6
+    assert '2-member airbench width 0.0625' in (out / 'results.md').read_text()
+
+
 def test_collusion_quick_writes_its_table_and_figures_with_the_papers_diagnostics(tmp_path, monkeypatch, fashion_mnist):
     out = tmp_path / 'collusion'
     run_experiment('collusion.py', '--quick', '--out', out, '--device', 'cpu', monkeypatch=monkeypatch)
