@@ -1,8 +1,8 @@
 """Does the spectral condition stop learner collusion? (the reproduction log's hypothesis; issues 9 and 11)
 
     python experiments/spectral_collusion.py                  # Fashion-MNIST, 4-member MLP 256-256, 3 seeds
-    python experiments/spectral_collusion.py --arch airbench --out runs/spectral_collusion_airbench
-                                                              # airbench at width 0.25, 20,000 images
+    python experiments/spectral_collusion.py --arch airbench --width 0.125 --subset 10000 --val-size 2000 \
+        --batch-size 256 --out runs/spectral_collusion_airbench    # airbench at reduced width (40 CPU minutes)
     python experiments/spectral_collusion.py --quick          # the smoke size the tests run (seconds)
 
 Three ways to train, each at its own best learning rate: standard SGD (PyTorch init, one lr), the
@@ -97,6 +97,7 @@ def main(
     width: float = typer.Option(0.25, help='airbench width multiplier.'),
     subset: int = typer.Option(None, help='Training (and test) images; default all for mlp, 20,000 for airbench.'),
     epochs: float = typer.Option(5, help='Epochs per run.'),
+    batch_size: int = typer.Option(None, help="Batch size (default: the architecture's recipe)."),
     val_size: int = typer.Option(None, help='Training images held out to choose each learning rate '
                                             '(default 10,000; 4,000 for airbench).'),
     device: str = typer.Option('auto', help='auto, cpu or cuda.'),
@@ -106,7 +107,7 @@ def main(
     if arch not in LRS:
         raise typer.BadParameter(f"'{arch}': use mlp or airbench", param_hint='--arch')
     airbench = arch == 'airbench'
-    common = dict(dataset=dataset, arch=arch, members=members, epochs=epochs, device=device,
+    common = dict(dataset=dataset, arch=arch, members=members, epochs=epochs, device=device, batch_size=batch_size,
                   val_size=val_size if val_size is not None else 4000 if airbench else 10000,
                   **(dict(width=width, subset=(20000 if subset is None else subset) or None) if airbench else
                      dict(hidden=te.parse_ints(hidden), subset=subset or None)))
