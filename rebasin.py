@@ -373,9 +373,10 @@ def _reduces_positions(node, ndim):
 class Permutation(dict):
     """{permutation name: LongTensor index}: channel i of the permuted model is channel index[i] of the
     original. A permutation within blocks (spec.within) has a (blocks, size) index: after the blocks are
-    reordered, row h reorders the channels of the block now at position h. `objective` is weight matching's Σ⟨A, π(B)⟩ at the start and
-    after each sweep (empty when the permutation did not come from weight matching); `prices` are the
-    column prices of weight matching's last assignments, which warm-start a later weight_matching(init=it)."""
+    reordered, row h reorders the channels of the block now at position h. `objective` is weight
+    matching's Σ⟨A, π(B)⟩ at the start and after each sweep (empty when the permutation did not come
+    from weight matching); `prices` are the column prices of weight matching's last assignments, which
+    warm-start a later weight_matching(init=it)."""
 
     def __init__(self, perm, objective=(), prices=None):
         super().__init__(perm)
@@ -580,9 +581,8 @@ def weight_matching(spec, params_a, params_b, max_iter=MAX_SWEEPS, seed=0, init=
     costs, used = {}, {}   # p -> its last full cost matrix; (tensor, axis) -> the column map it was built with
 
     def cost_of(p, entries):
-        update = entries is None and p in costs
-        cost = costs[p] if update else torch.zeros(spec.perms[p], spec.perms[p], dtype=torch.float64,
-                                                            device=device)
+        n, update = spec.perms[p], entries is None and p in costs
+        cost = costs[p] if update else torch.zeros(n, n, dtype=torch.float64, device=device)
         for k, axis in touched[p] if entries is None else entries:
             cols = _column_map(spec, perm, k, axis, b32[k].shape)
             if update:
@@ -620,7 +620,8 @@ def weight_matching(spec, params_a, params_b, max_iter=MAX_SWEEPS, seed=0, init=
                 continue
             ax = spec.axes[k].index(c)
             blocks = lambda t: t.movedim((axis, ax), (0, 1)).reshape(n, spec.perms[c], -1)  # noqa: E731
-            within[c] += torch.einsum('hir,gjr->hgij', blocks(a[k]), blocks(_permute(spec, perm, k, b32[k], (axis, ax))))
+            moved = _permute(spec, perm, k, b32[k], skip=(axis, ax))
+            within[c] += torch.einsum('hir,gjr->hgij', blocks(a[k]), blocks(moved))
         value, best = between.clone(), {}
         for c, cost in within.items():
             best[c] = torch.stack([torch.as_tensor(linear_sum_assignment(pair.cpu().numpy(), maximize=True)[1])
@@ -630,7 +631,8 @@ def weight_matching(spec, params_a, params_b, max_iter=MAX_SWEEPS, seed=0, init=
         new.update({c: best[c][i, new[p]] for c in inner[p]})
 
         def total(q):   # the cost of q's blocks and reorderings within them
-            return float(between[i, q[p]].sum() + sum(within[c][i, q[p]].gather(2, q[c][..., None]).sum() for c in inner[p]))
+            inside = sum(within[c][i, q[p]].gather(2, q[c][..., None]).sum() for c in inner[p])
+            return float(between[i, q[p]].sum() + inside)
         return total(new) - total(perm), float(value.abs().max()), new
 
     def improve(p, entries=None):   # the best p given the others, from entries (default all); returns the gain
@@ -666,6 +668,7 @@ def weight_matching(spec, params_a, params_b, max_iter=MAX_SWEEPS, seed=0, init=
         if start < at_identity:
             perm.update(identity)
             start = at_identity
+            solved_at.clear()   # what was solved was solved for other neighbours
     history, order = [start], [p for p in plain if touched[p]]
     rng = random.Random(seed)
     for _ in range(max_iter):
