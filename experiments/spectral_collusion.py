@@ -36,7 +36,7 @@ METHODS = {   # how each way of training is asked for, and which option its swep
 }
 # Learning-rate grids per architecture: around the recipe's lr (mlp 4, airbench 11.5) for standard training,
 # and where a first look put the other two (the spectral parametrization rescales every matrix's lr).
-LRS = {'mlp': {'standard': (2.0, 4.0, 8.0), 'spectral': (8.0, 16.0, 32.0), 'muon': (0.05, 0.1, 0.2)},
+LRS = {'mlp': {'standard': (2.0, 4.0, 8.0, 16.0), 'spectral': (8.0, 16.0, 32.0, 64.0), 'muon': (0.025, 0.05, 0.1, 0.2)},
        'airbench': {'standard': (5.75, 11.5, 23.0), 'spectral': (11.5, 23.0, 46.0), 'muon': (0.05, 0.1, 0.2)}}
 QUICK_LRS = {'standard': (2.0, 8.0), 'spectral': (8.0, 32.0), 'muon': (0.05, 0.2)}
 BETAS = (0.0, 1.0)
