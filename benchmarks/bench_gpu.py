@@ -224,6 +224,9 @@ def main(
                 timed(f"ours M={m}{' compiled' if compiled else ''}", ours(members=m, compile=compiled, **recipe),
                       repeats, console, log)
                 save()
+        # Issue 11: spectral updates (orthogonalized steps for the hidden convs) in the airbench94 recipe, M = 1.
+        timed('ours M=1 muon', ours(members=1, optimizer='muon', **recipe), repeats, console, log)
+        save()
         default = te.resolve_precision('auto', dev)
         for p in [p for p in precisions.split(',') if p.strip() and p != default]:
             timed(f'ours M=1 {p}', ours(members=1, precision=p, **recipe), repeats, console, log)
