@@ -45,8 +45,8 @@ def compare(run, pairs_of, examples, console):
         moved = b if perm is None else rebasin.apply_permutation(spec, perm, b)
         net.load_state_dict(rebasin.average([a, moved]))
         r = te.evaluate([net], x, y)
-        return {'objective': sum(float((a[k].double() * moved[k].double()).sum()) for k in keys),
-                'distance': sum(float(((a[k].double() - moved[k].double()) ** 2).sum()) for k in keys) ** 0.5,
+        a64, b64 = ({k: t[k].double() for k in keys} for t in (a, moved))
+        return {'objective': rebasin._inner(a64, b64), 'distance': rebasin._sq_distance(a64, b64) ** 0.5,
                 'midpoint loss': r['loss'], 'midpoint error': 1 - r['acc']}
 
     results = {}
