@@ -595,16 +595,22 @@ def robustness(nets, x_uint8, y, combiner, corruptions=CORRUPTIONS, severities=(
 # Scores for "should this input be trusted": higher means more likely out of distribution. The
 # detection metrics treat the OOD set as the positive class.
 
-def ood_scores(logits):
-    """{score: (N,)} from (M, N, K) member logits: 1 − the ensemble's top probability, its predictive entropy,
-    and the mutual information between prediction and member, H(p̄) − mean_j H(p_j) = mean_j KL(p_j ‖ p̄),
-    with p̄ the mean of the members' probabilities: how much the members disagree on this input."""
+OOD_SCORES = {'max_prob': '1 - max probability', 'entropy': 'entropy', 'mutual_information': 'mutual information'}
+
+
+def ood_scores(logits, combiner='prob'):
+    """{score: (N,)} from (M, N, K) member logits (OOD_SCORES names them): 1 − the ensemble's top
+    probability and its predictive entropy, the ensemble being the run's combiner's; and the mutual
+    information between prediction and member, H(p̄) − mean_j H(p_j) = mean_j KL(p_j ‖ p̄), which is defined
+    on the mean of the members' probabilities p̄ whatever the combiner: how much the members disagree."""
     log_p = F.log_softmax(logits.double(), -1)
     log_mean = torch.logsumexp(log_p, 0) - math.log(len(logits))
-    entropy = -(log_mean.exp() * log_mean).sum(-1)
+    mean_entropy = -(log_mean.exp() * log_mean).sum(-1)
+    log_ensemble = log_mean if combiner == 'prob' else te.combine(logits.double(), combiner, log_p)
     member_entropy = -(log_p.exp() * log_p).sum(-1).mean(0)
-    return {'1 - max probability': 1 - log_mean.exp().max(-1).values, 'entropy': entropy,
-            'mutual information': (entropy - member_entropy).clamp_min(0)}
+    return {'max_prob': 1 - log_ensemble.exp().max(-1).values,
+            'entropy': -(log_ensemble.exp() * log_ensemble).sum(-1),
+            'mutual_information': (mean_entropy - member_entropy).clamp_min(0)}
 
 
 def auroc(scores_in, scores_out):
@@ -618,22 +624,31 @@ def auroc(scores_in, scores_out):
 
 
 def aupr(scores_in, scores_out):
-    """Average precision of finding the OOD inputs (positive) by descending score."""
-    scores = torch.cat([scores_in, scores_out]).double()
-    positive = torch.cat([torch.zeros(len(scores_in)), torch.ones(len(scores_out))]).double()[scores.argsort(descending=True)]
-    precision = positive.cumsum(0) / torch.arange(1, len(scores) + 1, dtype=torch.float64)
-    return float((precision * positive).sum() / positive.sum())
+    """Average precision of finding the OOD inputs (positive) by a threshold on the score: Σ (R_t − R_t−1)·P_t
+    over the distinct scores t, descending, where tied scores are one threshold (all flagged or none), as
+    sklearn.metrics.average_precision_score counts them."""
+    scores, order = torch.cat([scores_in, scores_out]).double().sort(descending=True)
+    positive = torch.cat([torch.zeros(len(scores_in)), torch.ones(len(scores_out))]).double()[order]
+    last = torch.cat([scores[1:] != scores[:-1], torch.tensor([True])])   # the last input flagged at each threshold
+    flagged = torch.arange(1, len(scores) + 1, dtype=torch.float64)[last]
+    hits = positive.cumsum(0)[last]
+    recall_gained = torch.diff(hits, prepend=torch.zeros(1)) / len(scores_out)
+    return float((recall_gained * hits / flagged).sum())
 
 
 def fpr_at_tpr(scores_in, scores_out, tpr=0.95):
-    """The fraction of in-distribution inputs flagged at the threshold that flags `tpr` of the OOD inputs."""
-    threshold = torch.quantile(scores_out.double(), 1 - tpr)
+    """The fraction of in-distribution inputs flagged at the highest threshold that flags at least `tpr` of
+    the OOD inputs (sklearn.metrics.roc_curve's first threshold with TPR ≥ tpr): the k-th highest OOD
+    score, k the fewest OOD inputs that make up the fraction tpr."""
+    n = len(scores_out)
+    k = int((torch.arange(1, n + 1, dtype=torch.float64) / n < tpr).sum()) + 1
+    threshold = scores_out.double().sort(descending=True).values[min(k, n) - 1]
     return float((scores_in.double() >= threshold).double().mean())
 
 
-def ood_report(logits_in, logits_out):
+def ood_report(logits_in, logits_out, combiner='prob'):
     """{score: {auroc, aupr, fpr95, mean_in, mean_out}} for every ood_scores score."""
-    scores_in, scores_out = ood_scores(logits_in), ood_scores(logits_out)
+    scores_in, scores_out = ood_scores(logits_in, combiner), ood_scores(logits_out, combiner)
     return {name: dict(auroc=auroc(scores_in[name], scores_out[name]), aupr=aupr(scores_in[name], scores_out[name]),
                        fpr95=fpr_at_tpr(scores_in[name], scores_out[name]), mean_in=float(scores_in[name].mean()),
                        mean_out=float(scores_out[name].mean())) for name in scores_in}
@@ -661,8 +676,7 @@ def _label(ax, x_label, y_label, fontsize=7):
 def _save(plt, fig, path, title):
     fig.suptitle(title)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    te.save_figure(fig, path)
     plt.close(fig)
 
 
@@ -690,7 +704,7 @@ def plot_sweep(path, groups, title):
             for j, key in enumerate(k for k in rows[0] if k.startswith('ood_auroc_')):
                 betas, auc = _mean_by_beta(rows, key)
                 axes[3].plot(betas, [1 - a for a in auc], ('--', ':', '-.')[j % 3],
-                             label=f"{label}: 1 − AUROC ({key[len('ood_auroc_'):].replace('_', ' ')})", **style)
+                             label=f"{label}: 1 − AUROC ({OOD_SCORES[key[len('ood_auroc_'):]]})", **style)
         style = dict(color=f'C{i}', marker='o')
         for key, line, what in (('test', '-', 'ensemble'), ('member_test', ':', 'mean member')):
             if regression:
@@ -761,7 +775,7 @@ def plot_ood(path, scores_in, scores_out, names, title):
         bins = torch.linspace(0, top, 41).tolist()
         ax.hist(scores_in[score].cpu().numpy(), bins=bins, alpha=0.6, density=True, label=f'{names[0]} (in)')
         ax.hist(scores_out[score].cpu().numpy(), bins=bins, alpha=0.6, density=True, label=f'{names[1]} (out)')
-        _label(ax, score, 'density')
+        _label(ax, OOD_SCORES[score], 'density')
     _save(plt, fig, path, title)
 
 
@@ -924,8 +938,8 @@ def shifted_row(run, ood=None, examples=None, device='auto', console=None, sever
         x_out, _ = split_examples(run_data(config, ood), 'test', examples)
         if x_out.shape[1:] != x.shape[1:]:
             raise te.EnsembleError(f'--ood {ood} has images of shape {tuple(x_out.shape[1:])}; {run}\'s are {tuple(x.shape[1:])}')
-        report = ood_report(_logits(console, nets, x, 'in'), _logits(console, nets, x_out, 'out'))
-        row.update({f'ood_auroc_{name.replace(" ", "_")}': r['auroc'] for name, r in report.items()})
+        report = ood_report(_logits(console, nets, x, 'in'), _logits(console, nets, x_out, 'out'), _combiner(config, None))
+        row.update({f'ood_auroc_{name}': r['auroc'] for name, r in report.items()})
     return row
 
 
@@ -1024,7 +1038,7 @@ def compare(
                   '–' if r['train_time_s'] is None else f"{r['train_time_s']:.1f}") for r in rows]
         if shifted:
             auroc_keys = [k for k in rows[0] if k.startswith('ood_auroc_')]
-            columns += ['corrupted acc'] + [f"AUROC {k[len('ood_auroc_'):].replace('_', ' ')}" for k in auroc_keys]
+            columns += ['corrupted acc'] + [f"AUROC {OOD_SCORES[k[len('ood_auroc_'):]]}" for k in auroc_keys]
             table = [t + (r['corrupted_acc'], *(r[k] for k in auroc_keys)) for t, r in zip(table, rows)]
         sources = sorted({r['source'] for r in rows})
         console.print(_table(f'{len(rows)} runs; train numbers from {" and ".join(sources)}'
@@ -1279,8 +1293,9 @@ def ood_command(
 ):
     """How well the ensemble tells its own test set from another: AUROC, AUPR and FPR at 95% TPR.
 
-    Scores per input: 1 − the top probability, the predictive entropy, and the mutual information
-    (H(p̄) − mean H(p_j), how much the members disagree). The OOD set is the positive class."""
+    Scores per input: 1 − the top probability and the predictive entropy of the ensemble (under --combine),
+    and the mutual information (H(p̄) − mean H(p_j) with p̄ the members' mean probability whatever the
+    combiner: how much the members disagree). The OOD set is the positive class."""
     with _session() as console:
         config, nets, data = _load(run, device, None)
         _classification_only(config, run, 'OOD detection (from predictive probabilities)')
@@ -1289,16 +1304,19 @@ def ood_command(
         x_out, _ = split_examples(ood_data, 'test', examples)
         if x_out.shape[1:] != x_in.shape[1:]:
             raise te.EnsembleError(f'--ood {ood} has images of shape {tuple(x_out.shape[1:])}; the run\'s are {tuple(x_in.shape[1:])}')
+        combiner = _combiner(config, combine)
         logits_in, logits_out = _logits(console, nets, x_in, 'in'), _logits(console, nets, x_out, 'out')
-        report = ood_report(logits_in, logits_out)
+        report = ood_report(logits_in, logits_out, combiner)
         console.print(_table(f'{run} — {config.get("dataset")} test ({len(x_in)}) vs {ood} test ({len(x_out)}), '
-                             f'OOD = positive', ['score', 'AUROC', 'AUPR', 'FPR at 95% TPR', 'mean in', 'mean out'],
-                             [(name, *r.values()) for name, r in report.items()]))
+                             f'OOD = positive, combiner {combiner}',
+                             ['score', 'AUROC', 'AUPR', 'FPR at 95% TPR', 'mean in', 'mean out'],
+                             [(OOD_SCORES[name], *r.values()) for name, r in report.items()]))
         if plot:
-            plot_ood(plot, ood_scores(logits_in), ood_scores(logits_out), (config.get('dataset'), ood),
+            plot_ood(plot, ood_scores(logits_in, combiner), ood_scores(logits_out, combiner), (config.get('dataset'), ood),
                      f'{run}: scores in vs out of distribution')
             console.print(f'wrote {plot}')
-        _write(console, json_out, dict(run=str(run), in_dataset=config.get('dataset'), ood=ood, examples_in=len(x_in),
+        _write(console, json_out, dict(run=str(run), in_dataset=config.get('dataset'), ood=ood, combiner=combiner,
+                                       examples_in=len(x_in),
                                        examples_out=len(x_out), scores=report))
 
 

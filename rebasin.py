@@ -27,6 +27,7 @@ import operator
 import os
 import random
 import shutil
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -938,7 +939,7 @@ def _te():
 
 @contextmanager
 def _user_errors():
-    """A user-facing error becomes one line on stderr and exit status 1, never a traceback."""
+    """A user-facing error becomes one line on stderr and exit status 2, never a traceback."""
     te = _te()
     try:
         yield
@@ -1002,6 +1003,9 @@ def _check_out(out, force):
     """The output directory, if it may be written: new, empty, or (with --force) a run this toolkit wrote.
     Checked before the work starts, and again just before writing."""
     out = Path(out)
+    writer = _te().run_dir_writer(out) if out.is_dir() else None
+    if writer is not None:   # a run still training: no writer may touch it, --force included
+        raise RebasinError(f'{out} is being written by {writer}: wait for it, or pass another --out')
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not force:
             raise RebasinError(f'{out} already exists; pass --force to replace it')
@@ -1016,16 +1020,21 @@ def _write_run(out, states, sources, model_spec, config, force):
     `out`: a failure never leaves a half-written run."""
     te, out = _te(), _check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f'.{out.name}.tmp{os.getpid()}'
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', suffix='.tmp', dir=out.parent))   # new: nobody else's
     try:
         for i, (state, source) in enumerate(zip(states, sources)):
             te.save_member(tmp / f'member_{i}.safetensors', state, model_spec, source=source)
         # the task is the members' own (a source run's config.json may predate the option, or be missing)
         te.write_json(tmp / 'config.json', {**config, 'task': model_spec.get('task', 'classification'), 'format': te.FORMAT})
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        if out.exists():   # held while replaced: a trainer that starts meanwhile is refused
+            lock = te.lock_run_dir(out)   # refuses if one started since _check_out
+            try:
+                if any(p.name != '.lock' for p in out.iterdir()) and not te.is_our_run_dir(out):
+                    raise RebasinError(f'refusing to replace {out}: something else was written into it meanwhile')
+                shutil.rmtree(out)
+            finally:
+                if lock is not None:
+                    lock.close()
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

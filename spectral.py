@@ -458,8 +458,8 @@ def plot_panels(path, x, series, x_label, y_label, title, y_log=True):
     axes[1].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    import train_ensemble as te   # the command line's side: the toolkit's one atomic write
+    te.save_figure(fig, path)
     plt.close(fig)
 
 

@@ -30,10 +30,11 @@ import functools
 import json
 import math
 import os
+import re
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, get_args
 
 import numpy as np
 import torch
@@ -1006,10 +1007,29 @@ def _kill_point(path, moment):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+# The files a run directory holds, by exact name (state: the resume state, per rank, and its previous epoch
+# while every rank writes the next), and the temporaries atomic_write makes of them. Only these are ever
+# deleted by the toolkit: a file a user put there, whatever its name, is never touched.
+RUN_FILE = re.compile(r'config\.json|summary\.json|metrics\.jsonl|member_\d+\.safetensors'
+                      r'|state(\.rank\d+)?(\.previous)?\.safetensors')
+TEMPORARY = re.compile(r'\.(?P<name>.+)\.tmp\d+')
+
+
+def temporary_path(path):
+    """Where atomic_write writes `path` before renaming it."""
+    return path.with_name(f'.{path.name}.tmp{os.getpid()}')
+
+
+def is_run_temporary(path):
+    """Whether `path` is a temporary that atomic_write made of one of a run's own files."""
+    match = TEMPORARY.fullmatch(path.name)
+    return match is not None and RUN_FILE.fullmatch(match['name']) is not None and path.is_file()
+
+
 def atomic_write(path, write):
     """Call write(tmp_path), then rename tmp_path to path."""
     path = Path(path)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    tmp = temporary_path(path)
     try:
         write(str(tmp))
         _kill_point(path, 'before')
@@ -1057,9 +1077,35 @@ def lock_run_dir(run_dir):
     return handle
 
 
-def write_json(path, obj):
-    text = json.dumps(json_safe(obj), indent=2, allow_nan=False) + '\n'
+def run_dir_writer(run_dir):
+    """Who holds run_dir's lock ('process N on HOST'), or None when no process is writing it. Only looks:
+    the lock file is neither created nor changed."""
+    try:
+        import fcntl
+        handle = open(Path(run_dir) / '.lock')
+    except (ImportError, OSError):   # no flock on this OS, or no lock file: nobody holds it
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or 'another process'
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
+def write_text(path, text):
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + '\n')
+
+
+def save_figure(fig, path, dpi=120):
+    """A matplotlib figure as a PNG at path (its folder made if needed), written atomically."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format='png'))
 
 
 def save_member(path, state, spec, **meta):
@@ -1141,13 +1187,14 @@ def is_our_run_dir(path):
     """Whether `path` is a run directory this toolkit wrote (its config.json carries FORMAT) holding nothing
     but the toolkit's files: the only kind of directory a --force may replace."""
     path = Path(path)
-    ours = {'config.json', 'summary.json', 'metrics.jsonl', '.lock'}
     try:
-        marked = read_config(path).get('format') == FORMAT
+        config = read_config(path)
     except EnsembleError:
         return False
-    return marked and all(p.name in ours or (p.name.startswith(('member_', 'state')) and p.suffix == '.safetensors')
-                          or (p.name.startswith('.') and '.tmp' in p.name) for p in path.iterdir())
+
+    def ours(p):
+        return p.is_file() and (RUN_FILE.fullmatch(p.name) or p.name == '.lock' or is_run_temporary(p))
+    return isinstance(config, dict) and config.get('format') == FORMAT and all(map(ours, path.iterdir()))
 
 
 def member_paths(path):
@@ -2100,7 +2147,7 @@ class Training:
             write_json(self.out / 'config.json', {**asdict(self.cfg), 'format': FORMAT, 'model': self.spec,
                                                   'optimizer_groups': updates, 'world_size': self.block.world,
                                                   'member_blocks': blocks, **environment(self.device)})
-        for stale in self.out.glob('.*.tmp*'):   # half-written files of a killed run (atomic_write's temporaries)
+        for stale in filter(is_run_temporary, self.out.iterdir()):   # half-written files of a killed run
             stale.unlink()
         return lock
 
@@ -2216,7 +2263,7 @@ class Training:
                                 + (' or --beta' if cfg.beta > 1 else ''))
         self.metrics.append(row)
         lines = ''.join(json.dumps(json_safe(r), allow_nan=False) + '\n' for r in self.metrics)
-        self.block.agree(lambda: atomic_write(self.out / 'metrics.jsonl', lambda tmp: Path(tmp).write_text(lines)), ranks=0)
+        self.block.agree(lambda: write_text(self.out / 'metrics.jsonl', lines), ranks=0)
         self.block.agree(lambda: self.write_state(epoch + 1))   # no rank goes on before every rank has its state
 
     def write_state(self, epoch):
@@ -2313,7 +2360,7 @@ def cli_error(message):
     """Print a one-line error and exit non-zero: bad input never ends in a traceback."""
     from rich.console import Console
     Console(stderr=True).print(f'[bold red]error:[/] {message}', soft_wrap=True, highlight=False)
-    raise SystemExit(1)
+    raise SystemExit(2)   # bad input, as for a usage error
 
 
 def config_to_resume(run_dir):
@@ -2326,9 +2373,31 @@ def config_to_resume(run_dir):
         raise EnsembleError(f'cannot resume {run_dir}: it has no config.json (not a run directory)')
     try:
         saved = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EnsembleError(f'cannot resume {run_dir}: its config.json is not valid JSON ({e})') from None
-    return Config(**{**{f.name: saved[f.name] for f in fields(Config) if f.name in saved}, 'out': str(run_dir)})
+    # Read back, never guessed: a config.json that lost its options would otherwise resume as the defaults
+    # (a CIFAR-10 download into ./data) over the run's own files.
+    missing = [k for k in ('dataset', 'arch', 'members', 'beta', 'seed') if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise EnsembleError(f'cannot resume {run_dir}: its config.json is not a training run\'s (no '
+                            f'{", ".join(missing)})')
+    return Config(**{**checked_options(saved, config_path), 'out': str(run_dir)})
+
+
+def checked_options(saved, source):
+    """The Config options in a dict read back from JSON, each checked to have its field's type."""
+    def fits(value, kinds):   # kinds: the field's type, or Optional's (type, NoneType)
+        if isinstance(value, bool):   # a bool is an int to isinstance, never to an option
+            return bool in kinds
+        if isinstance(value, list):
+            return list in kinds and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        return isinstance(value, kinds) or (float in kinds and isinstance(value, int))
+    options = {f.name: saved[f.name] for f in fields(Config) if f.name in saved}
+    for f in fields(Config):
+        if f.name in options and not fits(options[f.name], get_args(f.type) or (f.type,)):
+            kind = ' or '.join(k.__name__ for k in get_args(f.type) or (f.type,)).replace('NoneType', 'null')
+            raise EnsembleError(f"{source}: '{f.name}' is {json.dumps(options[f.name])}, not {kind}")
+    return options
 
 
 def command():

@@ -63,7 +63,7 @@ def plot(path_sweep, path_curves, rows, curves, betas, error='error'):
     axes[0].legend(fontsize=7)
     axes[2].set_yscale('log')   # DIV grows by orders of magnitude towards β = 1
     fig.tight_layout()
-    fig.savefig(path_sweep, dpi=120)
+    te.save_figure(fig, path_sweep)
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for (beta, split), values in curves.items():
         ax.plot(range(1, len(values) + 1), values, marker='o' if len(values) <= 30 else None,
@@ -72,7 +72,7 @@ def plot(path_sweep, path_curves, rows, curves, betas, error='error'):
     ax.set(xlabel='epoch', ylabel='ensemble loss', yscale='log', title=f'training and test loss ({next(iter(rows))[0]}, seed 0)')
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path_curves, dpi=120)
+    te.save_figure(fig, path_curves)
     plt.close('all')
 
 
@@ -150,10 +150,10 @@ def main(
         epochs_log = te.read_metrics(out / f'{combiner_list[0]}_beta{beta:g}_s0')
         curves[beta, 'train'] = [e['train_loss'] for e in epochs_log]
         curves[beta, 'test'] = [e['test_loss'] for e in epochs_log]
-    (out / 'results.md').write_text('\n'.join(lines) + '\n')
     results.update(rows={f'{c} beta={b:g}': r for (c, b), r in rows.items()},
                    curves={f'beta={b:g} {split}': v for (b, split), v in curves.items()})
     te.write_json(out / 'results.json', results)
+    te.write_text(out / 'results.md', '\n'.join(lines) + '\n')   # after results.json: the table last
     plot(out / 'sweep.png', out / 'curves.png', rows, curves, beta_grid, error_name)
     console.print('\n'.join(lines), highlight=False, soft_wrap=True)
     console.print(f'wrote {out}/results.md, results.json, sweep.png, curves.png')

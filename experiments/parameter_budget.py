@@ -85,7 +85,7 @@ def plot(path_budget, path_curves, rows, curves, shapes, lambdas):
     ax.set(xlabel='λ (β)', ylabel='test error at best validation epoch', title='a fixed budget of parameters')
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path_budget, dpi=120)
+    te.save_figure(fig, path_budget)
     fig, axes = plt.subplots(1, len(shapes), figsize=(3.2 * len(shapes), 3), squeeze=False, sharey=True)
     for ax, (m, h) in zip(axes[0], shapes):
         for lam in lambdas:
@@ -94,7 +94,7 @@ def plot(path_budget, path_curves, rows, curves, shapes, lambdas):
         ax.set(title=f'{m}x{h}', xlabel='epoch', ylabel='validation error (seed 0)')
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path_curves, dpi=120)
+    te.save_figure(fig, path_curves)
     plt.close('all')
 
 
@@ -154,9 +154,9 @@ def main(
                          f'{"indefinite" if eig.min() < 0 else f"{kappa:.4g}"} | {1 / (1 - lam) if lam < 1 else float("nan"):.4g} |')
     lines.append(f'\n{time.perf_counter() - start:.0f} s in all (runs read back count nothing).')
     out.mkdir(parents=True, exist_ok=True)
-    (out / 'results.md').write_text('\n'.join(lines) + '\n')
     results.update(rows={f'{m}x{h} lambda={lam:g}': r for (m, h, lam), r in rows.items()}, hessian_eigenvalues=hessians)
     te.write_json(out / 'results.json', results)
+    te.write_text(out / 'results.md', '\n'.join(lines) + '\n')   # after results.json: the table last
     plot(out / 'budget.png', out / 'curves.png', rows, curves, shapes, grid)
     console.print('\n'.join(lines), highlight=False, soft_wrap=True)
     console.print(f'wrote {out}/results.md, results.json, budget.png, curves.png')

@@ -135,8 +135,8 @@ class Experiment:
                  f'{self.base["subset"] or "all"} training images, {self.seeds} seed(s), {time.strftime("%Y-%m-%d")}'] + lines
         lines.append(f'\n{time.perf_counter() - self.start:.0f} s in all (runs read back count only their measurements).')
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / 'results.md').write_text('\n'.join(lines) + '\n')
         te.write_json(self.out / 'results.json', dict(settings=self.settings, **results))
+        te.write_text(self.out / 'results.md', '\n'.join(lines) + '\n')   # after results.json: the table last
         figure(self.out / 'results.png')
         self.console.print('\n'.join(lines), highlight=False, soft_wrap=True)
         self.console.print(f'wrote {self.out}/results.md, results.json, results.png')
@@ -177,7 +177,7 @@ def _axes(panels):
 def _save(plt, fig, path, title):
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    te.save_figure(fig, path)
     plt.close(fig)
 
 

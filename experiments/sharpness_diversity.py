@@ -76,7 +76,7 @@ def plot(path, rows):
     for ax in axes:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    te.save_figure(fig, path)
     plt.close('all')
 
 
@@ -135,9 +135,9 @@ def main(
         lines.append(f'ρ = {rho:g}: SharpBalance test DIV {sb[0]:.4f} vs SAM {sam[0]:.4f}: {verdict}.')
     lines.append(f'\n{time.perf_counter() - start:.0f} s in all (runs read back count only their measurements).')
     out.mkdir(parents=True, exist_ok=True)
-    (out / 'results.md').write_text('\n'.join(lines) + '\n')
     results.update(rows={f'{m} rho={rho:g}': r for (m, rho), r in rows.items()})
     te.write_json(out / 'results.json', results)
+    te.write_text(out / 'results.md', '\n'.join(lines) + '\n')   # after results.json: the table last
     plot(out / 'tradeoff.png', rows)
     console.print('\n'.join(lines), highlight=False, soft_wrap=True)
     console.print(f'wrote {out}/results.md, results.json, tradeoff.png')

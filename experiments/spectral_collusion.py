@@ -74,7 +74,7 @@ def plot(path_sweep, path_results, sweep, rows):
         ax.set(xscale='log', xlabel='learning rate', ylabel='validation loss (ensemble)', title=method)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path_sweep, dpi=120)
+    te.save_figure(fig, path_sweep)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     labels = [f'{m}\nβ={b:g}' for m, b in rows]
     for ax, key, title in ((axes[0], 'ensemble_error', 'ensemble test error'), (axes[1], 'test_div', 'test DIV')):
@@ -82,7 +82,7 @@ def plot(path_sweep, path_results, sweep, rows):
         ax.set_title(title)
         ax.tick_params(axis='x', labelsize=7)
     fig.tight_layout()
-    fig.savefig(path_results, dpi=120)
+    te.save_figure(fig, path_results)
     plt.close('all')
 
 
@@ -159,11 +159,11 @@ def main(
                                                         for lr in lrs[method]) + ' |')
     lines.append(f'\n{time.perf_counter() - start:.0f} s in all (runs read back count nothing).')
     out.mkdir(parents=True, exist_ok=True)
-    (out / 'results.md').write_text('\n'.join(lines) + '\n')
     results.update(best_lr={f'{m} beta={b:g}': lr for (m, b), lr in best.items()},
                    rows={f'{m} beta={b:g}': r for (m, b), r in rows.items()},
                    sweep={f'{m} beta={b:g} lr={lr:g}': v for (m, b, lr), v in sweep.items()})
     te.write_json(out / 'results.json', results)
+    te.write_text(out / 'results.md', '\n'.join(lines) + '\n')   # after results.json: the table last
     plot(out / 'sweep.png', out / 'results.png', sweep, rows)
     console.print('\n'.join(lines), highlight=False, soft_wrap=True)
     console.print(f'wrote {out}/results.md, results.json, sweep.png, results.png')

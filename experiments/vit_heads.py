@@ -82,7 +82,7 @@ def main(runs: List[Path] = typer.Argument(..., help='ViT runs (train_ensemble.p
     lines += ['', '| spec | ' + ' | '.join(COLUMNS) + ' |', '|---' * (1 + len(COLUMNS)) + '|']
     lines += [f'| {s} | ' + ' | '.join(f'{m:.4g} ± {sd:.2g}' for m, sd in summary[s].values()) + ' |' for s in summary]
     out.mkdir(parents=True, exist_ok=True)
-    te.atomic_write(out / 'results.md', lambda tmp: Path(tmp).write_text('\n'.join(lines) + '\n'))
+    te.write_text(out / 'results.md', '\n'.join(lines) + '\n')
     te.write_json(out / 'results.json', {'runs': [str(r) for r in runs], 'examples': examples, 'pairs': results,
                                          'summary': summary})
     console.print('\n'.join(lines), soft_wrap=True)

@@ -228,7 +228,7 @@ def test_bad_input_gets_a_one_line_error(runs, tmp_path):
                           (['compare', tmp_path / 'nope'], 'does not exist')]:
         result = cli(*args)
         lines = [line for line in result.output.splitlines() if line.strip()]
-        assert result.exit_code == 1 and len(lines) == 1 and message in lines[0], (args, result.output)
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], (args, result.output)
 
 
 def test_every_command_documents_itself():

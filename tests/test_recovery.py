@@ -54,7 +54,7 @@ def test_a_run_killed_before_its_config_is_written_is_started_again_by_its_own_c
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9 and not (out / 'config.json').exists()
     result = CliRunner().invoke(cli(), ['--resume', str(out)])
-    assert result.exit_code == 1 and 'run the original command again' in result.output
+    assert result.exit_code == 2 and 'run the original command again' in result.output
     result = CliRunner().invoke(cli(), [*ARGS, '--out', str(out)])
     assert result.exit_code == 0, result.output
     assert (out / 'summary.json').exists() and not list(out.glob('.*tmp*'))

@@ -186,7 +186,7 @@ def test_regression_npz_val_shards_and_subsets_are_disjoint(tmp_path):
 def test_bad_regression_options_get_a_one_line_error(args, message, tmp_path):
     base = ['--arch', 'mlp', '--dataset', 'synthetic-regression', '--device', 'cpu', '--out', str(tmp_path / 'r')]
     result = CliRunner().invoke(cli(), base + args)
-    assert result.exit_code == 1 and message in result.output, result.output
+    assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / 'r').exists()
 
 
@@ -246,7 +246,7 @@ def test_analyze_reads_the_task_from_the_run_and_refuses_classification_only_com
     for command in (['robustness', joint], ['sharpness', joint], ['ood', joint, '--ood', 'synthetic'],
                     ['compare', joint, '--shifted'], ['evaluate', joint, '--combine', 'prob']):
         result = runner.invoke(analyze.app, command)
-        assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, (command, result.output)
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, (command, result.output)
         assert 'regression' in result.output
 
 

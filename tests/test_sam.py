@@ -162,5 +162,5 @@ def test_sharpbalance_trains_resumes_exactly_and_records_its_options(tmp_path):
 ])
 def test_bad_sharpness_options_get_a_one_line_error(args, message, tmp_path):
     result = CliRunner().invoke(cli(), args + ['--out', str(tmp_path / 'x')])
-    assert result.exit_code == 1 and message in result.output and 'Traceback' not in result.output
+    assert result.exit_code == 2 and message in result.output and 'Traceback' not in result.output
     assert not (tmp_path / 'x').exists()

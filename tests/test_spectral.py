@@ -135,7 +135,7 @@ def test_report_reads_a_checkpoint_and_writes_json(tmp_path):
     # every layer but the whitening conv (fixed by the data, not rescaled) reads back the spectral init
     assert all(abs(r['ratio'] - 1) < 1e-3 for r in layers if r['name'] != '1.weight')
     missing = CliRunner().invoke(sp.make_app(), ['report', str(tmp_path / 'nope.safetensors')])
-    assert missing.exit_code == 1 and 'does not exist' in missing.output
+    assert missing.exit_code == 2 and 'does not exist' in missing.output
 
 
 def test_coord_check_command_writes_a_plot(tmp_path):

@@ -213,7 +213,7 @@ def cli():
 ])
 def test_bad_options_get_a_one_line_error(args, message, tmp_path):
     result = CliRunner().invoke(cli(), args + ['--out', str(tmp_path / 'x')])
-    assert result.exit_code == 1 and message in result.output and 'Traceback' not in result.output
+    assert result.exit_code == 2 and message in result.output and 'Traceback' not in result.output
     assert not (tmp_path / 'x').exists()
 
 
@@ -224,12 +224,12 @@ def test_corrupt_or_missing_checkpoints_get_a_one_line_error(tmp_path):
                           (['--init', str(tmp_path / 'nope.safetensors')], 'does not exist'),
                           (['--resume', str(tmp_path / 'nothing')], 'no config.json')]:
         result = CliRunner().invoke(cli(), args + ['--dataset', 'synthetic', '--subset', '64', '--out', str(tmp_path / 'o')])
-        assert result.exit_code == 1 and message in result.output, result.output
+        assert result.exit_code == 2 and message in result.output, result.output
     run(tmp_path, 'r', members=1, **SMALL_AIRBENCH)
     (tmp_path / 'r' / 'state.safetensors').write_bytes(b'\x00' * 10)
     (tmp_path / 'r' / 'summary.json').unlink()   # an unfinished run, so that --resume reads the state
     result = CliRunner().invoke(cli(), ['--resume', str(tmp_path / 'r')])
-    assert result.exit_code == 1 and 'safetensors' in result.output
+    assert result.exit_code == 2 and 'safetensors' in result.output
 
 
 # ---- nothing lost ----
@@ -266,7 +266,7 @@ def test_a_run_killed_while_writing_its_members_is_finished_without_training(tmp
     again = json.loads((tmp_path / 'done' / 'summary.json').read_text())
     assert again['test_acc'] == summary['test_acc'] and again['train_time_s'] == summary['train_time_s']
     result = CliRunner().invoke(cli(), ['--resume', str(tmp_path / 'done')])
-    assert result.exit_code == 1 and 'already complete' in result.output
+    assert result.exit_code == 2 and 'already complete' in result.output
 
 
 def test_divergence_is_refused_before_anything_is_written_and_json_never_holds_nan(tmp_path):
@@ -328,7 +328,7 @@ def test_bad_npz_datasets_get_a_one_line_error_and_nothing_is_written(tmp_path, 
     make(data)
     result = CliRunner().invoke(cli(), ['--dataset', str(data), '--arch', 'mlp', '--hidden', '8', '--epochs', '1',
                                         '--out', str(tmp_path / 'x')])
-    assert result.exit_code == 1 and message in result.output and 'Traceback' not in result.output, result.output
+    assert result.exit_code == 2 and message in result.output and 'Traceback' not in result.output, result.output
     assert not (tmp_path / 'x').exists()
 
 
@@ -337,14 +337,14 @@ def test_bad_output_places_and_resume_misuse_get_a_one_line_error(tmp_path):
     common = ['--dataset', 'synthetic', '--subset', '64', '--arch', 'mlp', '--hidden', '8', '--epochs', '1']
     for out, message in [(tmp_path / 'file', 'is a file'), (tmp_path / 'file' / 'run', 'cannot create')]:
         result = CliRunner().invoke(cli(), common + ['--out', str(out)])
-        assert result.exit_code == 1 and message in result.output and 'Traceback' not in result.output, result.output
+        assert result.exit_code == 2 and message in result.output and 'Traceback' not in result.output, result.output
     run(tmp_path, 'r', **TINY_MLP)
     (tmp_path / 'r' / 'summary.json').unlink()
     result = CliRunner().invoke(cli(), ['--resume', str(tmp_path / 'r'), '--members', '3'])
-    assert result.exit_code == 1 and 'drop --members' in result.output
+    assert result.exit_code == 2 and 'drop --members' in result.output
     (tmp_path / 'r' / 'config.json').write_text('{"members": ')
     result = CliRunner().invoke(cli(), ['--resume', str(tmp_path / 'r')])
-    assert result.exit_code == 1 and 'not valid JSON' in result.output
+    assert result.exit_code == 2 and 'not valid JSON' in result.output
 
 
 def test_edited_checkpoint_metadata_is_refused_before_anything_is_allocated(tmp_path):

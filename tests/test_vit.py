@@ -119,7 +119,7 @@ def test_bad_vit_options_get_a_one_line_error(args, message, tmp_path):
     app.command()(te.command())
     result = CliRunner().invoke(app, ['--arch', 'vit', '--dataset', 'synthetic', '--subset', '64', '--device', 'cpu',
                                       '--out', str(tmp_path / 'x'), *args])
-    assert result.exit_code == 1 and message in result.output, result.output
+    assert result.exit_code == 2 and message in result.output, result.output
     assert not (tmp_path / 'x').exists()
 
 
