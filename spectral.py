@@ -43,7 +43,6 @@ import torch.nn.functional as F
 from torch import nn
 
 REFERENCE_WIDTH = 256       # channels of the reference layer that trains at exactly --lr (airbench's width)
-POWER_ITERS = 20            # power-iteration steps per call; warm-started calls need only a few
 COORD = dict(
     widths='0.25,0.5,1,2,4',  # multipliers of the hidden sizes (mlp) or of `width` (airbench, resnet18)
     hidden='256,256',         # mlp hidden sizes at width 1: two layers, so one is hidden-to-hidden
@@ -69,33 +68,18 @@ def as_matrices(weight, members=1):
     return weight.reshape(members, weight.shape[0] // members, -1)
 
 
-def spectral_norm(weight, iters=POWER_ITERS, exact=False, state=None, members=1):
-    """Largest singular value of a weight (per member: shape () for members=1, else (M,)).
-
-    Power iteration on WᵀW. Pass the same dict as `state` on every call for one weight: it keeps the
-    right singular vector, so during training (small changes per step) a few iterations stay accurate.
-    exact=True: √(largest eigenvalue) of the smaller Gram matrix, WWᵀ or WᵀW, in float64 (the seed
-    log's own definition). It equals torch.linalg.matrix_norm(W, ord=2) and is several times faster
-    than that SVD on a CPU.
-    """
-    a = as_matrices(weight.detach(), members).float()
-    if exact:
-        a64 = a.double()
-        gram = a64 @ a64.transpose(1, 2) if a.shape[1] <= a.shape[2] else a64.transpose(1, 2) @ a64
-        sigma = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0).sqrt().float()
-    else:
-        v = None if state is None else state.get('v')
-        if v is None or v.shape != (a.shape[0], a.shape[2]) or v.device != a.device:
-            # A private generator: no effect on the global RNG, and the same answer on every call.
-            g = torch.Generator(device=a.device).manual_seed(0)
-            v = torch.randn(a.shape[0], a.shape[2], generator=g, device=a.device)
-        v = F.normalize(v, dim=1)
-        for _ in range(iters):
-            u = F.normalize(torch.bmm(a, v[:, :, None])[:, :, 0], dim=1)
-            v = F.normalize(torch.bmm(a.transpose(1, 2), u[:, :, None])[:, :, 0], dim=1)
-        if state is not None:
-            state['v'] = v
-        sigma = torch.bmm(a, v[:, :, None]).norm(dim=(1, 2))
+def spectral_norm(weight, members=1):
+    """Largest singular value of a weight (per member: shape () for members=1, else (M,)), in the weight's
+    own floating dtype: √(largest eigenvalue) of the smaller Gram matrix, WWᵀ or WᵀW, in float64 (the seed
+    log's own definition), after dividing W by its largest entry so that no square underflows or overflows
+    at any scale. It equals torch.linalg.matrix_norm(W, ord=2) and is several times faster than that SVD
+    on a CPU."""
+    a = as_matrices(weight.detach(), members).double()
+    scale = a.abs().amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    a = a / scale
+    gram = a @ a.transpose(1, 2) if a.shape[1] <= a.shape[2] else a.transpose(1, 2) @ a
+    sigma = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0).sqrt() * scale[:, 0, 0]
+    sigma = sigma.to(weight.dtype if weight.is_floating_point() else torch.get_default_dtype())
     return sigma[0] if members == 1 else sigma
 
 
@@ -166,7 +150,7 @@ def spectral_init_(net, sigma=1.0, members=1):
         w = params[name]
         if not w.requires_grad:
             continue
-        norms = spectral_norm(w, exact=True, members=members).reshape(-1, 1, 1)
+        norms = spectral_norm(w, members=members).reshape(-1, 1, 1)
         scale = spectral_target(fan_in, fan_out, sigma) / norms.clamp_min(1e-12)
         w.copy_((as_matrices(w, members) * scale.to(w.dtype)).reshape(w.shape))
     return net
@@ -555,7 +539,7 @@ def _add_report(app, typer, console):
         rows = []
         for name, fan_in, fan_out, kind in layer_fans(net):
             w = params[name]
-            norm, target = spectral_norm(w, exact=True).item(), spectral_target(fan_in, fan_out, sigma)
+            norm, target = spectral_norm(w).item(), spectral_target(fan_in, fan_out, sigma)
             rows.append(dict(name=name, kind=kind, trainable=w.requires_grad, shape=list(w.shape), fan_in=fan_in,
                              fan_out=fan_out, spectral_norm=norm, target=target, ratio=norm / target))
         from rich import box

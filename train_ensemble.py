@@ -118,6 +118,8 @@ TASKS = ('classification', 'regression')
 DEBIAN_FASHION_MNIST = Path('/usr/share/datasets/fashion-mnist')
 CSV_TEST_FRACTION = 0.2   # a .csv is one table: this fixed share of its rows (a seeded choice) is the test split
 DATA_ORDER_SEED = 12345   # the fixed order validation splits, shards and subsets are taken from
+MAX_TARGET = 1e18         # regression targets above this: their squared error overflows float32 (3.4e38)
+MIN_TARGET_STD = 1e-15    # nor can a target vary by less: float32 then cannot resolve its errors
 
 
 @dataclass
@@ -256,11 +258,17 @@ def _checked_table(path, x_train, y_train, x_test, y_test):
     out = []
     for split, x, y in (('train', x_train, y_train), ('test', x_test, y_test)):
         for name, a, ndim in ((f'x_{split}', x, (2,)), (f'y_{split}', y, (1, 2))):
-            if a.ndim not in ndim or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
-                raise EnsembleError(f'{path}: {name} must be a {" or ".join(f"{d}-D" for d in ndim)} numeric array '
-                                    f'(regression: features (N, D), targets (N,) or (N, T)), got {a.dtype} {a.shape}')
+            real = (np.issubdtype(a.dtype, np.number) and not np.iscomplexobj(a)) or a.dtype == bool
+            if a.ndim not in ndim or not real or (a.ndim == 2 and a.shape[1] == 0):
+                raise EnsembleError(f'{path}: {name} must be a {" or ".join(f"{d}-D" for d in ndim)} array of real '
+                                    f'numbers (regression: features (N, D), targets (N,) or (N, T), D and T at least '
+                                    f'1), got {a.dtype} {a.shape}')
             if not np.isfinite(a.astype(np.float64)).all():
                 raise EnsembleError(f'{path}: {name} holds NaN or infinite values; fill or drop them first')
+            if np.abs(a.astype(np.float64)).max(initial=0) > np.finfo(np.float32).max:
+                raise EnsembleError(f'{path}: {name} holds values beyond float32 (about 3.4e38), which training '
+                                    'uses; rescale them')
+        _check_target_scale(path, f'y_{split}', y.astype(np.float64))
         if len(y) != len(x) or len(y) == 0:
             raise EnsembleError(f'{path}: x_{split} holds {len(x)} rows and y_{split} {len(y)} targets; '
                                 'they must match and not be empty')
@@ -269,6 +277,18 @@ def _checked_table(path, x_train, y_train, x_test, y_test):
         raise EnsembleError(f'{path}: train has {out[0].shape[1]} features and {out[1].shape[1]} targets, test '
                             f'{out[2].shape[1]} and {out[3].shape[1]}; they must match')
     return (*out, out[1].shape[1])
+
+
+def _check_target_scale(path, name, y):
+    """Targets whose squared error float32 can hold: the loss is measured in their units (overflow above
+    about 1.8e19) and trained in units of their spread (a spread below ~1e-15 underflows)."""
+    top, spread = float(np.abs(y).max(initial=0)), y.std(0)
+    if top > MAX_TARGET:
+        raise EnsembleError(f'{path}: {name} reaches {top:.3g}; squared errors of such targets overflow float32 '
+                            f'(they must stay below {MAX_TARGET:g}): rescale them (e.g. to thousands)')
+    if ((spread > 0) & (spread < MIN_TARGET_STD)).any():
+        raise EnsembleError(f'{path}: {name} varies by only {spread[spread > 0].min():.3g}; float32 cannot resolve '
+                            f'errors at that scale (spread at least {MIN_TARGET_STD:g}): rescale them')
 
 
 def _read_csv(path, target=None):
@@ -412,6 +432,9 @@ def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None
         order = order[:subset]
         test_order = fixed_order(y_test)[:subset]
         x_test, y_test = x_test[test_order], y_test[test_order]
+    if len(order) == 0:
+        raise EnsembleError(f'no training examples are left of {name} after --val-size {val_size}, --shard '
+                            f'{"/".join(map(str, shard)) if shard else None}, --subset {subset}: ask for fewer parts or more data')
     x_train, y_train = x_train[order], y_train[order]
     return Data(name, x_train, y_train, x_test, y_test, num_classes, x_val, y_val, task).to(device)
 
@@ -1166,12 +1189,19 @@ def load_member(path, device='cpu'):
 
 
 def read_config(run_dir):
-    """A run directory's config.json as a dict ({} when there is none)."""
+    """A run directory's config.json as a dict ({} when there is none), every option in it checked to have
+    its type and range: a value no command line would accept is refused, never used."""
     path = Path(run_dir) / 'config.json'
     try:
-        return json.loads(path.read_text()) if path.exists() else {}
+        config = json.loads(path.read_text()) if path.exists() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EnsembleError(f'{path} is not valid JSON ({e})') from None
+    if not isinstance(config, dict):
+        raise EnsembleError(f'{path} is not a run\'s config.json: it holds a JSON {type(config).__name__}, not an object')
+    bad = out_of_range(checked_options(config, path))
+    if bad:
+        raise EnsembleError(f"{path}: '{bad[0]}' must be {bad[1]}, got {bad[2]}")
+    return config
 
 
 def read_metrics(run_dir):
@@ -1203,19 +1233,45 @@ def member_paths(path):
     it is finished with --resume, not read as a smaller ensemble."""
     path = Path(path)
     if path.is_dir():
-        found = sorted(path.glob('member_*.safetensors'), key=lambda p: int(p.stem.split('_')[1]))
+        # member_<i> exactly: a user's member_best.safetensors beside them is not a member
+        found = sorted((p for p in path.iterdir() if re.fullmatch(r'member_\d+\.safetensors', p.name)),
+                       key=lambda p: int(p.stem.split('_')[1]))
         config = read_config(path)
-        if 'members' in config and isinstance(config['members'], int) and 'command' not in config:   # a training run
+        if 'members' in config and 'command' not in config:   # a training run
+            if len(found) > config['members'] or [p.name for p in found] != [f'member_{i}.safetensors' for i in
+                                                                            range(len(found))]:
+                raise EnsembleError(f'{path} holds {", ".join(p.name for p in found)}, but its config.json says '
+                                    f'{config["members"]} member(s), member_0 to member_{config["members"] - 1}')
             if not (path / 'summary.json').exists() or len(found) != config['members']:
                 raise EnsembleError(f'{path} is an unfinished run ({len(found)} of {config["members"]} member files, '
                                     f'{"no " if not (path / "summary.json").exists() else ""}summary.json): finish it '
                                     f'with python train_ensemble.py --resume {path}')
+            check_member_specs(found, config)
         if not found:
             raise EnsembleError(f'{path} holds no member_<i>.safetensors files')
         return found
     if path.suffix == '.safetensors' or path.exists():
         return [path]
     raise EnsembleError(f'{path} is neither a run directory nor a member checkpoint')
+
+
+def check_member_specs(paths, config):
+    """Every member file is the network its run's config.json describes (a file of another architecture
+    or width copied into the run would otherwise be evaluated as a member)."""
+    if 'model' not in config:   # runs older than the model spec in config.json
+        return
+    from safetensors import safe_open
+    for path in paths:
+        try:
+            with safe_open(str(path), framework='pt') as f:
+                spec = json.loads((f.metadata() or {}).get('model', 'null'))
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
+            raise EnsembleError(f'checkpoint {path} is not a readable safetensors file ({e})') from None
+        if spec != config['model']:
+            differ = sorted(k for k in set(spec or {}) | set(config['model'])
+                            if (spec or {}).get(k) != config['model'].get(k))
+            raise EnsembleError(f'{path} is not the network its run\'s config.json describes (they differ in '
+                                f'{", ".join(differ[:5])})')
 
 
 def load_run(run_dir, device='cpu'):
@@ -1732,14 +1788,22 @@ OPTION_RANGES = [
 ]
 
 
+def out_of_range(options):
+    """(option, requirement, value) of the first option in `options` outside its range, or None."""
+    for name, ok, requirement in OPTION_RANGES:
+        value = options.get(name)
+        if value is not None and not ok(value):
+            return name, requirement, value
+    return None
+
+
 def resolve_config(cfg, data=None):
     """Check the options and fill every None from the recipe; raises EnsembleError on bad input."""
     if cfg.arch is None:
         cfg = replace(cfg, arch='mlp' if cfg.task == 'regression' else 'airbench')
-    for name, ok, requirement in OPTION_RANGES:
-        value = getattr(cfg, name)
-        if value is not None and not ok(value):
-            raise EnsembleError(f"--{name.replace('_', '-')} must be {requirement}, got {value}")
+    bad = out_of_range(asdict(cfg))
+    if bad:
+        raise EnsembleError(f"--{bad[0].replace('_', '-')} must be {bad[1]}, got {bad[2]}")
     if cfg.beta > 1 and not cfg.allow_unstable:
         raise EnsembleError(f'--beta {cfg.beta} > 1 makes the objective unbounded below: the members can '
                             'grow DIV without limit (Jeffares et al. 2023, Thm 5.1; the Hessian at any '
@@ -2366,6 +2430,10 @@ def cli_error(message):
 def config_to_resume(run_dir):
     """The Config of the interrupted run in run_dir, from its config.json."""
     config_path = Path(run_dir) / 'config.json'
+    if not config_path.exists() and any(Path(run_dir).glob('member_*.safetensors')):
+        raise EnsembleError(f'cannot resume {run_dir}: its config.json is missing, but it holds member files '
+                            f'(the run {"finished" if (Path(run_dir) / "summary.json").exists() else "trained"}); '
+                            'resuming needs every option it ran with: restore config.json')
     if not config_path.exists() and (Path(run_dir) / '.lock').exists():
         raise EnsembleError(f'cannot resume {run_dir}: it was stopped before it wrote config.json, so nothing was '
                             'trained; run the original command again (same --out)')
