@@ -1131,10 +1131,28 @@ def save_figure(fig, path, dpi=120):
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format='png'))
 
 
+def stored_statistics(spec, state):
+    """spec with its data statistics (input mean and std; regression's target mean and std) read from the
+    fixed layers' buffers in `state`, which are what the network computes with: after --init from another
+    run's weights, or a merge of models trained on other data, they are not the statistics of this data.
+    Normalize is the first layer of every network build_model makes and TargetScale regression's last; no
+    other layer has a buffer called 'mean'."""
+    fixed = sorted((k[:-len('.mean')] for k in state if k.endswith('.mean') and k.count('.') == 1), key=int)
+    stats = {}
+    if fixed and fixed[0] == '0':
+        stats.update(mean=state['0.mean'].flatten().tolist(), std=state['0.std'].flatten().tolist())
+    if spec.get('task') == 'regression' and len(fixed) == 2:
+        stats.update(target_mean=state[f'{fixed[1]}.mean'].flatten().tolist(),
+                     target_std=state[f'{fixed[1]}.std'].flatten().tolist())
+    return {**spec, **stats}
+
+
 def save_member(path, state, spec, **meta):
-    """Write one member's state dict with the model spec in the safetensors metadata."""
+    """Write one member's state dict with the model spec in the safetensors metadata (its statistics those
+    of the state's own buffers)."""
     from safetensors.torch import save_file
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    spec = stored_statistics(spec, tensors)
     metadata = {'format': FORMAT, 'model': json.dumps(spec), **{k: json.dumps(v) for k, v in meta.items()}}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -2134,6 +2152,7 @@ class Training:
         if state is None:
             states = initial_member_states(cfg, self.spec, data, range(block.start, block.stop))
             net.load_state_dict(stack_members(states, net.state_dict()))
+            self.spec = stored_statistics(self.spec, states[0])   # --init: the statistics its weights came with
         self.net = net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
         # Regression trains on squared errors in units of the targets' std (so the recipe's lr fits any units).
         self.scale = torch.tensor(self.spec['target_std'], device=device) if cfg.task == 'regression' else None

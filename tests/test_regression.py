@@ -257,7 +257,7 @@ def test_weight_matching_aligns_regression_members_and_lowers_the_barrier(beta_p
                                               '--steps', '5', '--json', str(out)])
     assert result.exit_code == 0, result.output
     curves = json.loads(out.read_text())['curves']
-    assert curves['A → π(B)']['barrier']['test_loss'] < 0.5 * curves['A → B']['barrier']['test_loss']
+    assert curves['aligned']['barrier']['test_loss'] < 0.5 * curves['naive']['barrier']['test_loss']
 
 
 def test_mergemany_merges_regression_members_into_one_run_that_analyze_reads(beta_pair, tmp_path):
@@ -270,3 +270,23 @@ def test_mergemany_merges_regression_members_into_one_run_that_analyze_reads(bet
     merged = json.loads((tmp_path / 'm.json').read_text())['splits']['test']['ensemble']
     data = te.load_run_data(te.read_config(beta_pair[0.0][0]))
     assert merged['mse'] < float(data.y_test.var())   # one merged network, in the targets' units, still predicts
+
+
+def test_a_member_started_from_other_data_records_the_statistics_it_computes_with(tmp_path):
+    """--init from a run on other targets keeps that run's fixed input and target scaling (the weights were
+    learned for it): the member files and config.json say so, and the run reads back as itself."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 8)).astype(np.float32)
+    y = (1.5 * x[:, :1] + 0.5).astype(np.float32)   # other statistics than synthetic-regression's
+    np.savez(tmp_path / 'other.npz', x_train=x[:300], y_train=y[:300], x_test=x[300:], y_test=y[300:])
+    source = run(tmp_path, 'source', **{**TINY, 'epochs': 1})
+    run(tmp_path, 'continued', **{**TINY, 'epochs': 1, 'dataset': str(tmp_path / 'other.npz'),
+                                  'init': str(tmp_path / 'source')})
+    before = te.load_member_state(tmp_path / 'source' / 'member_0.safetensors')[0]
+    spec, state, _ = te.load_member_state(tmp_path / 'continued' / 'member_0.safetensors')
+    assert spec['target_std'] == before['target_std'] and spec['mean'] == before['mean']
+    assert spec['target_std'] != te.model_spec(te.Config(arch='mlp', hidden=[32]), te.load_data(
+        str(tmp_path / 'other.npz'), task='regression'))['target_std']   # not the new data's
+    assert te.read_config(tmp_path / 'continued')['model'] == spec
+    config, nets = te.load_run(tmp_path / 'continued')   # its own config.json and members agree
+    assert len(nets) == 1 and source['test_loss'] > 0

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import train_ensemble as te
@@ -353,7 +353,8 @@ def test_edited_checkpoint_metadata_is_refused_before_anything_is_allocated(tmp_
     net = te.build_model(spec)
     for edit, message in [(dict(hidden=[10**6, 10**6]), 'over the limit'), (dict(arch='transformer'), "known 'arch'"),
                           (dict(arch='vit'), "needs 'depth'"), (dict(hidden=[0]), "'hidden'"), (dict(mean=[0.5, 0.5]), "'mean'")]:
-        te.save_member(tmp_path / 'm.safetensors', net.state_dict(), {**spec, **edit})
+        metadata = {'format': te.FORMAT, 'model': json.dumps({**spec, **edit})}   # as if edited by hand
+        save_file(net.state_dict(), str(tmp_path / 'm.safetensors'), metadata=metadata)
         with pytest.raises(te.EnsembleError, match=message):
             te.load_member(tmp_path / 'm.safetensors')
     state = net.state_dict()
