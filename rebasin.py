@@ -1,9 +1,12 @@
 """rebasin.py: git re-basin for PyTorch networks: permutation specs, weight matching, MergeMany and
 BatchNorm repair after averaging.
 
-    python rebasin.py spec runs/a/member_0.safetensors          # which permutation acts where
-    python rebasin.py align runs/a runs/b --out runs/b_aligned    # B's members, moved into A's basin
-    python rebasin.py merge runs/s0 runs/s1 runs/s2 --out runs/m --reset-bn
+    python rebasin.py spec runs/a/member_0.safetensors   # which permutation acts where
+    python rebasin.py align runs/a runs/b                  # B's members, moved into A's basin: aligned/b_aligned
+    python rebasin.py merge runs/* --reset-bn              # every finished run in one model: merges/<name>_merge<N>
+
+Outputs go to aligned/ and merges/, outside a glob over runs/; merge skips (and names) what is not a
+finished training run, and prints the result's test accuracy beside its sources'.
 
 Renaming the hidden channels of a network (permuting a layer's outputs and the matching inputs of every
 layer that reads them) gives the same function with different weights. Weight matching (Ainsworth,
@@ -13,7 +16,8 @@ weights shrink activation variance, which resetting BatchNorm statistics or REPA
 2022, arXiv 2211.08403) undoes.
 
 The core functions take and return dicts of tensors and need only torch and scipy: copy this file into
-another project. Only the command line at the bottom imports train_ensemble. Measured figures: README.md.
+another project. Only the command line at the bottom imports train_ensemble. The ways of matching channels
+are entries of MERGE_METHODS (align_pair and merge_models call them by name). Measured figures: README.md.
 """
 
 #############################################
@@ -21,19 +25,22 @@ another project. Only the command line at the bottom imports train_ensemble. Mea
 #############################################
 
 import copy
+import importlib
 import json
 import math
 import operator
 import os
 import random
+import re
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -824,6 +831,71 @@ def merge_many(spec, params_list, max_iter=MAX_SWEEPS, seed=0, device=None, max_
 
 
 #############################################
+#              Merge methods                #
+#############################################
+# One entry per way of matching channels; `align`, `merge`, their --method help and validation, and
+# other scripts read this registry. Every caller passes the same keyword options and each method takes
+# what it uses: max_iter, seed, device, max_passes, tol, progress (weight matching); module (a function
+# from a state dict to an nn.Module on the device) and batches (a list of training inputs) for a method
+# with needs_data. A new method is one entry and its align function: without a merge function of its
+# own, merge aligns every model to the first and averages.
+
+@dataclass(frozen=True)
+class MergeMethod:
+    help: str                          # one clause for --method's help
+    align: Callable                    # (spec, params_a, params_b, **options) -> Permutation of B into A's basin
+    merge: Optional[Callable] = None   # (spec, params_list, **options) -> (merged state dict, Permutations)
+    needs_data: bool = False           # align needs module= and batches=: the command line loads training images
+
+
+def _align_weights(spec, params_a, params_b, max_iter=MAX_SWEEPS, seed=0, device=None, **_):
+    return weight_matching(spec, params_a, params_b, max_iter, seed, device=device)
+
+
+def _merge_weights(spec, params_list, max_iter=MAX_SWEEPS, seed=0, device=None, max_passes=MAX_PASSES, tol=PASS_TOL,
+                   progress=None, **_):
+    return merge_many(spec, params_list, max_iter, seed, device, max_passes, tol, progress)
+
+
+def _align_activations(spec, params_a, params_b, module=None, batches=None, device=None, **_):
+    if module is None or batches is None:
+        raise RebasinError('activation matching needs module= (state dict -> nn.Module) and batches= (inputs)')
+    return activation_matching(spec, module(params_a), module(params_b), batches, device)
+
+
+MERGE_METHODS = {
+    'weight': MergeMethod('weight matching: channels paired to bring the weights closest, MergeMany to merge',
+                          _align_weights, _merge_weights),
+    'activation': MergeMethod('activation matching: channels paired by how their activations on training images '
+                              'correlate', _align_activations, needs_data=True),
+}
+
+
+def merge_method(name, what='method'):
+    """The registry entry of a method name; RebasinError listing the names for an unknown one."""
+    if name not in MERGE_METHODS:
+        raise RebasinError(f"unknown {what} '{name}': use one of {', '.join(MERGE_METHODS)}")
+    return MERGE_METHODS[name]
+
+
+def align_pair(method, spec, params_a, params_b, **options):
+    """The Permutation that moves B into A's basin by the named method (options: see MergeMethod)."""
+    return merge_method(method).align(spec, params_a, params_b, **options)
+
+
+def merge_models(method, spec, params_list, **options):
+    """(merged state dict, one Permutation per model) by the named method, in the first model's basin."""
+    entry = merge_method(method)
+    if entry.merge is not None:
+        return entry.merge(spec, params_list, **options)
+    if len(params_list) < 2:
+        raise RebasinError(f'merging needs at least two models, got {len(params_list)}')
+    check_compatible(spec, params_list)
+    perms = [identity_permutation(spec)] + [entry.align(spec, params_list[0], p, **options) for p in params_list[1:]]
+    return average([apply_permutation(spec, q, p) for q, p in zip(perms, params_list)]), perms
+
+
+#############################################
 #        BatchNorm after averaging          #
 #############################################
 # Averaging aligned networks shrinks the variance of every channel ("variance collapse"), and the
@@ -968,14 +1040,6 @@ def _module(model_spec, state, device):
     return net.to(device).eval()
 
 
-METHODS = ('weight', 'activation')
-
-
-def _check_method(method):
-    if method not in METHODS:
-        raise RebasinError(f"unknown --method '{method}': use weight (weight matching) or activation (activation matching)")
-
-
 def _data_options(source, dataset, data_dir):
     """The data options of the run a model came from (its config.json), with the command line's overrides."""
     config_path = (source if source.is_dir() else source.parent) / 'config.json'
@@ -984,8 +1048,15 @@ def _data_options(source, dataset, data_dir):
     except json.JSONDecodeError as e:
         raise RebasinError(f'{config_path} is not valid JSON ({e})') from None
     return dict(dataset=dataset or config.get('dataset'), data_dir=str(data_dir or config.get('data_dir', 'data')),
-                data_seed=config.get('data_seed', config.get('seed', 0)), val_size=config.get('val_size') or 0,
-                shard=config.get('shard'), subset=config.get('subset'), task=config.get('task'), target=config.get('target'))
+                data_seed=config.get('seed', 0) if config.get('data_seed') is None else config['data_seed'],
+                val_size=config.get('val_size') or 0,
+                shard=config.get('shard'), subset=config.get('subset'), task=config.get('task'),
+                target=config.get('target'))
+
+
+def _known(options):
+    """The options that have a value: a run's config.json never says 'dataset': null (read_config refuses it)."""
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def _training_batches(data, model_spec, examples, batch_size, device):
@@ -1025,7 +1096,8 @@ def _write_run(out, states, sources, model_spec, config, force):
         for i, (state, source) in enumerate(zip(states, sources)):
             te.save_member(tmp / f'member_{i}.safetensors', state, model_spec, source=source)
         # the task is the members' own (a source run's config.json may predate the option, or be missing)
-        te.write_json(tmp / 'config.json', {**config, 'task': model_spec.get('task', 'classification'), 'format': te.FORMAT})
+        te.write_json(tmp / 'config.json',
+                      {**config, 'task': model_spec.get('task', 'classification'), 'format': te.FORMAT})
         if out.exists():   # held while replaced: a trainer that starts meanwhile is refused
             lock = te.lock_run_dir(out)   # refuses if one started since _check_out
             try:
@@ -1066,19 +1138,282 @@ def _print_spec(spec, state, title):
     console.print(left)
 
 
+def _console():
+    from rich.console import Console
+    return Console(soft_wrap=True, highlight=False)   # paths never split at the terminal's edge, nor coloured
+
+
+def _why_skipped(path):
+    """Why `merge` leaves out a path it was given (None: it is a model to merge). A glob over runs/ also
+    picks up plots, unfinished runs and this script's own outputs; a path that does not exist, or a
+    .safetensors file, is left to the loader, whose error is fatal (a typo, a corrupt member)."""
+    te = _te()
+    if path.is_file():
+        return None if path.suffix == '.safetensors' else f'not a member checkpoint (a {path.suffix or "plain"} file)'
+    if not path.is_dir():
+        return None
+    writer = te.run_dir_writer(path)
+    if writer is not None:
+        return f'still being written by {writer}'
+    command = _raw_config(path).get('command')
+    if command:
+        return f'the output of rebasin.py {command}, not a training run (name its member files to merge it)'
+    try:
+        te.member_paths(path)   # refuses a directory without members and an unfinished training run
+    except te.EnsembleError as e:
+        return re.sub(rf'^{re.escape(str(path))} (is )?', '', ' '.join(str(e).split()))
+    return None
+
+
+def _raw_config(run_dir):
+    """A run directory's config.json as it is ({} when missing or unreadable): read_config checks a training
+    run's options and refuses this script's outputs, whose config.json is not a training run's."""
+    try:
+        config = json.loads((Path(run_dir) / 'config.json').read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _merge_sources(paths, console):
+    """The models `merge` merges: every member of each finished run and each member file given. What is
+    skipped is named in one line each, so that `merge runs/*` run twice merges the same models."""
+    keep = []
+    for path in map(Path, paths):
+        why = _why_skipped(path)
+        if why:
+            console.print(f'skipped {path}: {why}', markup=False)
+        else:
+            keep.append(path)
+    return _load_models(keep)
+
+
+def _free_out(folder, name, force):
+    """The default output folder/name; unless --force replaces it, the first free one of name, name_2,
+    name_3, ...: running a command again writes beside its earlier output instead of failing."""
+    out, i = Path(folder) / name, 1
+    while out.exists() and not force:
+        i += 1
+        out = Path(folder) / f'{name}_{i}'
+    return out
+
+
+def _common_stem(names):
+    """What the names share, cut at a separator: the seeds ..._s0, ..._s1 of one setting give its name."""
+    stem = os.path.commonprefix(names)
+    if any(n != stem for n in names):
+        cut = max(stem.rfind(c) for c in '_-.')
+        stem = stem[:cut] if cut > 0 else ''
+    return stem.strip('_-.')
+
+
+def _merge_name(found, o):
+    """merge's default output name: what the source runs share, how many models, and how they were merged."""
+    stem = _common_stem([m.path.parent.name for m in found])
+    name = f'{stem}_merge{len(found)}' if stem else f'merge{len(found)}'
+    extras = [o.method] * (o.method != next(iter(MERGE_METHODS))) + ['resetbn'] * o.reset_bn + ['repair'] * o.repair
+    return '_'.join([name, *extras])
+
+
+def _test_data(options, model_spec):
+    """The source runs' test split (te.Data), or why it cannot be had offline (a string)."""
+    te = _te()
+    try:
+        data = te.load_run_data(options, download=False)
+    except (te.EnsembleError, OSError) as e:
+        return ' '.join(str(e).split())
+    if tuple(data.x_test.shape[1:]) != te.input_shape(model_spec):
+        return (f'{data.name} has inputs of shape {tuple(data.x_test.shape[1:])}; '
+                f'the models expect {te.input_shape(model_spec)}')
+    return data
+
+
+@torch.no_grad()
+def _test_scores(data, sources, outputs, examples, device, tta=False):
+    """Test accuracy (RMSE for regression) of each source model, of their mean, of their ensemble (probability
+    averaging; regression: the mean output), and of each output model and the output run as an ensemble.
+    sources: loaded models; outputs: state dicts of the first source's model spec; tta as the runs measured."""
+    te, spec = _te(), sources[0].model_spec
+    x, y = data.x_test[:examples], data.y_test[:examples]
+    combiner, score = ('mean', 'rmse') if data.task == 'regression' else ('prob', 'acc')
+
+    def metrics(states):
+        logits = te.predict_logits([_module(spec, state, device) for state in states], x, tta=tta)
+        return te.ensemble_metrics(logits, y.to(logits.device), combiner)
+
+    src, out = metrics([m.state for m in sources]), metrics(outputs)
+    return {'dataset': data.name, 'examples': len(y), 'combiner': combiner, 'tta': tta,
+            f'source_test_{score}': src[f'member_{score}'],
+            f'source_mean_test_{score}': sum(src[f'member_{score}']) / len(sources),
+            f'source_ensemble_test_{score}': src[score],
+            f'member_test_{score}': out[f'member_{score}'], f'test_{score}': out[score], 'test_loss': out['loss']}
+
+
+def _print_scores(console, r, source_labels, output_labels):
+    regression, n = 'test_rmse' in r, len(source_labels)
+    key = 'rmse' if regression else 'acc'
+    rows = [*zip(map(str, source_labels), r[f'source_test_{key}']),
+            (f'mean of the {n} source models', r[f'source_mean_test_{key}']),
+            (f'ensemble of the {n} ({"mean output" if regression else "probability averaging"})',
+             r[f'source_ensemble_test_{key}']),
+            *zip(output_labels, r[f'member_test_{key}'])]
+    width = max(len(label) for label, _ in rows)
+    console.print(f"test {'RMSE' if regression else 'accuracy'} on {r['dataset']} ({r['examples']:,} test examples"
+                  f"{', test-time augmentation' if r['tta'] else ''}):", markup=False)
+    for label, value in rows:
+        shown = f'{value:.4g}' if regression else f'{100 * value:.2f}%'
+        console.print(f'  {label.ljust(width)}  {shown}', markup=False)
+
+
+def _data_differences(data, sources):
+    """The data options in which the sources' runs differ from the test set's (synthetic data is made from
+    its seed): each run is scored on one test set, which may not be the one it was trained for."""
+    keys = ['dataset', 'subset', 'task'] + ['data_seed'] * (data['dataset'] in ('synthetic', 'synthetic-regression'))
+    runs = [_raw_config(p) for p in dict.fromkeys(m.path.parent for m in sources)]
+    seeds = [r.get('seed', 0) if r.get('data_seed') is None else r['data_seed'] for r in runs]
+    runs = [{**r, 'data_seed': seed} for r, seed in zip(runs, seeds)]
+    return [k for k in keys if any(r.get(k) != runs[0].get(k) for r in runs)]
+
+
+def _evaluation(console, o, data, sources, outputs, device):
+    """What config.json records under 'evaluation': the test scores of the sources and of the outputs
+    ((label, state dict) pairs), printed beside each other; or why they were left out, in one line.
+    A dataset that cannot be had offline never fails the command: its result is worth keeping."""
+    if o.no_eval:
+        return None
+    differ = _data_differences(data, sources)
+    if differ:
+        console.print(f"note: the source runs differ in {', '.join(differ)}; the test set is "
+                      f"{sources[0].path.parent}'s", markup=False)
+    test = _test_data(data, sources[0].model_spec)
+    if isinstance(test, str):
+        console.print(f'test accuracy: skipped ({test})', markup=False)
+        return {'skipped': test}
+    tta = bool(_raw_config(sources[0].path.parent).get('tta'))   # as the source run measured its own
+    scores = _test_scores(test, sources, [s for _, s in outputs], o.test_examples, device, tta)
+    _print_scores(console, scores, [m.path for m in sources], [label for label, _ in outputs])
+    return scores
+
+
+def _check_counts(o):
+    for name in ('examples', 'bn_examples', 'batch_size', 'test_examples', 'max_iter', 'max_passes'):
+        value = getattr(o, name, None)
+        if value is not None and value < 1:
+            raise RebasinError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def _align(o):
+    """rebasin.py align, given its options: validate, align, evaluate, then write."""
+    te, start, console = _te(), time.perf_counter(), _console()
+    entry = merge_method(o.method, '--method')
+    _check_counts(o)
+    name = o.b.name if o.b.is_dir() else f'{o.b.parent.name}_{o.b.stem}'
+    out = _check_out(o.out or _free_out('aligned', f'{name}_aligned', o.force), o.force)
+    ref, models, dev = _load_models([o.a])[0], _load_models([o.b]), te.resolve_device(o.device)
+    _, spec = _permutation_spec_of(ref.model_spec)
+    check_compatible(spec, [ref.state] + [m.state for m in models], [str(m.path) for m in [ref] + models])
+    data, options = _data_options(o.b, o.dataset, o.data_dir), dict(max_iter=o.max_iter, seed=o.seed, device=dev)
+    if entry.needs_data:
+        options.update(module=lambda state: _module(ref.model_spec, state, dev),
+                       batches=_training_batches(data, ref.model_spec, o.examples, o.batch_size, dev))
+    keys, states, records = _matched_keys(spec, ref.state), [], []
+    for m in models:
+        perm = entry.align(spec, ref.state, m.state, **options)
+        states.append(apply_permutation(spec, perm, m.state))
+        dist = [math.sqrt(_sq_distance({k: ref.state[k] for k in keys}, s)) for s in (m.state, states[-1])]
+        records.append(dict(source=str(m.path), sweeps=len(perm.objective) - 1 if perm.objective else None,
+                            objective=perm.objective, distance_before=dist[0], distance_after=dist[1],
+                            channels_moved=_channels_moved(spec, perm)))
+        how = (f'after {records[-1]["sweeps"]} sweep(s)' if perm.objective else f'by {o.method} matching'
+               + (f' on {o.examples} training images' if entry.needs_data else ''))
+        console.print(f'{m.path}: ‖A − B‖ {dist[0]:.4g} -> {dist[1]:.4g} {how}, '
+                      f'{records[-1]["channels_moved"]} of {_channels(spec)} channels moved', markup=False)
+    evaluation = _evaluation(console, o, data, [ref] + [m for m in models if m.path != ref.path],   # each once
+                             [(f'{m.path} aligned', s) for m, s in zip(models, states)], dev)
+    # 'alignments', not 'members': in a run's config.json 'members' is the ensemble size, and read_config checks it
+    config = dict(command='align', method=o.method, reference=str(ref.path), sources=[str(m.path) for m in models],
+                  model=ref.model_spec, seed=o.seed, max_iter=o.max_iter, alignments=records, **_known(data),
+                  examples=o.examples if entry.needs_data else None, evaluation=evaluation,
+                  time_s=time.perf_counter() - start, **te.environment(dev))
+    _write_run(out, states, config['sources'], ref.model_spec, config, o.force)
+    console.print(f'wrote {out}', markup=False)
+
+
+def _merge(o):
+    """rebasin.py merge, given its options: validate, merge, repair the statistics, evaluate, then write."""
+    te, start, console = _te(), time.perf_counter(), _console()
+    entry = merge_method(o.method, '--method')
+    _check_counts(o)
+    if o.reset_bn and o.repair:
+        raise RebasinError('--reset-bn and --repair are alternatives (--repair also recomputes the statistics)')
+    found = _merge_sources(o.models, console)
+    if len(found) < 2:
+        raise RebasinError(f'merge needs at least two models; the paths given hold {len(found)}')
+    out = _check_out(o.out or _free_out('merges', _merge_name(found, o), o.force), o.force)
+    net, spec = _permutation_spec_of(found[0].model_spec)
+    check_compatible(spec, [m.state for m in found], [str(m.path) for m in found])
+    if o.reset_bn and not _batchnorms(net):
+        raise RebasinError('--reset-bn: these models have no BatchNorm layers (--repair rescales their layers)')
+    dev, data, distance = te.resolve_device(o.device), _data_options(found[0].path, o.dataset, o.data_dir), []
+    if o.reset_bn or o.repair:   # load the data first: fail before the long part
+        batches = _training_batches(data, found[0].model_spec, o.bn_examples, o.batch_size, dev)
+    options = dict(max_iter=o.max_iter, seed=o.seed, device=dev, max_passes=o.max_passes, tol=o.tol,
+                   progress=lambda record: _merge_progress(console, record, distance))
+    if entry.needs_data:
+        options.update(module=lambda state: _module(found[0].model_spec, state, dev),
+                       batches=_training_batches(data, found[0].model_spec, o.examples, o.batch_size, dev))
+    runs = len({m.path.parent for m in found})
+    console.print(f'merging {len(found)} models from {runs} run{"s" * (runs != 1)}', markup=False)
+    merged, perms = merge_models(o.method, spec, [m.state for m in found], **options)
+    if o.reset_bn or o.repair:
+        net.load_state_dict(merged)
+        net.to(dev)
+        if o.repair:   # each model's channel statistics, in the merged model's basin
+            ends = [_module(m.model_spec, apply_permutation(spec, q, m.state), dev) for q, m in zip(perms, found)]
+        merged = repair_many(ends, [1 / len(ends)] * len(ends), net, batches) if o.repair else reset_bn(net, batches)
+    evaluation = _evaluation(console, o, data, found, [('merged', merged)], dev)
+    config = dict(command='merge', method=o.method, sources=[str(m.path) for m in found], model=found[0].model_spec,
+                  seed=o.seed, max_iter=o.max_iter, max_passes=o.max_passes, tol=o.tol,
+                  passes=len(distance) - 1 if distance else None, distance=distance,
+                  sweeps=[len(q.objective) - 1 if q.objective else None for q in perms], reset_bn=o.reset_bn,
+                  repair=o.repair, bn_examples=o.bn_examples if o.reset_bn or o.repair else None,
+                  examples=o.examples if entry.needs_data else None, **_known(data), evaluation=evaluation,
+                  time_s=time.perf_counter() - start, **te.environment(dev))
+    _write_run(out, [merged], [config['sources']], found[0].model_spec, config, o.force)
+    how = (f'in {len(distance) - 1} pass{"es" * (len(distance) != 2)}' if distance else f'by {o.method} matching'
+           + (f' on {o.examples} training images' if entry.needs_data else ''))
+    console.print(f'merged {len(found)} models {how}, {time.perf_counter() - start:.1f} s: wrote {out}', markup=False)
+
+
+def _merge_progress(console, record, distance):
+    if 'distance' in record:
+        distance.append(record['distance'])
+        console.print(f"{'start' if record['pass'] == 0 else 'pass ' + str(record['pass'])}: "
+                      f"Σ‖θ_i − mean of the others‖² = {record['distance']:.6g}")
+
+
 def make_app():
     """The typer application: spec, align, merge."""
     import typer
     app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                      help='Git re-basin: permutation specs (spec), weight matching (align), MergeMany (merge).')
+                      context_settings={'help_option_names': ['-h', '--help']},
+                      help='Git re-basin: permutation specs (spec), alignment of one run to another (align), '
+                           'and merging several models into one (merge).')
     for add_command in (_add_spec, _add_align, _add_merge):
         add_command(app, typer)
     return app
 
 
+METHOD_HELP = 'How channels are matched, one of: ' + '; '.join(f'{k} ({m.help})' for k, m in MERGE_METHODS.items())
+NO_EVAL_HELP = ("Skip the test accuracy (RMSE for regression) of the sources and the result, which is otherwise "
+                "printed and recorded in config.json's 'evaluation'.")
+TEST_EXAMPLES_HELP = 'Evaluate on at most this many test examples (default: all of them).'
+MATCH, BN, DATA = 'Matching', 'BatchNorm after averaging', 'Data and evaluation'   # --help's option panels
+
+
 def _add_spec(app, typer):
     """Register `rebasin.py spec` (typer is passed in: it is imported only when the command line runs)."""
-    @app.command('spec')
+    @app.command('spec', short_help="Print a model's permutations and what stays unpermuted.")
     def spec_command(
         model: Path = typer.Argument(..., help='A member_<i>.safetensors file, or a run directory (its first member).'),
         json_out: Optional[Path] = typer.Option(None, '--json', help='Also write the spec as JSON to this file.'),
@@ -1096,130 +1431,115 @@ def _add_spec(app, typer):
 
 def _add_align(app, typer):
     """Register `rebasin.py align` (typer is passed in: it is imported only when the command line runs)."""
-    @app.command()
+    @app.command(short_help="Permute B's members into A's basin (the same functions).")
     def align(
         a: Path = typer.Argument(..., help='The reference: a member file, or a run directory (its member_0).'),
         b: Path = typer.Argument(..., help='The models to permute: a member file, or a run directory (every member).'),
-        out: Optional[Path] = typer.Option(None, help='Output run directory (default: runs/<B>_aligned).'),
-        method: str = typer.Option('weight', help="weight: weight matching; activation: match channels by the "
-                                                  "correlation of their activations on training images."),
-        max_iter: int = typer.Option(MAX_SWEEPS, help='Most weight-matching sweeps over all permutations.'),
-        seed: int = typer.Option(0, help='Seed of the random order of the permutations within a sweep.'),
-        dataset: Optional[str] = typer.Option(None, help="--method activation: training data (default: B's run's)."),
-        data_dir: Optional[Path] = typer.Option(None, help="Where that dataset lives (default: the source run's, else data/)."),
-        examples: int = typer.Option(BN_EXAMPLES, help='--method activation: training images whose activations are correlated.'),
-        batch_size: int = typer.Option(BN_BATCH, help='--method activation: batch size of those passes.'),
-        device: str = typer.Option('auto', help='Where cost matrices are built: auto (cuda if available), cpu or cuda.'),
-        force: bool = typer.Option(False, '--force', help='Replace --out if it already exists.'),
+        out: Optional[Path] = typer.Option(None, help='Output run directory (default: aligned/<B>_aligned, '
+                                                      'numbered _2, _3, ... if taken).'),
+        device: str = typer.Option('auto', help='Where cost matrices are built: auto (cuda if available), cpu '
+                                                'or cuda.'),
+        force: bool = typer.Option(False, '--force', help='Replace --out (or the default) if it already exists.'),
+        method: str = typer.Option(next(iter(MERGE_METHODS)), help=METHOD_HELP, rich_help_panel=MATCH),
+        max_iter: int = typer.Option(MAX_SWEEPS, help='Most weight-matching sweeps over all permutations.',
+                                     rich_help_panel=MATCH),
+        seed: int = typer.Option(0, help='Seed of the random order of the permutations within a sweep.',
+                                 rich_help_panel=MATCH),
+        examples: int = typer.Option(BN_EXAMPLES, help='--method activation: training images whose activations '
+                                                       'are correlated.', rich_help_panel=MATCH),
+        dataset: Optional[str] = typer.Option(None, help="Data for the test accuracy and the training images "
+                                                         "(default: B's run's).", rich_help_panel=DATA),
+        data_dir: Optional[Path] = typer.Option(None, help="Where that dataset lives (default: the source run's, "
+                                                           "else data/).", rich_help_panel=DATA),
+        batch_size: int = typer.Option(BN_BATCH, help='Batch size of the passes over training images.',
+                                       rich_help_panel=DATA),
+        no_eval: bool = typer.Option(False, '--no-eval', help=NO_EVAL_HELP, rich_help_panel=DATA),
+        test_examples: Optional[int] = typer.Option(None, help=TEST_EXAMPLES_HELP, rich_help_panel=DATA),
     ):
         """Permute B's members into A's basin by weight matching (or activation matching). Each output member
         computes exactly the same function as its source; only the order of its hidden channels changes."""
-        from rich.console import Console
+        o = SimpleNamespace(**locals())
         with _user_errors():
-            te, start = _te(), time.perf_counter()
-            out = _check_out(out or Path('runs') / f'{b.name if b.is_dir() else b.parent.name + "_" + b.stem}_aligned', force)
-            _check_method(method)
-            ref, models, dev = _load_models([a])[0], _load_models([b]), te.resolve_device(device)
-            _, spec = _permutation_spec_of(ref.model_spec)
-            check_compatible(spec, [ref.state] + [m.state for m in models], [str(m.path) for m in [ref] + models])
-            data = _data_options(b, dataset, data_dir)
-            if method == 'activation':
-                batches = _training_batches(data, ref.model_spec, examples, batch_size, dev)
-            keys, states, members = _matched_keys(spec, ref.state), [], []
-            for m in models:
-                perm = (weight_matching(spec, ref.state, m.state, max_iter, seed, device=dev) if method == 'weight' else
-                        activation_matching(spec, _module(ref.model_spec, ref.state, dev),
-                                            _module(m.model_spec, m.state, dev), batches, dev))
-                states.append(apply_permutation(spec, perm, m.state))
-                dist = [math.sqrt(_sq_distance({k: ref.state[k] for k in keys}, s)) for s in (m.state, states[-1])]
-                members.append(dict(source=str(m.path), sweeps=len(perm.objective) - 1, objective=perm.objective,
-                                    distance_before=dist[0], distance_after=dist[1],
-                                    channels_moved=_channels_moved(spec, perm)))
-                how = f'after {members[-1]["sweeps"]} sweep(s)' if method == 'weight' else f'by activations on {examples} images'
-                Console(soft_wrap=True).print(
-                    f'{m.path}: ‖A − B‖ {dist[0]:.4g} -> {dist[1]:.4g} {how}, '
-                    f'{members[-1]["channels_moved"]} of {_channels(spec)} channels moved')
-            config = dict(command='align', method=method, reference=str(ref.path), sources=[str(m.path) for m in models],
-                          model=ref.model_spec, seed=seed, max_iter=max_iter, members=members, **data,
-                          examples=examples if method == 'activation' else None,
-                          time_s=time.perf_counter() - start, **te.environment(dev))
-            _write_run(out, states, config['sources'], ref.model_spec, config, force)
-            Console(soft_wrap=True).print(f'wrote {out}')
+            _align(o)
 
 
 def _add_merge(app, typer):
     """Register `rebasin.py merge` (typer is passed in: it is imported only when the command line runs)."""
-    @app.command()
+    @app.command(short_help='Merge models (MergeMany) into one, printing its accuracy.')
     def merge(
-        models: List[Path] = typer.Argument(..., help='Member files or run directories (every member is merged).'),
-        out: Optional[Path] = typer.Option(None, help='Output run directory (default: runs/merge_<N>).'),
-        method: str = typer.Option('weight', help='weight: MergeMany; activation: every model aligned to the first by '
-                                                  'activation matching (on --examples training images), then averaged.'),
-        examples: int = typer.Option(BN_EXAMPLES, help='--method activation: training images whose activations are correlated.'),
-        max_iter: int = typer.Option(MAX_SWEEPS, help='Most weight-matching sweeps per alignment step.'),
-        max_passes: int = typer.Option(MAX_PASSES, help='Most MergeMany passes over all models.'),
-        tol: float = typer.Option(PASS_TOL, help='Stop when a pass shrinks the total distance by less than this fraction.'),
-        seed: int = typer.Option(0, help='Seed of the random orders (models within a pass, permutations within a sweep).'),
-        reset_bn_: bool = typer.Option(False, '--reset-bn', help='Recompute the merged BatchNorm statistics on training data.'),
-        repair_: bool = typer.Option(False, '--repair', help="REPAIR: give each channel the mean of the models' channel mean and std."),
-        dataset: Optional[str] = typer.Option(None, help="Training data for --reset-bn/--repair/--method activation (default: the first source run's)."),
-        data_dir: Optional[Path] = typer.Option(None, help="Where that dataset lives (default: the source run's, else data/)."),
-        bn_examples: int = typer.Option(BN_EXAMPLES, help='Training images that --reset-bn/--repair average over.'),
-        batch_size: int = typer.Option(BN_BATCH, help='Batch size of those passes.'),
-        device: str = typer.Option('auto', help='Where to match and compute statistics: auto (cuda if available), cpu or cuda.'),
-        force: bool = typer.Option(False, '--force', help='Replace --out if it already exists.'),
+        models: List[Path] = typer.Argument(..., help='Run directories or member files (every member is merged); '
+                                                      'paths that are not finished runs are skipped and named.'),
+        out: Optional[Path] = typer.Option(None, help="Output run directory (default: merges/<the runs' shared "
+                                                      "name>_merge<N>, numbered _2, _3, ... if taken)."),
+        device: str = typer.Option('auto', help='Where to match and compute statistics: auto (cuda if available), '
+                                                'cpu or cuda.'),
+        force: bool = typer.Option(False, '--force', help='Replace --out (or the default) if it already exists.'),
+        method: str = typer.Option(next(iter(MERGE_METHODS)), help=METHOD_HELP, rich_help_panel=MATCH),
+        max_iter: int = typer.Option(MAX_SWEEPS, help='Most weight-matching sweeps per alignment step.',
+                                     rich_help_panel=MATCH),
+        max_passes: int = typer.Option(MAX_PASSES, help='Most MergeMany passes over all models.',
+                                       rich_help_panel=MATCH),
+        tol: float = typer.Option(PASS_TOL, help='Stop when a pass shrinks the total distance by less than this '
+                                                 'fraction.', rich_help_panel=MATCH),
+        seed: int = typer.Option(0, help='Seed of the random orders (models within a pass, permutations within '
+                                         'a sweep).', rich_help_panel=MATCH),
+        examples: int = typer.Option(BN_EXAMPLES, help='--method activation: training images whose activations '
+                                                       'are correlated.', rich_help_panel=MATCH),
+        reset_bn: bool = typer.Option(False, '--reset-bn', help='Recompute the merged BatchNorm statistics on '
+                                                                'training data.', rich_help_panel=BN),
+        repair: bool = typer.Option(False, '--repair', help="REPAIR: give each channel the mean of the models' "
+                                                            'channel mean and std.', rich_help_panel=BN),
+        bn_examples: int = typer.Option(BN_EXAMPLES, help='Training images that --reset-bn and --repair average '
+                                                          'over.', rich_help_panel=BN),
+        dataset: Optional[str] = typer.Option(None, help='Data for the test accuracy and the training images of '
+                                                         "--reset-bn, --repair or --method activation (default: the "
+                                                         "first run's).", rich_help_panel=DATA),
+        data_dir: Optional[Path] = typer.Option(None, help="Where that dataset lives (default: the source run's, "
+                                                           "else data/).", rich_help_panel=DATA),
+        batch_size: int = typer.Option(BN_BATCH, help='Batch size of the passes over training images.',
+                                       rich_help_panel=DATA),
+        no_eval: bool = typer.Option(False, '--no-eval', help=NO_EVAL_HELP, rich_help_panel=DATA),
+        test_examples: Optional[int] = typer.Option(None, help=TEST_EXAMPLES_HELP, rich_help_panel=DATA),
     ):
         """MergeMany: align every model to the mean of the others until that distance stops shrinking, then
-        average them (BatchNorm statistics too) into one model in the first model's basin."""
-        from rich.console import Console
-        console = Console(soft_wrap=True)
+        average them (BatchNorm statistics too) into one model in the first model's basin. Prints the merged
+        model's test accuracy beside its sources'."""
+        o = SimpleNamespace(**locals())
         with _user_errors():
-            te, start, found = _te(), time.perf_counter(), _load_models(models)
-            if len(found) < 2:
-                raise RebasinError(f'merge needs at least two models; {", ".join(map(str, models))} hold {len(found)}')
-            if reset_bn_ and repair_:
-                raise RebasinError('--reset-bn and --repair are alternatives (--repair also recomputes the statistics)')
-            _check_method(method)
-            out = _check_out(out or Path('runs') / f'merge_{len(found)}', force)
-            net, spec = _permutation_spec_of(found[0].model_spec)
-            check_compatible(spec, [m.state for m in found], [str(m.path) for m in found])
-            if reset_bn_ and not _batchnorms(net):
-                raise RebasinError('--reset-bn: these models have no BatchNorm layers (--repair rescales their layers)')
-            dev, data, distance = te.resolve_device(device), _data_options(models[0], dataset, data_dir), []
-            if reset_bn_ or repair_:   # load the data first: fail before the long part
-                batches = _training_batches(data, found[0].model_spec, bn_examples, batch_size, dev)
-            if method == 'activation':
-                activations = _training_batches(data, found[0].model_spec, examples, batch_size, dev)
+            _merge(o)
 
-            def progress(record):
-                if 'distance' in record:
-                    distance.append(record['distance'])
-                    console.print(f"{'start' if record['pass'] == 0 else 'pass ' + str(record['pass'])}: "
-                                  f"Σ‖θ_i − mean of the others‖² = {record['distance']:.6g}")
 
-            if method == 'weight':
-                merged, perms = merge_many(spec, [m.state for m in found], max_iter, seed, dev, max_passes, tol, progress)
-            else:
-                first = _module(found[0].model_spec, found[0].state, dev)
-                perms = [identity_permutation(spec)] + [activation_matching(
-                    spec, first, _module(m.model_spec, m.state, dev), activations, dev) for m in found[1:]]
-                merged = average([apply_permutation(spec, q, m.state) for q, m in zip(perms, found)])
-            if reset_bn_ or repair_:
-                net.load_state_dict(merged)
-                net.to(dev)
-                ends = [copy.deepcopy(net) for _ in found] if repair_ else []
-                for end, m, q in zip(ends, found, perms):
-                    end.load_state_dict(apply_permutation(spec, q, m.state))
-                merged = repair_many(ends, [1 / len(ends)] * len(ends), net, batches) if repair_ else reset_bn(net, batches)
-            config = dict(command='merge', method=method, sources=[str(m.path) for m in found], model=found[0].model_spec, seed=seed,
-                          max_iter=max_iter, max_passes=max_passes, tol=tol, passes=len(distance) - 1 if distance else None, distance=distance,
-                          sweeps=[len(q.objective) - 1 for q in perms], reset_bn=reset_bn_, repair=repair_,
-                          bn_examples=bn_examples if reset_bn_ or repair_ else None, **data,
-                          time_s=time.perf_counter() - start, **te.environment(dev))
-            _write_run(out, [merged], [config['sources']], found[0].model_spec, config, force)
-            how = f'in {len(distance) - 1} passes' if method == 'weight' else f'by activations on {examples} images'
-            console.print(f'merged {len(found)} models {how}, {time.perf_counter() - start:.1f} s: wrote {out}')
+def _missing_for_cli():
+    """What the command line lacks, in words (None: nothing): typer and rich, and train_ensemble.py beside
+    this file to rebuild networks from checkpoints and load data."""
+    lacks = []
+    for package in ('typer', 'rich'):
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            lacks.append(package)
+    if lacks:
+        return f"the package{'s' * (len(lacks) > 1)} {' and '.join(lacks)} (pip install {' '.join(lacks)})"
+    try:
+        importlib.import_module('train_ensemble')
+    except ImportError as e:
+        if not Path(__file__).with_name('train_ensemble.py').exists():
+            return 'train_ensemble.py beside it (to rebuild networks from checkpoints and load data)'
+        return f'train_ensemble.py, which does not import here ({e})'
+    return None
+
+
+def main():
+    """The command line; copied alone, a one-line message saying what it needs instead of a traceback."""
+    lacks = _missing_for_cli()
+    if lacks:
+        command = next((a for a in sys.argv[1:] if a in ('spec', 'align', 'merge')), None)
+        print(f"error: rebasin.py{' ' + command if command else ''} needs {lacks}; copied alone, rebasin.py "
+              'offers its Python API (permutation_spec, weight_matching, merge_many, ...) with torch and scipy',
+              file=sys.stderr)
+        raise SystemExit(2)
+    make_app()()
 
 
 if __name__ == '__main__':
-    make_app()()
+    main()

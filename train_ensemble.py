@@ -32,6 +32,7 @@ import math
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable, Optional, get_args
@@ -1216,7 +1217,11 @@ def read_config(run_dir):
         raise EnsembleError(f'{path} is not valid JSON ({e})') from None
     if not isinstance(config, dict):
         raise EnsembleError(f'{path} is not a run\'s config.json: it holds a JSON {type(config).__name__}, not an object')
-    bad = out_of_range(checked_options(config, path))
+    if 'command' in config:   # rebasin.py's output: only its data options are training options (others may be null)
+        options = {k: v for k, v in config.items() if k in DATA_OPTIONS and v is not None}
+    else:
+        options = config
+    bad = out_of_range(checked_options(options, path))
     if bad:
         raise EnsembleError(f"{path}: '{bad[0]}' must be {bad[1]}, got {bad[2]}")
     return config
@@ -1804,6 +1809,10 @@ OPTION_RANGES = [
     ('sam_rho', lambda v: _finite(v) and v >= 0, 'a radius: a finite number >= 0'),
     ('muon_lr', lambda v: _finite(v) and v > 0, 'a finite number > 0'),
 ]
+
+
+# The options that say which data a run saw: a reader of the run (analyze.py, rebasin.py) loads them again.
+DATA_OPTIONS = ('task', 'dataset', 'target', 'data_dir', 'val_size', 'shard', 'subset', 'seed', 'data_seed')
 
 
 def out_of_range(options):
@@ -2444,6 +2453,16 @@ def cli_error(message):
     from rich.console import Console
     Console(stderr=True).print(f'[bold red]error:[/] {message}', soft_wrap=True, highlight=False)
     raise SystemExit(2)   # bad input, as for a usage error
+
+
+@contextmanager
+def user_errors(*kinds):
+    """The toolkit's errors (EnsembleError, and `kinds`) as one line on stderr and exit status 2: wrap a
+    script's command line in it (the experiments and benchmarks do)."""
+    try:
+        yield
+    except (EnsembleError, *kinds) as e:
+        cli_error(' '.join(str(e).split()))
 
 
 def config_to_resume(run_dir):

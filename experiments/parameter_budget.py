@@ -163,4 +163,5 @@ def main(
 
 
 if __name__ == '__main__':
-    typer.run(main)
+    with te.user_errors():   # a missing dataset or bad option: one line, exit 2
+        typer.run(main)

@@ -406,4 +406,5 @@ def shards(models: str = typer.Option('2,4,8', help='How many models are merged 
 
 
 if __name__ == '__main__':
-    app()
+    with te.user_errors(rebasin.RebasinError):   # a missing dataset or bad option: one line, exit 2
+        app()

@@ -90,4 +90,5 @@ def main(runs: List[Path] = typer.Argument(..., help='ViT runs (train_ensemble.p
 
 
 if __name__ == '__main__':
-    typer.run(main)
+    with te.user_errors():   # a missing dataset or bad option: one line, exit 2
+        typer.run(main)

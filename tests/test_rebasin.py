@@ -415,7 +415,7 @@ def test_cli_spec_align_and_merge_write_runs_that_load(tmp_path):
     aligned = te.load_member(tmp_path / 'aligned' / 'member_0.safetensors')
     x = images(s)
     torch.testing.assert_close(aligned(x), te.load_member(runs[1] / 'member_0.safetensors')(x))
-    assert json.loads((tmp_path / 'aligned' / 'config.json').read_text())['members'][0]['sweeps'] >= 1
+    assert json.loads((tmp_path / 'aligned' / 'config.json').read_text())['alignments'][0]['sweeps'] >= 1
     result = cli('merge', *runs, '--out', tmp_path / 'merged', '--reset-bn', '--bn-examples', 200, '--batch-size', 100)
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / 'merged' / 'config.json').read_text())
@@ -428,7 +428,7 @@ def test_cli_spec_align_and_merge_write_runs_that_load(tmp_path):
     torch.testing.assert_close(by_activation(x), te.load_member(runs[1] / 'member_0.safetensors')(x))
     assert json.loads((tmp_path / 'by_activation' / 'config.json').read_text())['method'] == 'activation'
     result = cli('merge', *runs, '--out', tmp_path / 'merged_by_activation', '--method', 'activation', '--examples', 200)
-    assert result.exit_code == 0 and 'by activations on 200 images' in result.output, result.output
+    assert result.exit_code == 0 and 'by activation matching on 200 training images' in result.output, result.output
     assert one_line_error(cli('align', runs[0], runs[1], '--out', tmp_path / 'no', '--method', 'magic')).count('--method')
 
 
