@@ -369,7 +369,7 @@ def _checked_arrays(path, x_train, y_train, x_test, y_test):
 
 
 def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None, device='cpu', download=True,
-              task='classification', target=None):
+              task='classification', target=None, classes=None):
     """Load a dataset as tensors on `device`: uint8 NCHW images and labels, or (regression) float features
     and targets.
 
@@ -378,6 +378,7 @@ def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None
     val_size: hold out that many training examples (a fixed choice, class-balanced for labels) as a validation split.
     shard: (i, n) keeps the i-th of n disjoint parts of the training set (class-balanced for labels).
     subset: keep at most that many training and test examples (class-balanced for labels).
+    classes: keep only the examples of these classes, first (labels keep their ids; num_classes is the dataset's).
     """
     if task not in TASKS:
         raise EnsembleError(f"unknown task '{task}': use {' or '.join(TASKS)}")
@@ -411,6 +412,9 @@ def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None
         raise EnsembleError(f"unknown dataset '{name}': use one of {', '.join(DATASETS)} or a path to a .npz file"
                             + (' or a .csv file' if regression else ''))
 
+    if classes is not None:
+        x_train, y_train, x_test, y_test = _keep_classes(name, classes, num_classes, x_train, y_train, x_test, y_test)
+
     def fixed_order(y):   # the same for every run; class-balanced in every prefix for labels
         if regression:
             return torch.randperm(len(y), generator=torch.Generator().manual_seed(DATA_ORDER_SEED))
@@ -440,6 +444,16 @@ def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None
     return Data(name, x_train, y_train, x_test, y_test, num_classes, x_val, y_val, task).to(device)
 
 
+def _keep_classes(name, classes, num_classes, x_train, y_train, x_test, y_test):
+    """Only the examples whose label is in `classes`, with their labels unchanged."""
+    if not classes or any(not 0 <= c < num_classes for c in classes) or len(set(classes)) != len(classes):
+        raise EnsembleError(f'--classes must name distinct classes of {name}, 0 to {num_classes - 1}, got '
+                            f'{classes}')
+    keep = torch.tensor(sorted(classes))
+    train, test = torch.isin(y_train, keep), torch.isin(y_test, keep)
+    return x_train[train], y_train[train], x_test[test], y_test[test]
+
+
 def load_run_data(config, device='cpu', download=True, **overrides):
     """The data a run was trained on, from its config (config.json or a Config); overrides win.
     download=False for readers of a run directory: nothing is fetched or created where its config says."""
@@ -450,7 +464,7 @@ def load_run_data(config, device='cpu', download=True, **overrides):
     seed = config.get('data_seed')
     return load_data(config['dataset'], config.get('data_dir', 'data'), seed=config.get('seed', 0) if seed is None else seed,
                      val_size=config.get('val_size', 0), shard=parse_shard(shard) if shard else None,
-                     subset=config.get('subset'), device=device, download=download,
+                     subset=config.get('subset'), classes=config.get('classes'), device=device, download=download,
                      task=config.get('task') or 'classification', target=config.get('target'))
 
 
@@ -1691,10 +1705,20 @@ def option(default, help, flag=None, parse=None):
 
 
 def parse_ints(text):
+    """A list of integers as every command line here writes one: comma-separated, with ranges a-b
+    ('512,512', '0-4', '0,2,5-7'); None and '' stay None."""
+    if text is None:
+        return None
+    values = []
     try:
-        return [int(v) for v in str(text).split(',') if v.strip()]
+        for part in filter(str.strip, str(text).split(',')):
+            low, dash, high = part.strip().partition('-') if not part.strip().startswith('-') else (part, '', '')
+            if dash and int(high) < int(low):
+                raise ValueError
+            values += range(int(low), int(high) + 1) if dash else [int(low)]
     except ValueError:
-        raise EnsembleError(f"expected comma-separated integers, got '{text}'") from None
+        raise EnsembleError(f"expected comma-separated integers or ranges a-b, got '{text}'") from None
+    return values
 
 
 @dataclass
@@ -1732,6 +1756,9 @@ class Config:
     val_size: int = option(0, 'Hold out this many training examples as a validation split.')
     shard: Optional[str] = option(None, "Train on the i-th of n disjoint parts (class-balanced for labels), as 'i/n'.")
     subset: Optional[int] = option(None, 'Use at most this many training and test examples (quick runs).')
+    classes: Optional[list] = option(None, "Keep only these classes in every split, e.g. '0-4' or '0,2,5' (labels "
+                                           'keep their ids and the network all its outputs, so runs on disjoint '
+                                           'classes share one label space).', parse=parse_ints)
     # The network
     arch: Optional[str] = option(None, 'Network: airbench (the default), resnet18, mlp (regression\'s default and only '
                                        'one) or vit (a small SimpleViT).')
@@ -1792,7 +1819,7 @@ OPTION_RANGES = [
     ('beta', lambda v: _finite(v) and v >= 0, 'a finite number >= 0 (0 independent, 1 joint)'),
     ('width', lambda v: _finite(v) and v > 0, 'a finite number > 0'),
     ('kernel_size', lambda v: v >= 1, 'at least 1'),
-    ('hidden', lambda v: all(h >= 1 for h in v), 'a list of sizes of at least 1'),
+    ('hidden', lambda v: len(v) > 0 and all(h >= 1 for h in v), 'a list of sizes of at least 1'),
     ('depth', lambda v: v >= 1, 'at least 1'),
     ('heads', lambda v: v >= 1, 'at least 1'),
     ('patch_size', lambda v: v >= 1, 'at least 1'),
@@ -1812,7 +1839,7 @@ OPTION_RANGES = [
 
 
 # The options that say which data a run saw: a reader of the run (analyze.py, rebasin.py) loads them again.
-DATA_OPTIONS = ('task', 'dataset', 'target', 'data_dir', 'val_size', 'shard', 'subset', 'seed', 'data_seed')
+DATA_OPTIONS = ('task', 'dataset', 'target', 'data_dir', 'val_size', 'shard', 'subset', 'classes', 'seed', 'data_seed')
 
 
 def out_of_range(options):
@@ -1846,7 +1873,8 @@ def resolve_config(cfg, data=None):
     if regression:
         for name, given, why in (('arch', cfg.arch != 'mlp', 'regression trains an mlp on features: --arch mlp'),
                                  ('label_smoothing', cfg.label_smoothing not in (None, 0), 'labels only'),
-                                 ('augment', cfg.augment, 'images only'), ('tta', cfg.tta, 'images only')):
+                                 ('augment', cfg.augment, 'images only'), ('tta', cfg.tta, 'images only'),
+                                 ('classes', cfg.classes is not None, 'labels only')):
             if given:
                 raise EnsembleError(f"--{name.replace('_', '-')} does not apply to --task regression ({why})")
     if cfg.target is not None and not (regression and str(cfg.dataset).endswith('.csv')):
@@ -1917,6 +1945,7 @@ def resolve_config(cfg, data=None):
         tags = "_bag" * cfg.bagging + (f'_shard{cfg.shard.replace("/", "of")}' if cfg.shard else '')
         tags += f'_sam{cfg.sam_rho:g}' if cfg.sam_rho is not None else ''
         tags += f'_flat{cfg.flat_ratio:g}' if cfg.flat_ratio is not None else ''
+        tags += f'_classes{"-".join(map(str, cfg.classes))}' if cfg.classes is not None else ''
         resolved['out'] = f"runs/{name}_{cfg.arch}_m{cfg.members}_beta{cfg.beta:g}_{resolved['combine']}{tags}_s{cfg.seed}"
     return Config(**resolved)
 
@@ -2539,7 +2568,7 @@ def command():
         default = defaults[f.name]
         annotation = f.type
         if f.metadata['parse'] is not None:   # the command line takes text
-            annotation, default = str, ','.join(map(str, default))
+            annotation, default = Optional[str], None if default is None else ','.join(map(str, default))
         flags = [f.metadata['flag']] if f.metadata['flag'] else []
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
                                         default=typer.Option(default, *flags, help=f.metadata['help'])))

@@ -427,3 +427,16 @@ def test_complete_run_reads_back_a_run_made_before_an_option_existed(tmp_path):
     assert te.complete_run(cfg, quiet_console()) == summary
     with pytest.raises(te.EnsembleError, match='other options'):
         te.complete_run(te.Config(out=str(tmp_path / 'old'), device='cpu', **dict(TINY_MLP, epochs=4)), quiet_console())
+
+
+def test_a_run_on_a_label_subset_sees_only_those_labels_and_keeps_every_output(tmp_path, fashion_mnist):
+    """--classes 0-4: train, validation and test keep only those classes with their own ids; the network
+    keeps the dataset's ten outputs, so runs on disjoint classes share one label space (issue 24)."""
+    run(tmp_path, 'low', dataset=fashion_mnist, arch='mlp', hidden=[32], subset=1000, val_size=100, epochs=1,
+        classes=te.parse_ints('0-2,7'))
+    config, nets = te.load_run(tmp_path / 'low')
+    data = te.load_run_data(config)
+    for y in (data.y_train, data.y_val, data.y_test):
+        assert set(y.unique().tolist()) == {0, 1, 2, 7}
+    assert config['classes'] == [0, 1, 2, 7] and data.num_classes == 10 and nets[0](data.x_test[:5].float()).shape == (5, 10)
+    assert len(data.y_train) == 1000 and len(data.y_val) == 100 and len(data.y_test) == 1000
