@@ -26,6 +26,7 @@ CIFAR-10 and GPU timings are not measured yet. All figures and their commands: R
 #              Hyperparameters              #
 #############################################
 
+import copy
 import functools
 import json
 import math
@@ -85,6 +86,9 @@ def vit_dim(width):
 # Bike sharing (tools/export_bikeshare.py), 4-member 64-64 mlp, 1,000 validation hours, 2026-11-23: lr 0.25,
 # 0.5, 1, 2 gave validation RMSE 39.1, 36.0, 33.9, 32.0 at beta 0, and at beta 1 38.1, 35.0, 33.2, diverged.
 REGRESSION_RECIPE = dict(RECIPES['mlp'], epochs=30, batch_size=128, lr=1.0)
+# A user's own module (train(cfg, model=...)): nothing is known of it, so AdamW at its usual default.
+OWN = 'own'                     # its --arch; its data given as tensors is --dataset 'tensors'
+OWN_RECIPE = dict(RECIPES['mlp'], optimizer='adam', epochs=10, batch_size=128, lr=1e-3, weight_decay=0.0)
 ADAM_LR = 1e-3                  # plain Adam(W) learning rate when --optimizer adam and no --lr
 # Lookahead: from epoch 3, every 5 steps, the weights move to an EMA of themselves; training ends on the
 # EMA, once, as in airbench94. (Snapping to it at every epoch end instead, as this file did before,
@@ -115,6 +119,7 @@ class EnsembleError(Exception):
 #############################################
 
 DATASETS = ('cifar10', 'cifar100', 'fashion-mnist', 'mnist', 'synthetic', 'synthetic-regression')
+TENSORS = 'tensors'   # the --dataset of a run trained on the user's own tensors (train(cfg, data=...))
 TASKS = ('classification', 'regression')
 DEBIAN_FASHION_MNIST = Path('/usr/share/datasets/fashion-mnist')
 CSV_TEST_FRACTION = 0.2   # a .csv is one table: this fixed share of its rows (a seeded choice) is the test split
@@ -405,6 +410,9 @@ def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None
     elif name == 'synthetic':   # i.i.d. examples: a subset can simply be generated smaller
         sizes = dict(n_train=min(50000, subset), n_test=min(10000, subset)) if subset and not (val_size or shard) else {}
         x_train, y_train, x_test, y_test, num_classes = _synthetic(seed, **sizes)
+    elif name == TENSORS:
+        raise EnsembleError("dataset 'tensors' was given to train(cfg, data=...) in Python; a reader of the run needs "
+                            'those tensors too: pass your own logits to analyze.py\'s functions')
     elif name in DATASETS:
         x_train, y_train, x_test, y_test = _download(name, data_dir, download)
         num_classes = 100 if name == 'cifar100' else 10
@@ -412,6 +420,15 @@ def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None
         raise EnsembleError(f"unknown dataset '{name}': use one of {', '.join(DATASETS)} or a path to a .npz file"
                             + (' or a .csv file' if regression else ''))
 
+    return prepared_data(name, x_train, y_train, x_test, y_test, num_classes, task, val_size, shard, subset, classes,
+                         device)
+
+
+def prepared_data(name, x_train, y_train, x_test, y_test, num_classes, task='classification', val_size=0, shard=None,
+                  subset=None, classes=None, device='cpu'):
+    """The splits a run sees, from a dataset's checked tensors: its classes, then a validation split, a
+    shard and a subset of the training set (load_data's arguments)."""
+    regression = task == 'regression'
     if classes is not None:
         x_train, y_train, x_test, y_test = _keep_classes(name, classes, num_classes, x_train, y_train, x_test, y_test)
 
@@ -442,6 +459,36 @@ def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None
                             f'{"/".join(map(str, shard)) if shard else None}, --subset {subset}: ask for fewer parts or more data')
     x_train, y_train = x_train[order], y_train[order]
     return Data(name, x_train, y_train, x_test, y_test, num_classes, x_val, y_val, task).to(device)
+
+
+def tensor_data(tensors, cfg, own_model, device='cpu'):
+    """The user's own (x_train, y_train, x_test, y_test) as the Data a run trains on, with cfg's splits.
+    For a network of this toolkit they must be what a .npz holds (uint8 images and labels; for regression
+    features and targets); for the user's own module any inputs it takes (float or uint8, any shape), with
+    integer labels 0..K-1 or (regression) real targets."""
+    if not (isinstance(tensors, (tuple, list)) and len(tensors) == 4 and all(map(torch.is_tensor, tensors))):
+        raise EnsembleError('data= takes four tensors: (x_train, y_train, x_test, y_test)')
+    x_train, y_train, x_test, y_test = (t.detach().cpu() for t in tensors)
+    regression = cfg.task == 'regression'
+    if not own_model:   # the same checks as a .npz file's
+        arrays = dict(x_train=x_train.numpy(), y_train=y_train.numpy(), x_test=x_test.numpy(), y_test=y_test.numpy())
+        checked = (_checked_table if regression else _checked_arrays)('data=', **arrays)
+    else:
+        for split, x, y in (('train', x_train, y_train), ('test', x_test, y_test)):
+            if len(x) != len(y) or len(y) == 0 or x.shape[1:] != x_train.shape[1:]:
+                raise EnsembleError(f'data=: x_{split} holds {len(x)} examples of shape {tuple(x.shape[1:])} and y_{split} '
+                                    f'{len(y)}; they must match, not be empty, and share one input shape')
+            if not regression and (y.dim() != 1 or y.is_floating_point() or y.min() < 0):
+                raise EnsembleError(f'data=: y_{split} must be 1-D integer labels 0..K-1 (real-valued targets: '
+                                    'task=regression)')
+            if regression and not (y.is_floating_point() and torch.isfinite(y).all()):
+                raise EnsembleError(f'data=: y_{split} must be finite real targets for task=regression')
+        if regression:
+            y_train, y_test = y_train.float().view(len(y_train), -1), y_test.float().view(len(y_test), -1)
+        k = y_train.size(1) if regression else int(max(y_train.max(), y_test.max())) + 1
+        checked = (x_train, y_train if regression else y_train.long(), x_test, y_test if regression else y_test.long(), k)
+    return prepared_data(TENSORS, *checked, cfg.task, cfg.val_size, parse_shard(cfg.shard) if cfg.shard else None,
+                         cfg.subset, cfg.classes, device)
 
 
 def _keep_classes(name, classes, num_classes, x_train, y_train, x_test, y_test):
@@ -807,11 +854,86 @@ def input_shape(spec):
     return (spec['in_channels'], spec['image_size'], spec['image_size'])
 
 
+class StackedMembers(nn.Module):
+    """M copies of a user's own module as one network, like build_model's wide ones: every parameter and
+    buffer stacked on a leading member axis (so SAM, Lookahead and per-member norms treat it alike), and
+    outputs (B, M·K), member-major. The members run in one call, vectorized by torch.func.vmap, where the
+    module allows it (checked on an example batch in train mode); else (e.g. a module with data-dependent
+    control flow) in a loop over the members, each on its own slice of the stacked weights."""
+
+    def __init__(self, modules, example):
+        super().__init__()
+        from torch.func import stack_module_state
+        params, buffers = stack_module_state(modules)
+        self.param_names, self.buffer_names = list(params), list(buffers)
+        self.stacked = nn.ParameterList(params.values())
+        for i, b in enumerate(buffers.values()):
+            self.register_buffer(f'buffer{i}', b)
+        self.template = [copy.deepcopy(modules[0]).to('meta')]   # the structure only (a list: not a submodule)
+        self.vectorized = self._vectorizes(example)
+
+    def member_state(self, j):
+        """Member j's state dict, under the names of the user's module."""
+        return {**{n: p[j].detach() for n, p in zip(self.param_names, self.stacked)},
+                **{n: getattr(self, f'buffer{i}')[j] for i, n in enumerate(self.buffer_names)}}
+
+    def _vectorizes(self, example):
+        saved = {k: v.clone() for k, v in self.state_dict().items()}   # a train-mode probe moves BatchNorm statistics
+        try:
+            with torch.no_grad():
+                self.train().forward(example, vectorized=True)
+            return True
+        except Exception:  # noqa: BLE001 - whatever vmap refuses (in-place updates, .item(), control flow)
+            return False
+        finally:
+            self.load_state_dict(saved)
+
+    def forward(self, x, vectorized=None):
+        from torch.func import functional_call, vmap
+        module = self.template[0].train(self.training)
+        params = dict(zip(self.param_names, self.stacked))
+        buffers = {n: getattr(self, f'buffer{i}') for i, n in enumerate(self.buffer_names)}
+        if self.vectorized if vectorized is None else vectorized:
+            out = vmap(lambda p, b: functional_call(module, (p, b), (x,)), randomness='different')(params, buffers)
+        else:
+            out = torch.stack([functional_call(module, ({n: p[j] for n, p in params.items()},
+                                                        {n: b[j] for n, b in buffers.items()}), (x,))
+                               for j in range(len(self.stacked[0]))])
+        return out.transpose(0, 1).flatten(1)
+
+
+def own_members(make_member, seeds, example, states=None):
+    """StackedMembers of make_member(seed) for each seed (then loaded with `states`, when given)."""
+    modules = []
+    for j, seed in enumerate(seeds):
+        torch.manual_seed(seed)   # a factory that does not seed itself still gives each member its own start
+        module = make_member(seed)
+        if not isinstance(module, nn.Module):
+            raise EnsembleError(f'model= must return an nn.Module for a seed, got {type(module).__name__}')
+        if states is not None:
+            module.load_state_dict(states[j])
+        modules.append(module)
+    return nn.Sequential(nn.Identity(), StackedMembers(modules, example))   # [0]: no fixed input layer
+
+
+def own_spec(cfg, data, module, vectorized):
+    """The model spec of a user's own module: what it is, not how to build it (its factory does that)."""
+    spec = dict(arch=OWN, module=f'{type(module).__module__}.{type(module).__qualname__}', task=cfg.task,
+                input_shape=list(data.x_train.shape[1:]), num_classes=data.num_classes, vectorized=vectorized)
+    if cfg.task == 'regression':   # errors are trained in units of the targets' spread
+        std = data.y_train.std(0)
+        spec['target_std'] = torch.where(std > 0, std, torch.ones(())).tolist()
+    return spec
+
+
 def check_model_spec(spec, source):
     """Refuse a model spec (from a checkpoint's metadata or a config.json) that would not build, or would
     build a member of more than MAX_MEMBER_PARAMETERS, before anything is allocated (counted on the meta device)."""
     def bad(why):
         return EnsembleError(f'{source}: its model spec {why}; the file was not written by this toolkit or was edited')
+    if isinstance(spec, dict) and spec.get('arch') == OWN:
+        raise EnsembleError(f"{source} holds a member of your own module {spec.get('module')}: rebuild it with "
+                            'make_member(seed).load_state_dict(safetensors.torch.load_file(path))')
     if not isinstance(spec, dict) or spec.get('arch') not in RECIPES:
         raise bad(f"has no known 'arch' ({', '.join(RECIPES)})")
     keys = ('in_channels', 'image_size', 'num_classes', 'kernel_size') + (('depth', 'heads', 'patch_size') if spec['arch'] == 'vit' else ())
@@ -1167,7 +1289,7 @@ def save_member(path, state, spec, **meta):
     of the state's own buffers)."""
     from safetensors.torch import save_file
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    spec = stored_statistics(spec, tensors)
+    spec = spec if spec.get('arch') == OWN else stored_statistics(spec, tensors)
     metadata = {'format': FORMAT, 'model': json.dumps(spec), **{k: json.dumps(v) for k, v in meta.items()}}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
@@ -1862,7 +1984,7 @@ def resolve_config(cfg, data=None):
         raise EnsembleError(f'--beta {cfg.beta} > 1 makes the objective unbounded below: the members can '
                             'grow DIV without limit (Jeffares et al. 2023, Thm 5.1; the Hessian at any '
                             'stationary point is indefinite). Pass --allow-unstable to run it anyway')
-    if cfg.arch not in RECIPES:
+    if cfg.arch not in RECIPES and cfg.arch != OWN:
         raise EnsembleError(f"unknown architecture '{cfg.arch}': use {', '.join(RECIPES)}")
     if cfg.task not in TASKS:
         raise EnsembleError(f"unknown task '{cfg.task}': use {' or '.join(TASKS)}")
@@ -1871,7 +1993,7 @@ def resolve_config(cfg, data=None):
         raise EnsembleError(f"unknown combiner '{cfg.combine}' for {cfg.task}: use "
                             + ("mean (regression averages the members' outputs)" if regression else 'prob or logit'))
     if regression:
-        for name, given, why in (('arch', cfg.arch != 'mlp', 'regression trains an mlp on features: --arch mlp'),
+        for name, given, why in (('arch', cfg.arch not in ('mlp', OWN), 'regression trains an mlp on features: --arch mlp'),
                                  ('label_smoothing', cfg.label_smoothing not in (None, 0), 'labels only'),
                                  ('augment', cfg.augment, 'images only'), ('tta', cfg.tta, 'images only'),
                                  ('classes', cfg.classes is not None, 'labels only')):
@@ -1884,6 +2006,9 @@ def resolve_config(cfg, data=None):
         raise EnsembleError(f"unknown parametrization '{cfg.param}': use standard or spectral")
     if cfg.optimizer not in (None, 'sgd', 'adam', 'muon'):
         raise EnsembleError(f"unknown optimizer '{cfg.optimizer}': use sgd, adam or muon")
+    if cfg.arch == OWN and (cfg.param == 'spectral' or cfg.optimizer == 'muon'):
+        raise EnsembleError('--param spectral and --optimizer muon need to know which weights are hidden matrices; '
+                            'with your own module use sgd or adam')
     if cfg.arch == 'vit':
         d = vit_dim(cfg.width)
         if d % cfg.heads:
@@ -1891,7 +2016,7 @@ def resolve_config(cfg, data=None):
         if cfg.param == 'spectral' or cfg.optimizer == 'muon':
             raise EnsembleError('--param spectral and --optimizer muon read weights as matrices; the ViT\'s attention '
                                 'weights are per head (3-D): use them with airbench, resnet18 or mlp')
-    if not (str(cfg.dataset).endswith(('.npz', '.csv')) or cfg.dataset in DATASETS):
+    if not (str(cfg.dataset).endswith(('.npz', '.csv')) or cfg.dataset in (*DATASETS, TENSORS)):
         raise EnsembleError(f"unknown dataset '{cfg.dataset}': use one of {', '.join(DATASETS)}, a .npz or (regression) a .csv file")
     if cfg.shard is not None:
         parse_shard(cfg.shard)
@@ -1906,7 +2031,7 @@ def resolve_config(cfg, data=None):
         if cfg.members < 2:
             raise EnsembleError('SharpBalance (--flat-ratio) gives each member the samples the OTHER members '
                                 'select: it needs --members 2 or more')
-    recipe = REGRESSION_RECIPE if regression else RECIPES[cfg.arch]
+    recipe = OWN_RECIPE if cfg.arch == OWN else REGRESSION_RECIPE if regression else RECIPES[cfg.arch]
     resolved = {k: (recipe[k] if getattr(cfg, k) is None and k in recipe else getattr(cfg, k))
                 for k in asdict(cfg)}
     resolved['optimizer'] = optimizer = cfg.optimizer or recipe.get('optimizer', 'sgd')
@@ -2157,12 +2282,21 @@ class Training:
     state it starts over from config.json (same seeds, same result); with its last epoch's state but
     no summary.json (killed while writing the members), it writes the final files without training."""
 
-    def __init__(self, cfg, console, resume=False):
+    def __init__(self, cfg, console, resume=False, model=None, data=None):
+        if model is not None or data is not None:   # the user's own module and/or tensors
+            cfg = replace(cfg, arch=OWN if model is not None else cfg.arch,
+                          dataset=TENSORS if data is not None else cfg.dataset)
+        if cfg.arch == OWN and model is None:
+            raise EnsembleError("--arch own is your own module: train it from Python with train(cfg, model=make_member)")
         checked = resolve_config(cfg)   # every option checked before the data is loaded
         self.block = block = MemberBlock.from_environment(checked.members)   # this process's members
         self.device = device = block.connect(resolve_device(checked.device))
-        data = block.agree(lambda: load_run_data(checked, device), ranks=0)   # a first download: by one rank
-        self.data = data = data or load_run_data(checked, device)   # the others read what it cached
+        if data is not None:
+            data = tensor_data(data, checked, model is not None, device)
+        else:
+            data = block.agree(lambda: load_run_data(checked, device), ranks=0)   # a first download: by one rank
+            data = data or load_run_data(checked, device)   # the others read what it cached
+        self.data = data
         self.cfg = cfg = resolve_config(cfg, data)   # the defaults that depend on the data (augment: 3 channels)
         self.out = Path(cfg.out)
         if block.rank > 0:   # rank 0 speaks for the job
@@ -2171,7 +2305,11 @@ class Training:
         self.console = console
         block.agree(lambda: self.check_directory(resume), ranks=0)   # before rank 0 writes config.json
         saved = read_config(self.out) if resume else {}
-        self.spec = check_model_spec(saved.get('model'), self.out / 'config.json') if resume else model_spec(cfg, data)
+        self.model = model
+        if model is not None:   # its spec is known once its members are built (below)
+            self.spec = saved.get('model')
+        else:
+            self.spec = check_model_spec(saved.get('model'), self.out / 'config.json') if resume else model_spec(cfg, data)
         world = saved.get('world_size', 1) if resume else block.world
         if world != block.world:   # each rank holds the resume state of its own block of members
             how = (f'torchrun --nproc_per_node {world} train_ensemble.py --resume {self.out}' if world > 1 else
@@ -2186,11 +2324,14 @@ class Training:
         if device.type == 'cuda':
             torch.backends.cudnn.benchmark = True
 
-        net = build_model(self.spec, members=self.m)
-        if state is None:
-            states = initial_member_states(cfg, self.spec, data, range(block.start, block.stop))
-            net.load_state_dict(stack_members(states, net.state_dict()))
-            self.spec = stored_statistics(self.spec, states[0])   # --init: the statistics its weights came with
+        if model is not None:
+            net = self.own_network(state is None)
+        else:
+            net = build_model(self.spec, members=self.m)
+            if state is None:
+                states = initial_member_states(cfg, self.spec, data, range(block.start, block.stop))
+                net.load_state_dict(stack_members(states, net.state_dict()))
+                self.spec = stored_statistics(self.spec, states[0])   # --init: the statistics its weights came with
         self.net = net.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
         # Regression trains on squared errors in units of the targets' std (so the recipe's lr fits any units).
         self.scale = torch.tensor(self.spec['target_std'], device=device) if cfg.task == 'regression' else None
@@ -2217,6 +2358,29 @@ class Training:
         self.sam_mask = None   # SharpBalance: (members here, n) bool, each one's SAM set, fixed once sam_start_epoch is reached
         self.take_directory(resume, state)
         self.train_time = self.metrics[-1]['time_s'] if self.metrics else 0.0
+
+    def own_network(self, fresh):
+        """The user's module, M times (this rank's members), from its factory: each from its own seed, or
+        from --init's member files (loaded into the factory's modules)."""
+        cfg, members = self.cfg, range(self.block.start, self.block.stop)
+        states = None
+        if fresh and cfg.init:
+            paths = member_paths(cfg.init)
+            if len(paths) not in (1, cfg.members):
+                raise EnsembleError(f'--init {cfg.init} has {len(paths)} members; give one member file, '
+                                    f'or a run with exactly {cfg.members} members')
+            states = [read_checkpoint(paths[0 if len(paths) == 1 else j])[0] for j in members]
+        example = to_float_images(self.data.x_train[:2].cpu())
+        try:
+            net = own_members(self.model, [cfg.seed + j for j in members], example, states)
+        except RuntimeError as e:   # load_state_dict: the --init files are of another module
+            raise EnsembleError(f'--init {cfg.init} does not fit your module: {str(e).splitlines()[0]}') from None
+        spec = own_spec(cfg, self.data, net[1].template[0], net[1].vectorized)
+        if self.spec is not None and self.spec != spec:   # resumed: the same module as before
+            raise EnsembleError(f'{self.out} was trained with another module or data ({self.spec.get("module")}, '
+                                f'inputs {self.spec.get("input_shape")}): pass the same model= and data=')
+        self.spec = spec
+        return net
 
     def check_directory(self, resume):
         if (self.out / 'config.json').exists() and not resume:
@@ -2278,7 +2442,7 @@ class Training:
             f', SharpBalance flat_ratio={cfg.flat_ratio:g} from epoch {cfg.sam_start_epoch}' if cfg.flat_ratio else '')
         ranks = '' if self.block.world == 1 else f' on {self.block.world} processes'
         self.console.print(f'[bold]{self.out}[/]: {cfg.members} member(s) of {cfg.arch} on {cfg.dataset} ({self.n} '
-                           f'{"rows" if cfg.task == "regression" else "images"}), '
+                           f'{"rows" if cfg.task == "regression" else "examples" if cfg.dataset == TENSORS else "images"}), '
                            f'beta={cfg.beta:g}, combine={cfg.combine}{", bagging" if cfg.bagging else ""}{sharpness}, '
                            f'{cfg.epochs:g} epochs of {self.steps_per_epoch} steps, {self.device.type}{ranks}')
         self.console.print(format_row(task=cfg.task), soft_wrap=True)
@@ -2406,8 +2570,11 @@ class Training:
             r = self.evaluate(self.data.x_test, self.data.y_test, tta=True)
             summary.update(test_loss=r['loss'], test_acc=r['acc'], test_div=r['div'],
                            member_test_loss=r['member_loss'], member_test_acc=r['member_acc'])
-        wide = {k: v.cpu() for k, v in self.net.state_dict().items()}
-        states = split_members(wide, build_model(self.spec).state_dict())
+        if self.model is not None:
+            states = [{k: v.cpu() for k, v in self.net[1].member_state(j).items()} for j in range(self.m)]
+        else:
+            wide = {k: v.cpu() for k, v in self.net.state_dict().items()}
+            states = split_members(wide, build_model(self.spec).state_dict())
         block.agree(lambda: [save_member(self.out / f'member_{j}.safetensors', state, self.spec, member=j,
                                          seed=cfg.seed + j, run=str(self.out))
                              for j, state in zip(range(block.start, block.stop), states)])
@@ -2421,13 +2588,21 @@ class Training:
         return summary
 
 
-def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = None, resume=False):
+def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = None, resume=False, model=None, data=None):
     """Train an ensemble as `cfg` says and write its run directory; returns the summary dict.
-    on_epoch_end(epoch) is called after each epoch's row and resume state are written."""
+    on_epoch_end(epoch) is called after each epoch's row and resume state are written.
+
+    model: your own members instead of cfg.arch: make_member(seed) -> nn.Module, called for seeds
+    cfg.seed + j. Each member's file loads with make_member(seed).load_state_dict(load_file(path)).
+    data: your own tensors (x_train, y_train, x_test, y_test) instead of cfg.dataset: inputs your module
+    takes (uint8 images are scaled to [0, 1]; with a network of this toolkit, what a .npz holds), integer
+    labels 0..K-1, or float targets with cfg.task 'regression'. Objective, combiners, bagging, SAM and the
+    schedule are the same as for the toolkit's networks; cfg.arch's recipe becomes AdamW at lr 1e-3
+    (OWN_RECIPE) unless cfg says otherwise."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     console = console or Console()
-    run = Training(cfg, console, resume)
+    run = Training(cfg, console, resume, model, data)
     run.announce()
     for epoch in range(run.epoch, run.epochs):
         start = run.clock()
