@@ -1,6 +1,7 @@
 """analyze.py: look inside trained ensembles: metrics, diversity, learner collusion, loss barriers, sharpness.
 
     python analyze.py evaluate runs/joint --split train --split test   # members, ensemble, DIV, calibration, gaps
+    python analyze.py evaluate runs/fm_s0 runs/fm_s1 runs/fm_s2        # three runs (or member files): one ensemble
     python analyze.py compare runs/beta_* --plot beta.png              # the β sweep: error, DIV, gap vs β
     python analyze.py debias runs/joint                                # how much of DIV is collusion
     python analyze.py drop runs/joint --fractions 0.2,0.4,0.6          # what dropping learners costs
@@ -8,11 +9,16 @@
     python analyze.py sharpness runs/sam --rho 0.5
 
 Every command reads run directories (SPEC.md), prints a table, writes its numbers with --json and, for
-curves and sweeps, a PNG with --plot. The diagnostics are those of the collusion paper (Jeffares et al.
-2023, arXiv 2301.11323: DIV vs β, generalization gaps, debiasing, dropping learners), the modular-loss
-supplement (Webb et al.: the ambiguity decomposition), SharpBalance (Lu et al. 2024: disagreement-error
-ratio, logit variance, ASAM-style sharpness) and git re-basin (Ainsworth et al. 2022: barriers along
-A→B, A→π(B) and B→π(B), with BatchNorm reset or REPAIR from rebasin.py).
+curves and sweeps, a PNG with --plot; evaluate, debias, drop, ood and robustness treat all the members of
+several runs as one ensemble. The metrics take logits, so they serve any model, and need only torch (scipy
+for AUROC): a copied analyze.py imports train_ensemble.py and rebasin.py only to load runs and networks.
+Every number evaluate and compare show is a row of PREDICTOR_METRICS or ENSEMBLE_METRICS.
+
+The diagnostics are those of the collusion paper (Jeffares et al. 2023, arXiv 2301.11323: DIV vs β,
+generalization gaps, debiasing, dropping learners), the modular-loss supplement (Webb et al.: the
+ambiguity decomposition), SharpBalance (Lu et al. 2024: disagreement-error ratio, logit variance,
+ASAM-style sharpness) and git re-basin (Ainsworth et al. 2022: barriers along A→B, A→π(B) and B→π(B),
+with BatchNorm reset or REPAIR from rebasin.py).
 
 Measured on Fashion-MNIST (4,000 training images, 3-member MLP with 64 hidden units, 3 epochs, CPU, seed 0),
 independent (β = 0) vs joint (β = 1) training with probability averaging: test DIV 0.024 vs 16.3; debiasing
@@ -27,20 +33,48 @@ members and half of the joint ones' DIV); dropping one of the three members rais
 
 import copy
 import functools
+import importlib
+import inspect
 import itertools
 import json
 import math
 import os
+import sys
+import textwrap
+from collections import namedtuple
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
-import typer
 
-import rebasin
-import train_ensemble as te
+try:   # one error type across the toolkit when train_ensemble.py sits beside this file (its callers catch it)
+    from train_ensemble import EnsembleError
+except ImportError:   # analyze.py copied alone: its metrics raise their own
+    class EnsembleError(ValueError):
+        """A user-facing error (bad input): the command line prints its message on one line."""
+
+
+class _Sibling:
+    """A sibling script (train_ensemble.py, rebasin.py), imported on first use: only loading runs and data,
+    rebuilding networks and interpolating need one, so the metrics work in a copied analyze.py alone.
+    Missing, it is an EnsembleError naming the file, which the command line prints in one line."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        try:
+            module = importlib.import_module(self._name)
+        except ImportError as e:
+            name = e.name or self._name
+            raise EnsembleError(f'this needs {name}.py (or the package {name}) beside analyze.py: '
+                                'copy it from the deep-ensembles toolkit') from None
+        return getattr(module, attr)
+
+
+te, rebasin = _Sibling('train_ensemble'), _Sibling('rebasin')
 
 PIPED_WIDTH = 200           # columns of tables written to a pipe or a log (rich's default of 80 cuts them)
 ECE_BINS = 15               # equal-width confidence bins of the expected calibration error
@@ -73,12 +107,12 @@ def run_data(config, dataset=None):
 
 
 def run_config(path):
-    """config.json of a run directory, or of the run a member file sits in ({} when there is none)."""
+    """config.json of a run directory, or of the run a member file sits in ({} when there is none), every
+    option checked (train_ensemble.read_config)."""
     path = Path(path)
     if not path.exists():
-        raise te.EnsembleError(f'{path} does not exist (expected a run directory or a member file)')
-    config_path = (path if path.is_dir() else path.parent) / 'config.json'
-    return json.loads(config_path.read_text()) if config_path.exists() else {}
+        raise EnsembleError(f'{path} does not exist (expected a run directory or a member file)')
+    return te.read_config(path if path.is_dir() else path.parent)
 
 
 def split_examples(data, split, examples=None):
@@ -88,8 +122,57 @@ def split_examples(data, split, examples=None):
 
 
 #############################################
+#                Combiners                  #
+#############################################
+# How the members' outputs make the ensemble's prediction. train_ensemble.py owns the combiners; this is a
+# copy of just their arithmetic, so that analyze.py copied alone computes its metrics with torch only
+# (tests/test_analyze_ensembles.py checks that the copy equals train_ensemble's, combiner by combiner).
+
+_COMBINE = {   # combiner -> the ensemble's log-probabilities (regression: its output) from (M, N, K) outputs
+    'prob': lambda logits, log_p: torch.logsumexp(log_p, 0) - math.log(len(logits)),   # mean probability
+    'logit': lambda logits, log_p: F.log_softmax(logits.mean(0), -1),   # softmax of the mean logit
+    'mean': lambda logits, log_p: logits.mean(0),   # regression: the mean output
+}
+CLASSIFICATION_COMBINERS = ('prob', 'logit')
+
+
+def _combine(logits, combiner, log_p=None):
+    """The ensemble's prediction from (M, N, K) member outputs; log_p: their log_softmax, if at hand."""
+    if combiner not in _COMBINE:
+        raise EnsembleError(f"unknown combiner '{combiner}': use {' or '.join(CLASSIFICATION_COMBINERS)} "
+                            "(classification) or mean (regression)")
+    if log_p is None and combiner != 'mean':
+        log_p = F.log_softmax(logits, -1)
+    return _COMBINE[combiner](logits, log_p)
+
+
+def _cross_entropy(log_probs, y):
+    """Per-example cross-entropy of log-probabilities (..., N, K) against labels (N,)."""
+    return -log_probs.gather(-1, y.expand(log_probs.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+
+
+def _squared_error(outputs, y):
+    """Per-example squared error of outputs (..., N, T) against targets (N, T), the mean over the T targets."""
+    return (outputs - y).pow(2).mean(-1)
+
+
+def _ensemble_terms(logits, y, combiner):
+    """(member losses (M, N), the ensemble's loss (N,)): cross-entropy, or for 'mean' the squared error."""
+    if combiner == 'mean':
+        return _squared_error(logits, y), _squared_error(logits.mean(0), y)
+    log_p = F.log_softmax(logits, -1)
+    return _cross_entropy(log_p, y), _cross_entropy(_combine(logits, combiner, log_p), y)
+
+
+#############################################
 #        Metrics of one predictor           #
 #############################################
+# Every number `evaluate`, `compare`, the JSON and the plots show is a row (key, label, format, function):
+# a new metric is its function and one row. PREDICTOR_METRICS score one predictor (a member, the ensemble);
+# ENSEMBLE_METRICS (below) score the members together.
+
+Metric = namedtuple('Metric', 'key label format function')
+
 
 def brier_score(probs, y):
     """Mean over examples of Σ_k (p_k − 1[y = k])², between 0 and 2."""
@@ -107,12 +190,18 @@ def calibration(probs, y, bins=ECE_BINS):
     return float(gap.abs().sum() / len(y))
 
 
+PREDICTOR_METRICS = [   # function(log-probabilities (N, K), labels (N,), ECE bins) -> float
+    Metric('acc', 'accuracy', '.4f', lambda log_p, y, bins: float((log_p.argmax(-1) == y).double().mean())),
+    Metric('nll', 'NLL', '.4f', lambda log_p, y, bins: float(_cross_entropy(log_p, y).mean())),
+    Metric('brier', 'Brier', '.4f', lambda log_p, y, bins: brier_score(log_p.exp(), y)),
+    Metric('ece', 'ECE', '.4f', lambda log_p, y, bins: calibration(log_p.exp(), y, bins)),
+]
+
+
 def prediction_metrics(log_probs, y, bins=ECE_BINS):
-    """Accuracy, NLL, Brier score and ECE of one predictor's (N, K) log-probabilities."""
-    probs = log_probs.exp()
-    return dict(acc=float((log_probs.argmax(-1) == y).double().mean()),
-                nll=float(te.cross_entropy(log_probs, y).mean()),
-                brier=brier_score(probs, y), ece=calibration(probs, y, bins))
+    """Every PREDICTOR_METRICS number (accuracy, NLL, Brier score, ECE) of one predictor's (N, K)
+    log-probabilities."""
+    return {m.key: m.function(log_probs, y, bins) for m in PREDICTOR_METRICS}
 
 
 def mean_std(values):
@@ -132,16 +221,16 @@ def ambiguity(logits, y, combiner):
     (Heskes 1998); probability averaging has the Jensen gap at the label (1/M) Σ_j log(p̄_y / p_j,y).
     Returns per-example DIV (N,) and the largest deviation of the identity (float64 throughout)."""
     logits = logits.double()
-    member_ce, ensemble_ce, _ = te.ensemble_terms(logits, y, combiner)
+    if combiner not in CLASSIFICATION_COMBINERS:
+        raise EnsembleError(f"unknown combiner '{combiner}': use {' or '.join(CLASSIFICATION_COMBINERS)}")
+    member_ce, ensemble_ce = _ensemble_terms(logits, y, combiner)
     log_p = F.log_softmax(logits, -1)
     if combiner == 'logit':
-        log_mean = te.combine(logits, 'logit')
+        log_mean = _combine(logits, 'logit')
         div = (log_mean.exp() * (log_mean - log_p)).sum(-1).mean(0)
-    elif combiner == 'prob':
+    else:
         log_p_y = log_p.gather(-1, y.expand(log_p.shape[:-1]).unsqueeze(-1)).squeeze(-1)   # (M, N)
         div = torch.logsumexp(log_p_y, 0) - math.log(len(log_p)) - log_p_y.mean(0)
-    else:
-        raise te.EnsembleError(f"unknown combiner '{combiner}': use prob or logit")
     residual = float((member_ce.mean(0) - ensemble_ce - div).abs().max())
     return div, residual
 
@@ -156,6 +245,16 @@ def disagreement(logits):
     return float(1 - (votes * (votes - 1)).sum(-1).mean() / (m * (m - 1)))
 
 
+def double_fault(logits, y):
+    """Fraction of member pairs that are both wrong, averaged over examples (Giacinto & Roli 2001; Kuncheva &
+    Whitaker 2003): members that err on different examples have a low rate. None for one member (no pairs)."""
+    m = len(logits)
+    if m < 2:
+        return None
+    wrong = (logits.argmax(-1) != y).double().sum(0)   # (N,) members wrong per example
+    return float((wrong * (wrong - 1)).mean() / (m * (m - 1)))
+
+
 def logit_variance(logits):
     """Variance across members of the logits, averaged over examples and classes. Each member's logits
     are centred over classes first: a per-example shift changes no prediction, so it is not diversity."""
@@ -165,7 +264,7 @@ def logit_variance(logits):
 
 def regression_metrics(outputs, y):
     """MSE and RMSE of one predictor's (N, T) outputs, in the targets' units (mean over the T targets)."""
-    mse = float(te.squared_error(outputs, y).mean())
+    mse = float(_squared_error(outputs, y).mean())
     return dict(mse=mse, rmse=math.sqrt(mse))
 
 
@@ -178,8 +277,8 @@ def regression_report(outputs, y):
     members = [regression_metrics(o, y) for o in outputs]
     mean_member = {k: sum(m[k] for m in members) / len(members) for k in members[0]}
     ensemble = regression_metrics(outputs.mean(0), y)
-    member_se, ensemble_se = te.squared_error(outputs, y), te.squared_error(outputs.mean(0), y)
-    div = te.squared_error(outputs, outputs.mean(0)).mean(0)   # (N,): the members' spread around the ensemble
+    member_se, ensemble_se = _ensemble_terms(outputs, y, 'mean')
+    div = _squared_error(outputs, outputs.mean(0)).mean(0)   # (N,): the members' spread around the ensemble
     residual = float((member_se.mean(0) - ensemble_se - div).abs().max()) / max(mean_member['mse'], 1e-300)
     return dict(examples=len(y), combiner='mean', members=members, mean_member=mean_member, ensemble=ensemble,
                 div=float(div.mean()), decomposition_residual=residual,
@@ -190,23 +289,37 @@ def _ratio(a, b):
     return a / b if b > 0 else None   # JSON has no NaN: None (null) when undefined
 
 
+def _errors(logits, y, combiner):
+    """(mean member error, ensemble error) of (M, N, K) logits."""
+    return (float((logits.argmax(-1) != y).double().mean()),
+            float((_combine(logits, combiner).argmax(-1) != y).double().mean()))
+
+
+ENSEMBLE_METRICS = [   # function(member logits (M, N, K) float64, labels (N,), combiner) -> float or None
+    Metric('div', 'DIV', '.4f', lambda z, y, c: float(ambiguity(z, y, c)[0].mean())),
+    Metric('disagreement', 'disagreement', '.4f', lambda z, y, c: disagreement(z)),
+    Metric('disagreement_error_ratio', 'disagreement / member error', '.4f',
+           lambda z, y, c: _ratio(disagreement(z), _errors(z, y, c)[0])),
+    Metric('ensemble_improvement_rate', 'ensemble improvement rate', '.4f',
+           lambda z, y, c: (lambda m, e: _ratio(m - e, m))(*_errors(z, y, c))),
+    Metric('double_fault', 'double fault', '.4f', lambda z, y, c: double_fault(z, y)),
+    Metric('logit_variance', 'logit variance', '.4f', lambda z, y, c: logit_variance(z)),
+]
+
+
 def ensemble_report(logits, y, combiner, bins=ECE_BINS):
-    """Everything `evaluate` shows for (M, N, K) member logits: per-member, mean-member and ensemble
-    metrics, DIV and its decomposition residual, disagreement, disagreement-error ratio, ensemble
-    improvement rate and logit variance."""
+    """Everything `evaluate` shows for (M, N, K) member logits: the PREDICTOR_METRICS of each member, of
+    their mean and of the ensemble; every ENSEMBLE_METRICS number (DIV, disagreement, the disagreement-error
+    ratio, the ensemble improvement rate, the double-fault rate, the logit variance); and the residual of
+    DIV's ambiguity decomposition (a check: rounding)."""
     logits, y = logits.double(), y.to(logits.device)
     log_p = F.log_softmax(logits, -1)
     members = [prediction_metrics(log_p[j], y, bins) for j in range(len(logits))]
     mean_member = {k: sum(m[k] for m in members) / len(members) for k in members[0]}
-    ensemble = prediction_metrics(te.combine(logits, combiner), y, bins)
-    div, residual = ambiguity(logits, y, combiner)
-    member_error, ensemble_error = 1 - mean_member['acc'], 1 - ensemble['acc']
-    agreement = disagreement(logits)
-    return dict(examples=len(y), combiner=combiner, members=members, mean_member=mean_member,
-                ensemble=ensemble, div=float(div.mean()), decomposition_residual=residual,
-                disagreement=agreement, disagreement_error_ratio=_ratio(agreement, member_error),
-                ensemble_improvement_rate=_ratio(member_error - ensemble_error, member_error),
-                logit_variance=logit_variance(logits))
+    ensemble = prediction_metrics(_combine(logits, combiner, log_p), y, bins)
+    return dict(examples=len(y), combiner=combiner, members=members, mean_member=mean_member, ensemble=ensemble,
+                decomposition_residual=ambiguity(logits, y, combiner)[1],
+                **{m.key: m.function(logits, y, combiner) for m in ENSEMBLE_METRICS})
 
 
 #############################################
@@ -230,10 +343,10 @@ def debias(logits_fit, logits_apply):
 def ensemble_loss_error(logits, y, combiner):
     """The ensemble's (loss, error): cross-entropy and error rate, or for 'mean' (regression) MSE and RMSE."""
     if combiner == 'mean':
-        mse = float(te.squared_error(logits.mean(0), y).mean())
+        mse = float(_squared_error(logits.mean(0), y).mean())
         return mse, math.sqrt(mse)
-    log_probs = te.combine(logits, combiner)
-    return float(te.cross_entropy(log_probs, y).mean()), float((log_probs.argmax(-1) != y).double().mean())
+    log_probs = _combine(logits, combiner)
+    return float(_cross_entropy(log_probs, y).mean()), float((log_probs.argmax(-1) != y).double().mean())
 
 
 def drop_learners(logits, y, combiner, fractions, draws=DROP_DRAWS, seed=0):
@@ -245,7 +358,7 @@ def drop_learners(logits, y, combiner, fractions, draws=DROP_DRAWS, seed=0):
     for p in fractions:
         keep = m - math.floor(p * m + 1e-9)
         if not 0 <= p < 1 or keep < 1:
-            raise te.EnsembleError(f'drop fraction {p} must be in [0, 1) and keep at least one of {m} members')
+            raise EnsembleError(f'drop fraction {p} must be in [0, 1) and keep at least one of {m} members')
         if math.comb(m, keep) <= draws:
             subsets = [list(s) for s in itertools.combinations(range(m), keep)]
         else:
@@ -253,8 +366,10 @@ def drop_learners(logits, y, combiner, fractions, draws=DROP_DRAWS, seed=0):
         rise = torch.tensor([ensemble_loss_error(logits[s], y, combiner) for s in subsets], dtype=torch.float64)
         rise -= torch.tensor(full, dtype=torch.float64)
         rows.append(dict(fraction=p, kept=keep, subsets=len(subsets),
-                         loss_increase=float(rise[:, 0].mean()), loss_increase_std=float(rise[:, 0].std(unbiased=False)),
-                         error_increase=float(rise[:, 1].mean()), error_increase_std=float(rise[:, 1].std(unbiased=False))))
+                         loss_increase=float(rise[:, 0].mean()),
+                         loss_increase_std=float(rise[:, 0].std(unbiased=False)),
+                         error_increase=float(rise[:, 1].mean()),
+                         error_increase_std=float(rise[:, 1].std(unbiased=False))))
     return dict(full_loss=full[0], full_error=full[1], fractions=rows)
 
 
@@ -265,7 +380,8 @@ def drop_learners(logits, y, combiner, fractions, draws=DROP_DRAWS, seed=0):
 def barrier(values, lams=None):
     """max_λ L(λ) − ((1 − λ)·L(0) + λ·L(1)) of a curve sampled at `lams` (default: evenly from 0 to 1)."""
     values = torch.as_tensor(values, dtype=torch.float64)
-    lams = torch.linspace(0, 1, len(values), dtype=torch.float64) if lams is None else torch.as_tensor(lams, dtype=torch.float64)
+    lams = (torch.linspace(0, 1, len(values), dtype=torch.float64) if lams is None
+            else torch.as_tensor(lams, dtype=torch.float64))
     return float((values - ((1 - lams) * values[0] + lams * values[-1])).max())
 
 
@@ -295,21 +411,25 @@ def interpolation_curve(net, state_a, state_b, lams, evaluate, bn=None, batches=
     return rows
 
 
+CURVES = {'naive': 'A → B', 'aligned': 'A → π(B)', 'permuted': 'B → π(B)'}   # lmc_curves' lines: key -> label
+
+
 def lmc_curves(spec, state_a, state_b, splits, steps=INTERP_STEPS, align=False, bn=None, bn_inputs=None, device='cpu',
                progress=None):
     """Linear mode connectivity of two networks of one model spec (state dicts): the loss and error of each
     split in `splits` ({name: (inputs, targets)}) at `steps` evenly spaced λ along A → B and, with `align`,
     A → π(B) and B → π(B), π(B) = B permuted into A's basin by weight matching. bn ('reset' or 'repair')
     treats the inner λ on `bn_inputs` (training inputs). Regression specs measure MSE and RMSE.
-    Returns {curve: dict(points=[{lam, <split>_loss, <split>_error}], barrier={<split>_loss, <split>_error})}."""
+    Returns {curve: dict(points=[{lam, <split>_loss, <split>_error}], barrier={<split>_loss, <split>_error})},
+    the curves named by their CURVES keys (naive, and with `align` aligned and permuted)."""
     device = torch.device(device)
     combiner = 'mean' if spec.get('task') == 'regression' else 'prob'
     net = te.build_model(spec).to(device).eval()
     state_a, state_b = ({k: v.to(device) for k, v in s.items()} for s in (state_a, state_b))
-    curves = {'A → B': (state_a, state_b)}
+    curves = {'naive': (state_a, state_b)}
     if align:
         aligned = align_state(net, state_a, state_b, torch.zeros(1, *te.input_shape(spec), device=device))
-        curves.update({'A → π(B)': (state_a, aligned), 'B → π(B)': (state_b, aligned)})
+        curves.update({'aligned': (state_a, aligned), 'permuted': (state_b, aligned)})
     batches = te.float_batches(bn_inputs, rebasin.BN_BATCH, device) if bn else None
 
     def evaluate(net):
@@ -333,8 +453,9 @@ def sharpness_batches(x_uint8, y, batch_size=SHARP_BATCH, device='cpu'):
 
 
 def sharpness(model, batches, rho=SHARP_RHO, steps=SHARP_STEPS, adaptive=True, eta=ASAM_ETA):
-    """Worst-case increase of the cross-entropy (no label smoothing) on fixed `batches` ((x, y) pairs) within the ball ‖ε / s‖₂ ≤ ρ,
-    s = |w| + η (ASAM's adaptive scale; s = 1 if not adaptive), over every trainable parameter, found by
+    """Worst-case increase of the cross-entropy (no label smoothing) on fixed `batches` ((x, y) pairs) within
+    the ball ‖ε / s‖₂ ≤ ρ, s = |w| + η (ASAM's adaptive scale; s = 1 if not adaptive), over every trainable
+    parameter, found by
     `steps` of projected, normalized gradient ascent (step 2ρ/steps; one step is the SAM/ASAM estimate).
     The model runs in eval mode, so BatchNorm uses its running statistics (a perturbation never changes
     them) and the model itself is never modified. Returns dict(loss, perturbed_loss, sharpness)."""
@@ -384,7 +505,8 @@ def sharpness(model, batches, rho=SHARP_RHO, steps=SHARP_STEPS, adaptive=True, e
 # those with --corrupted-dir). Blur sizes are CIFAR's pixels, used as they are at any image size (scaled
 # to 28 pixels, defocus's smallest disks would vanish); the elastic transform's are fractions of the
 # image size, as theirs. Its constants trade an affine jitter that shrinks with severity for a local
-# displacement that grows, so how far it moves an image is not monotone in severity. Not generated: glass blur, zoom blur, snow, frost, fog and spatter
+# displacement that grows, so how far it moves an image is not monotone in severity. Not generated: glass blur,
+# zoom blur, snow, frost, fog and spatter
 # (image files, or long per-pixel loops).
 
 SEVERITY = {   # corruption -> its parameter at severities 1..5
@@ -435,7 +557,8 @@ def _disk(radius, alias_sigma):
     disk /= disk.sum()
     g = torch.exp(-torch.tensor([-1.0, 0.0, 1.0]) ** 2 / (2 * alias_sigma ** 2))
     g = (g / g.sum()).view(1, 1, 3)
-    kernel = F.conv2d(F.pad(disk.view(1, 1, 17, 17), (1, 1, 1, 1)), (g.view(3, 1) * g.view(1, 3)).view(1, 1, 3, 3))[0, 0]
+    antialias = (g.view(3, 1) * g.view(1, 3)).view(1, 1, 3, 3)
+    kernel = F.conv2d(F.pad(disk.view(1, 1, 17, 17), (1, 1, 1, 1)), antialias)[0, 0]
     keep = int(radius) + 2   # the disk and its antialiasing; the rest of the 17 x 17 grid is zero
     return kernel[8 - keep:9 + keep, 8 - keep:9 + keep]
 
@@ -468,11 +591,11 @@ def corrupt(x_uint8, name, severity, generator=None):
     """x_uint8 (N, C, H, W) uint8 images with the corruption `name` at severity 1..5: a new uint8 tensor
     of the same shape on the same device, deterministic for the generator (on that device)."""
     if name not in SEVERITY:
-        raise te.EnsembleError(f"unknown corruption '{name}': use one of {', '.join(CORRUPTIONS)}")
+        raise EnsembleError(f"unknown corruption '{name}': use one of {', '.join(CORRUPTIONS)}")
     if severity not in (1, 2, 3, 4, 5):
-        raise te.EnsembleError(f'severity must be 1..5, got {severity}')
+        raise EnsembleError(f'severity must be 1..5, got {severity}')
     if x_uint8.dtype != torch.uint8 or x_uint8.dim() != 4:
-        raise te.EnsembleError(f'corrupt takes uint8 images (N, C, H, W), got {x_uint8.dtype} {tuple(x_uint8.shape)}')
+        raise EnsembleError(f'corrupt takes uint8 images (N, C, H, W), got {x_uint8.dtype} {tuple(x_uint8.shape)}')
     c, g = SEVERITY[name][severity - 1], generator
     n, channels, h, w = x_uint8.shape
     if name == 'jpeg_compression':
@@ -504,7 +627,8 @@ def corrupt(x_uint8, name, severity, generator=None):
         for degree in degrees.unique().tolist():   # the images sharing an angle share their shifted copies
             chosen = (degrees == degree).nonzero().flatten()
             part, a = padded[chosen], math.radians(degree)
-            streak = sum(wt * _shifted(part, pad, -t * math.cos(a), -t * math.sin(a), h, w) for t, wt in enumerate(weights))
+            streak = sum(wt * _shifted(part, pad, -t * math.cos(a), -t * math.sin(a), h, w)
+                         for t, wt in enumerate(weights))
             out[chosen] = streak / sum(weights)
         x = out
     elif name == 'contrast':
@@ -516,7 +640,7 @@ def corrupt(x_uint8, name, severity, generator=None):
         x = torch.where(v > 0, x * new_v / v.clamp_min(1e-12), new_v.expand_as(x))
     elif name == 'saturate':     # HSV saturation S·a + b, hue and value kept
         if channels != 3:
-            raise te.EnsembleError('saturate changes colour: it needs 3-channel images')
+            raise EnsembleError('saturate changes colour: it needs 3-channel images')
         v, chroma = _hsv_value_and_range(x)
         s = torch.where(v > 0, chroma / v.clamp_min(1e-12), torch.zeros_like(v))
         new_s = (s * c[0] + c[1]).clamp(0, 1)
@@ -554,13 +678,13 @@ def corrupted_files(directory, name, severity):
     path, labels_path = directory / f'{name}.npy', directory / 'labels.npy'
     for p in (path, labels_path):
         if not p.is_file():
-            raise te.EnsembleError(f'{p} does not exist (expected CIFAR-10-C style <corruption>.npy and labels.npy)')
+            raise EnsembleError(f'{p} does not exist (expected CIFAR-10-C style <corruption>.npy and labels.npy)')
     try:
         images, labels = np.load(path, allow_pickle=False, mmap_mode='r'), np.load(labels_path, allow_pickle=False)
     except ValueError as e:
-        raise te.EnsembleError(f'{path} is not a plain numpy array file ({e})') from None
+        raise EnsembleError(f'{path} is not a plain numpy array file ({e})') from None
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) % 5 or len(labels) != len(images):
-        raise te.EnsembleError(f'{path} must hold 5 x N uint8 images (N·5, H, W, C) with as many labels, '
+        raise EnsembleError(f'{path} must hold 5 x N uint8 images (N·5, H, W, C) with as many labels, '
                                f'got {images.dtype} {images.shape} and {len(labels)} labels')
     per = len(images) // 5
     part = slice((severity - 1) * per, severity * per)
@@ -606,7 +730,7 @@ def ood_scores(logits, combiner='prob'):
     log_p = F.log_softmax(logits.double(), -1)
     log_mean = torch.logsumexp(log_p, 0) - math.log(len(logits))
     mean_entropy = -(log_mean.exp() * log_mean).sum(-1)
-    log_ensemble = log_mean if combiner == 'prob' else te.combine(logits.double(), combiner, log_p)
+    log_ensemble = log_mean if combiner == 'prob' else _combine(logits.double(), combiner, log_p)
     member_entropy = -(log_p.exp() * log_p).sum(-1).mean(0)
     return {'max_prob': 1 - log_ensemble.exp().max(-1).values,
             'entropy': -(log_ensemble.exp() * log_ensemble).sum(-1),
@@ -666,15 +790,25 @@ def _figure(panels, width=5.0):
     return plt, fig, axes[0]
 
 
-def _label(ax, x_label, y_label, fontsize=7):
+def _label(ax, x_label, y_label, fontsize=7, legend=True):
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=fontsize)
+    if legend:
+        ax.legend(fontsize=fontsize)
+
+
+def _legend_beside(fig, ax, fontsize=7):
+    """One legend for all panels, right of the last one, where it covers no point (the figure widens)."""
+    fig.set_figwidth(fig.get_figwidth() + 2.2)
+    ax.legend(fontsize=fontsize, loc='upper left', bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
 
 
 def _save(plt, fig, path, title):
-    fig.suptitle(title)
+    # each line wrapped to the figure's width (about 8.5 characters of the title's font per inch), so that
+    # long run names never run off its edges
+    width = int(8.5 * fig.get_figwidth())
+    fig.suptitle('\n'.join(textwrap.fill(line, width, break_on_hyphens=False) for line in title.split('\n')))
     fig.tight_layout()
     te.save_figure(fig, path)
     plt.close(fig)
@@ -715,11 +849,14 @@ def plot_sweep(path, groups, title):
         for key, line, what in (('train_div', '-', 'train'), ('test_div', '--', 'test')):
             div_ax.plot(*_mean_by_beta(rows, key), line, label=f'{label}: {what}', **style)
         gap_ax.plot(*_mean_by_beta(rows, 'gap'), '-', label=label, **style)
-    names = ['test RMSE' if regression else 'test error', 'DIV',
-             f"ensemble {'MSE' if regression else 'loss'} gap (test − train)"] + ['under shift (lower is better)'] * shifted
+    div = next(m.label for m in ENSEMBLE_METRICS if m.key == 'div')   # the metric rows name what the plots show
+    names = ['test RMSE' if regression else 'test error', div,
+             f"ensemble {'MSE' if regression else 'loss'} gap (test − train)"]
+    names += ['under shift (lower is better)'] * shifted
     for ax, name in zip(axes, names):
         _label(ax, 'β (0 = independent, 1 = joint)', name)
     div_ax.set_yscale('symlog', linthresh=1e-3)   # DIV spans orders of magnitude between β = 0 and β = 1
+    div_ax.set_ylim(bottom=0)   # DIV ≥ 0: one-member runs (DIV = 0 everywhere) would get a symmetric, negative axis
     _save(plt, fig, path, title)
 
 
@@ -744,17 +881,20 @@ def plot_interpolation(path, curves, title, names=('loss', 'error')):
                 ax.plot(lams, [r[f'{split}_{key}'] for r in rows], style, marker='o', ms=3, color=f'C{i}',
                         label=f'{name} ({split})')
     for ax, name in zip(axes, names):
-        _label(ax, 'λ (0 = A, 1 = B)', f'{name} (solid: train, dashed: test)')
+        _label(ax, 'λ (0 = A, 1 = B)', f'{name} (solid: train, dashed: test)', legend=False)
+    _legend_beside(fig, axes[-1])   # the curves peak mid-line and end anywhere: no corner is free
     _save(plt, fig, path, title)
 
 
 def plot_robustness(path, result, title):
-    """Ensemble test accuracy against severity, one line per corruption, the mean bold, the clean level dotted."""
-    plt, fig, axes = _figure(2)
+    """Ensemble test accuracy against severity, one line per corruption, the mean bold, the clean level dotted;
+    with several members a second panel for the mean member. One legend, right of the panels, covers no point."""
     corrupted = result['corrupted']
+    whos = ('ensemble',) if len(result['clean']['members']) == 1 else ('ensemble', 'mean_member')
+    plt, fig, axes = _figure(len(whos))
     names = list(dict.fromkeys(name for name, _ in corrupted))
     severities = sorted({s for _, s in corrupted})
-    for ax, who in zip(axes, ('ensemble', 'mean_member')):
+    for ax, who in zip(axes, whos):
         for i, name in enumerate(names):
             ax.plot(severities, [corrupted[name, s][who]['acc'] for s in severities], marker='.', lw=1,
                     color=plt.get_cmap('tab20')(i % 20), label=name.replace('_', ' '))
@@ -762,8 +902,9 @@ def plot_robustness(path, result, title):
                 color='black', lw=2.5, label='mean')
         ax.axhline(result['clean'][who]['acc'], color='gray', linestyle=':', label='clean')
         ax.set_xticks(severities)
-        ax.set_title(who.replace('_', ' '))
-        _label(ax, 'severity', 'test accuracy', fontsize=6)
+        ax.set_title(who.replace('_', ' ') if len(whos) > 1 else 'the one member')
+        _label(ax, 'severity', 'test accuracy', legend=False)
+    _legend_beside(fig, axes[-1])   # twelve corruptions fill every corner of the panels
     _save(plt, fig, path, title)
 
 
@@ -782,31 +923,104 @@ def plot_ood(path, scores_in, scores_out, names, title):
 #############################################
 #               Command line                #
 #############################################
+# typer, rich and matplotlib, and the sibling scripts that load runs and data (train_ensemble.py) and align
+# networks (rebasin.py), are imported only when the command line runs: a copied analyze.py needs only torch
+# (and scipy for AUROC) for its metrics. Options are written once, as plain data (Opt), which make_app()
+# turns into typer's options.
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help='Metrics, diversity, collusion diagnostics, interpolation and sharpness of trained ensembles.')
+Opt = namedtuple('Opt', 'default help flags argument', defaults=((), False))   # flags: e.g. ('--json',)
+COMMANDS = []   # (name, function) of every command, in the order --help lists them
+
+
+def _argument(help, default=...):
+    return Opt(default, help, (), True)
+
+
+def _command(name=None):
+    def register(function):
+        COMMANDS.append((name or function.__name__, function))
+        return function
+    return register
+
 
 EXAMPLES_HELP = 'Use at most this many images of each split (they are class-balanced in order).'
-# The options several commands share, each written once (typer reads the metadata from the annotation).
-RunDir = Annotated[Path, typer.Argument(help='A run directory.')]
-Combine = Annotated[Optional[str], typer.Option(help="Combiner: prob or logit (default: the run's).")]
-Examples = Annotated[Optional[int], typer.Option(help=EXAMPLES_HELP)]
-Dataset = Annotated[Optional[str], typer.Option(help="Evaluate on this dataset instead of the one in the run's config.json.")]
-Device = Annotated[str, typer.Option(help='auto (cuda when there is one), cpu or cuda.')]
-JsonOut = Annotated[Optional[Path], typer.Option('--json', help='Write every number shown to this JSON file.')]
+SOURCES = _argument('Run directories or member files; all their members make one ensemble.')
+COMBINE = Opt(None, f"Combiner: {' or '.join(CLASSIFICATION_COMBINERS)} (default: the first run's; a regression "
+                    "run's is mean, its only one).")
+EXAMPLES = Opt(None, EXAMPLES_HELP)
+DATASET = Opt(None, "Evaluate on this dataset (a name or an .npz, of the members' input shape and classes) "
+                    "instead of the first run's.")
+DEVICE = Opt('auto', 'auto (cuda when there is one), cpu or cuda.')
+JSON_OUT = Opt(None, 'Write every number shown to this JSON file.', ('--json',))
+
+
+def _help(doc):
+    """A docstring as help text: each paragraph one line, so that the terminal, not the source, wraps it."""
+    return '\n\n'.join(' '.join(p.split()) for p in inspect.cleandoc(doc).split('\n\n'))
+
+
+def _typer_command(function, typer):
+    """`function` with its Opt defaults replaced by typer's Argument and Option (typer reads the signature)."""
+    signature = inspect.signature(function)
+    params = [p.replace(default=typer.Argument(p.default.default, help=p.default.help) if p.default.argument
+                        else typer.Option(p.default.default, *p.default.flags, help=p.default.help))
+              for p in signature.parameters.values()]
+
+    @functools.wraps(function)
+    def command(*args, **kwargs):
+        return function(*args, **kwargs)
+    command.__signature__ = signature.replace(parameters=params)
+    return command
+
+
+def make_app():
+    """The typer application: every command in COMMANDS."""
+    import typer
+    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                      context_settings=dict(help_option_names=['-h', '--help']),
+                      help='Metrics, diversity, collusion diagnostics, interpolation and sharpness of trained '
+                           'ensembles.')
+    for name, function in COMMANDS:
+        app.command(name, help=_help(function.__doc__))(_typer_command(function, typer))
+    return app
+
+
+def __getattr__(name):   # analyze.app: the application, built on first use (typer is imported only then)
+    if name == 'app':
+        return make_app()
+    raise AttributeError(f"module 'analyze' has no attribute '{name}'")
+
+
+def _user_errors():
+    """The exception types that mean bad input, not a bug: ours (train_ensemble's), rebasin's, files."""
+    rebasin_error = (sys.modules['rebasin'].RebasinError,) if 'rebasin' in sys.modules else ()
+    return (EnsembleError, OSError, json.JSONDecodeError) + rebasin_error
+
+
+def _fail(message):
+    """One line on stderr and exit status 2: train_ensemble.cli_error, or the same line without it."""
+    try:
+        cli_error = te.cli_error
+    except EnsembleError:
+        sys.stderr.write(f'error: {message}\n')
+        raise SystemExit(2) from None
+    cli_error(message)
 
 
 @contextmanager
 def _session():
-    """A rich console; user errors (bad runs, splits, options) become one line on stderr and exit 1."""
+    """A rich console; bad input (runs, splits, options, a missing sibling script) becomes one line on stderr
+    and exit status 2."""
     from rich.console import Console
     console = Console(soft_wrap=True, highlight=False)
     if not console.is_terminal and 'COLUMNS' not in os.environ:
         console.width = PIPED_WIDTH
     try:
         yield console
-    except (te.EnsembleError, rebasin.RebasinError, OSError, json.JSONDecodeError) as e:
-        te.cli_error(' '.join(str(e).split()))
+    except Exception as e:
+        if not isinstance(e, _user_errors()):
+            raise
+        _fail(' '.join(str(e).split()))
 
 
 @contextmanager
@@ -825,13 +1039,19 @@ def _logits(console, nets, x, label):
         return te.predict_logits(nets, x, progress=advance).cpu()
 
 
+def _cell(value, format='.4f'):
+    return value if isinstance(value, str) else '–' if value is None else f'{value:{format}}'
+
+
 def _table(title, columns, rows):
+    """A rich table; numbers are shown with 4 decimals unless already formatted (strings)."""
+    from rich.markup import escape
     from rich.table import Table
-    table = Table(title=title, title_justify='left')
-    for i, c in enumerate(columns):
-        table.add_column(c, justify='left' if i == 0 else 'right')
+    table = Table(title=None if title is None else escape(title), title_justify='left')
+    for i, c in enumerate(columns):   # a header may wrap between words but is never cut off
+        table.add_column(escape(c), justify='left' if i == 0 else 'right', min_width=max(map(len, c.split() or [''])))
     for row in rows:
-        table.add_row(*[c if isinstance(c, str) else '–' if c is None else f'{c:.4f}' for c in row])
+        table.add_row(*[escape(_cell(c)) for c in row])
     return table
 
 
@@ -842,85 +1062,176 @@ def _write(console, json_out, result):
         console.print(f'wrote {json_out}')
 
 
+Ensemble = namedtuple('Ensemble', 'name sources config nets data spec differs')
+SHARED = ('dataset', 'task', 'input shape', 'classes')   # what the members of one ensemble must agree on
+SPLITS = ('subset', 'val_size', 'shard')   # data options that change the splits, not the data: the first run's win
+
+
+def _shared(config, spec):
+    dataset, seed = config.get('dataset'), config.get('data_seed', config.get('seed'))
+    if str(dataset).startswith('synthetic'):   # generated from the seed: another seed, another dataset
+        dataset = f'{dataset} (seed {seed or 0})'
+    return dict(zip(SHARED, (dataset, config.get('task') or spec.get('task') or 'classification',
+                             te.input_shape(spec), spec.get('num_classes'))))
+
+
+def _check_data(data, spec, dataset):
+    """The data fits the members: inputs of their shape, no more classes (or targets) than they output."""
+    shape, expected = tuple(data.x_test.shape[1:]), te.input_shape(spec)
+    what = f'--dataset {dataset}' if dataset else f'dataset {data.name}'
+    if shape != expected:
+        raise EnsembleError(f'{what} has inputs of shape {shape}; the members take {expected}')
+    if data.num_classes != spec.get('num_classes'):
+        raise EnsembleError(f"{what} has {data.num_classes} classes (or targets); the members output "
+                            f"{spec.get('num_classes')}")
+
+
+def _load_ensemble(sources, device='auto', dataset=None):
+    """Every member of every source (a run directory, or a member file) as one ensemble on the device, with
+    the data of the first source's run (`dataset` overrides it). The sources must share dataset, task,
+    input shape and number of classes: the first that differs is named."""
+    dev, sources = te.resolve_device(device), [Path(s) for s in sources]
+    if len(set(sources)) < len(sources):
+        raise EnsembleError(f'{next(s for s in sources if sources.count(s) > 1)} is given twice: '
+                            'its members would count twice in the ensemble')
+    nets, first, other_splits = [], None, set()
+    for source in sources:
+        config = run_config(source)
+        for path in te.member_paths(source):
+            spec, state, _ = te.load_member_state(path)   # checked against its spec: it loads into build_model's
+            shared = _shared(config, spec)
+            first = first or (source, config, spec, shared)
+            differs = next((k for k in SHARED if shared[k] != first[3][k] and None not in (shared[k], first[3][k])),
+                           None)   # a member file without config.json has no dataset to disagree with
+            if differs:
+                raise EnsembleError(f'{path} and {first[0]} differ in {differs} ({shared[differs]} vs '
+                                    f'{first[3][differs]}): one ensemble\'s members share {", ".join(SHARED)}')
+            net = te.build_model(spec)
+            net.load_state_dict(state)
+            nets.append(net.to(dev).eval())
+            other_splits |= {k for k in SPLITS if config and config.get(k) != first[1].get(k)}
+    _, config, spec, shared = first
+    if not (dataset or config.get('dataset')):
+        raise EnsembleError(f'{first[0]} has no config.json naming its dataset: pass --dataset')
+    data = run_data(config, dataset)
+    _check_data(data, spec, dataset)
+    name = ' + '.join(str(s) for s in sources)
+    return Ensemble(name, [str(s) for s in sources], config, nets, data, spec, sorted(other_splits))
+
+
+def _note_splits(console, ensemble):
+    """Runs trained on other parts of the data are evaluated on the first run's splits: say so."""
+    if ensemble.differs:
+        console.print(f"[yellow]note: the runs differ in {', '.join(ensemble.differs)}; every split is "
+                      f'{ensemble.sources[0]}\'s[/]')
+
+
 def _load(run, device, dataset):
-    config, nets = te.load_run(run, te.resolve_device(device))
-    return config, nets, run_data(config, dataset)
+    ensemble = _load_ensemble([run], device, dataset)
+    return ensemble.config, ensemble.nets, ensemble.data
 
 
 def _combiner(config, combine):
     """--combine, else the run's combiner; a regression run's is 'mean', the only one it has."""
     regression = config.get('task') == 'regression'
     combiner = combine or config.get('combine') or ('mean' if regression else 'prob')
-    if combiner not in (('mean',) if regression else ('prob', 'logit')):
-        raise te.EnsembleError(f"unknown combiner '{combiner}' for this run: use "
-                               + ("mean (it is a regression run)" if regression else 'prob or logit'))
+    if combiner not in (('mean',) if regression else CLASSIFICATION_COMBINERS):
+        raise EnsembleError(f"unknown combiner '{combiner}' for this run: use "
+                            + ('mean (it is a regression run)' if regression
+                               else ' or '.join(CLASSIFICATION_COMBINERS)))
     return combiner
 
 
 def _classification_only(config, run, what):
     if config.get('task') == 'regression':
-        raise te.EnsembleError(f'{run} is a regression run; {what} is defined for classification only')
+        raise EnsembleError(f'{run} is a regression run; {what} is defined for classification only')
 
 
 def _settings(config, keys=('dataset', 'arch', 'members', 'beta', 'combine')):
     return ', '.join(f'{k}={config[k]}' for k in keys if config.get(k) is not None)
 
 
-@app.command()
+def _report_tables(title, r, regression, bins):
+    """evaluate's tables of one split: a row per member (one row in all when there is one member), the
+    mean member and the ensemble; then, for two or more members, the diversity numbers."""
+    single = len(r['members']) == 1
+    metrics = ([Metric('mse', 'MSE', '.4f', None), Metric('rmse', 'RMSE', '.4f', None)] if regression else
+               [m._replace(label=f'ECE ({bins} bins)') if m.key == 'ece' else m for m in PREDICTOR_METRICS])
+    who = [(f'member {j}', m) for j, m in enumerate(r['members'])]
+    who = [('the one member (M = 1)', r['ensemble'])] if single else who + [('mean member', r['mean_member']),
+                                                                             ('ensemble', r['ensemble'])]
+    tables = [_table(title, [''] + [m.label for m in metrics],
+                     [(label, *(_cell(numbers[m.key], m.format) for m in metrics)) for label, numbers in who])]
+    if single:
+        return tables
+    if regression:
+        rows = [('DIV = mean_j (f_j − f̄)²', r['div']),
+                ('decomposition residual (relative)', r['decomposition_residual']),
+                ('DIV / mean member MSE', r['ensemble_improvement'])]
+    else:
+        rows = [(m.label, _cell(r[m.key], m.format)) for m in ENSEMBLE_METRICS]
+        rows.insert(1, ('decomposition residual', r['decomposition_residual']))
+    return tables + [_table(None, ['diversity', 'value'], rows)]
+
+
+def _gap(splits, regression):
+    """Test minus train of the ensemble's loss and error (regression: MSE and RMSE), the mean member's loss
+    and DIV (the last two only with several members)."""
+    tr, ts = splits['train'], splits['test']
+    loss = 'mse' if regression else 'nll'
+    gap = dict(ensemble_loss=ts['ensemble'][loss] - tr['ensemble'][loss])
+    if regression:
+        gap['ensemble_rmse'] = ts['ensemble']['rmse'] - tr['ensemble']['rmse']
+    else:
+        gap['ensemble_error'] = tr['ensemble']['acc'] - ts['ensemble']['acc']
+    if len(ts['members']) > 1:
+        gap.update(mean_member_loss=ts['mean_member'][loss] - tr['mean_member'][loss], div=ts['div'] - tr['div'])
+    return gap
+
+
+@_command()
 def evaluate(
-    run: RunDir,
-    split: List[str] = typer.Option(['test'], help='train, val or test; repeat it (--split train --split test) for the generalization gap.'),
-    combine: Combine = None,
-    bins: int = typer.Option(ECE_BINS, help='Confidence bins of the ECE.'),
-    examples: Examples = None,
-    dataset: Dataset = None,
-    device: Device = 'auto',
-    json_out: JsonOut = None,
+    runs: List[Path] = SOURCES,
+    split: List[str] = Opt(['test'], 'train, val or test; repeat it (--split train --split test) for the '
+                                     'generalization gap.'),
+    combine: Optional[str] = COMBINE,
+    bins: int = Opt(ECE_BINS, 'Confidence bins of the ECE.'),
+    examples: Optional[int] = EXAMPLES,
+    dataset: Optional[str] = DATASET,
+    device: str = DEVICE,
+    json_out: Optional[Path] = JSON_OUT,
 ):
     """Members and ensemble: accuracy, NLL, Brier, ECE, diversity and generalization gaps.
 
-    DIV is checked against the ambiguity decomposition of the combiner; also pairwise disagreement, the
-    disagreement-error ratio, the ensemble improvement rate and the logit variance. The train split is
-    evaluated like the others: eval mode, no augmentation. A regression run: MSE and RMSE in the targets'
-    units, DIV = mean_j (f_j − f̄)² with the (exact) decomposition's residual, and DIV / mean member MSE."""
+    Several runs (or member files) are one ensemble of all their members, e.g. three seeds trained apart.
+    Diversity (two or more members): DIV, checked against the ambiguity decomposition of the combiner,
+    pairwise disagreement, the disagreement-error ratio, the ensemble improvement rate, the double-fault
+    rate and the logit variance. The train split is evaluated like the others: eval mode, no augmentation.
+
+    A regression run: MSE and RMSE in the targets' units, DIV = mean_j (f_j − f̄)² with the (exact)
+    decomposition's residual, and DIV / mean member MSE."""
     with _session() as console:
-        config, nets, data = _load(run, device, dataset)
-        combiner = _combiner(config, combine)
-        regression = combiner == 'mean'
-        loss, score = ('mse', 'rmse') if regression else ('nll', 'acc')
-        result = dict(run=str(run), combiner=combiner, splits={})
+        ensemble = _load_ensemble(runs, device, dataset)
+        combiner = _combiner(ensemble.config, combine)
+        regression, m = combiner == 'mean', len(ensemble.nets)
+        _note_splits(console, ensemble)
+        result = dict(runs=ensemble.sources, members=m, combiner=combiner, splits={})
         for name in dict.fromkeys(split):
-            x, y = split_examples(data, name, examples)
-            outputs = _logits(console, nets, x, name)
+            x, y = split_examples(ensemble.data, name, examples)
+            outputs = _logits(console, ensemble.nets, x, name)
             r = result['splits'][name] = (regression_report(outputs, y) if regression else
                                           ensemble_report(outputs, y, combiner, bins))
-            rows = [(f'member {j}', *m.values()) for j, m in enumerate(r['members'])]
-            rows += [('mean member', *r['mean_member'].values()), ('ensemble', *r['ensemble'].values())]
-            console.print(_table(f'{run} — {name} split ({r["examples"]} examples), combiner {combiner}',
-                                 ['', 'MSE', 'RMSE'] if regression else ['', 'accuracy', 'NLL', 'Brier', f'ECE ({bins} bins)'],
-                                 rows))
-            if regression:
-                console.print(_table(None, ['diversity', 'value'], [
-                    ('DIV = mean_j (f_j − f̄)²', r['div']), ('decomposition residual (relative)', r['decomposition_residual']),
-                    ('DIV / mean member MSE', r['ensemble_improvement'])]))
-            else:
-                console.print(_table(None, ['diversity', 'value'], [
-                    ('DIV', r['div']), ('decomposition residual', r['decomposition_residual']),
-                    ('disagreement', r['disagreement']), ('disagreement / mean member error', r['disagreement_error_ratio']),
-                    ('ensemble improvement rate', r['ensemble_improvement_rate']), ('logit variance', r['logit_variance'])]))
+            title = f'{ensemble.name}: {m} member{"s" * (m > 1)}, {name} split ({r["examples"]} examples)'
+            for table in _report_tables(title + (f', combiner {combiner}' if m > 1 else ''), r, regression, bins):
+                console.print(table)
             if r['decomposition_residual'] > (1e-9 if regression else 1e-4):
-                console.print(f"[yellow]warning: the ambiguity decomposition is off by {r['decomposition_residual']:.2g}[/]")
+                console.print('[yellow]warning: the ambiguity decomposition is off by '
+                              f"{r['decomposition_residual']:.2g}[/]")
         if {'train', 'test'} <= result['splits'].keys():
-            tr, ts = result['splits']['train'], result['splits']['test']
-            gap = result['gap'] = dict(ensemble_loss=ts['ensemble'][loss] - tr['ensemble'][loss],
-                                       mean_member_loss=ts['mean_member'][loss] - tr['mean_member'][loss])
-            if regression:
-                gap['ensemble_rmse'] = ts['ensemble']['rmse'] - tr['ensemble']['rmse']
-            else:
-                gap['ensemble_error'] = tr['ensemble']['acc'] - ts['ensemble']['acc']
-            gap['div'] = ts['div'] - tr['div']
-            console.print(_table(f'generalization gap (test − train){"; losses are MSE" if regression else ""}', ['', 'gap'],
-                                 [(k.replace('_', ' '), v) for k, v in result['gap'].items()]))
+            result['gap'] = _gap(result['splits'], regression)
+            console.print(_table(f'generalization gap (test − train){"; losses are MSE" if regression else ""}',
+                                 ['', 'gap'], [('DIV' if k == 'div' else k.replace('_', ' '), v)
+                                               for k, v in result['gap'].items()]))
         _write(console, json_out, result)
 
 
@@ -937,8 +1248,10 @@ def shifted_row(run, ood=None, examples=None, device='auto', console=None, sever
     if ood:
         x_out, _ = split_examples(run_data(config, ood), 'test', examples)
         if x_out.shape[1:] != x.shape[1:]:
-            raise te.EnsembleError(f'--ood {ood} has images of shape {tuple(x_out.shape[1:])}; {run}\'s are {tuple(x.shape[1:])}')
-        report = ood_report(_logits(console, nets, x, 'in'), _logits(console, nets, x_out, 'out'), _combiner(config, None))
+            raise EnsembleError(f"--ood {ood} has images of shape {tuple(x_out.shape[1:])}; {run}'s are "
+                                f'{tuple(x.shape[1:])}')
+        report = ood_report(_logits(console, nets, x, 'in'), _logits(console, nets, x_out, 'out'),
+                            _combiner(config, None))
         row.update({f'ood_auroc_{name}': r['auroc'] for name, r in report.items()})
     return row
 
@@ -948,30 +1261,40 @@ def compare_row(run, recompute=False, device='auto', examples=None, console=None
     are MSE). Test numbers and training time come from summary.json. Its train_*
     numbers are running averages over the epoch's augmented batches in train mode while the weights still
     move, so the gap they give is biased; `recompute` (or a run without summary.json, e.g. a merged
-    one) evaluates train and test cleanly instead: eval mode, no augmentation, no test-time augmentation."""
+    one) evaluates train and test cleanly instead: eval mode, no augmentation, no test-time augmentation.
+    A classification run's row also has every ENSEMBLE_METRICS number but DIV on the test split, as test_<key>."""
     run = Path(run)
     config = run_config(run)
     summary_path = run / 'summary.json'
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     score = te.score_name(config.get('task'))   # accuracy, or for regression RMSE
     row = dict(run=str(run), name=run.name, members=len(te.member_paths(run)), beta=config.get('beta'),
-               combine=_combiner(config, None), task=config.get('task') or 'classification', bagging=bool(config.get('bagging')),
+               combine=_combiner(config, None), task=config.get('task') or 'classification',
+               bagging=bool(config.get('bagging')),
                param=config.get('param', 'standard'), train_time_s=summary.get('train_time_s'), config=config)
     if summary and not recompute:
-        row.update({'source': 'summary.json', f'test_{score}': summary[f'test_{score}'], 'test_loss': summary['test_loss'],
+        row.update({'source': 'summary.json', f'test_{score}': summary[f'test_{score}'],
+                    'test_loss': summary['test_loss'],
                     f'member_test_{score}': sum(summary[f'member_test_{score}']) / len(summary[f'member_test_{score}']),
                     'member_test_loss': sum(summary['member_test_loss']) / len(summary['member_test_loss']),
-                    'train_loss': summary['train_loss'], 'train_div': summary['train_div'], 'test_div': summary['test_div']})
-    else:
-        config, nets, data = _load(run, device, None)
-        for split in ('train', 'test'):
-            x, y = split_examples(data, split, examples)
-            m = te.ensemble_metrics(_logits(console, nets, x, f'{run.name} {split}'), y, row['combine'])
+                    'train_loss': summary['train_loss'], 'train_div': summary['train_div'],
+                    'test_div': summary['test_div']})
+    if (row['task'] == 'regression' or row['members'] == 1) and 'source' in row:   # no diversity numbers to add
+        return dict(row, gap=row['test_loss'] - row['train_loss'])
+    config, nets, data = _load(run, device, None)
+    for split in ('train', 'test') if 'source' not in row else ('test',):
+        x, y = split_examples(data, split, examples)
+        logits = _logits(console, nets, x, f'{run.name} {split}')
+        if 'source' not in row or split == 'train':
+            m = te.ensemble_metrics(logits, y, row['combine'])
             row.update({f'{split}_loss': m['loss'], f'{split}_{score}': m[score], f'{split}_div': m['div']})
             if split == 'test':
                 row.update({f'member_test_{score}': sum(m[f'member_{score}']) / len(nets),
                             'member_test_loss': sum(m['member_loss']) / len(nets)})
-        row['source'] = 'eval'
+        if split == 'test' and row['task'] == 'classification':
+            row.update({f'test_{m.key}': m.function(logits.double(), y, row['combine'])
+                        for m in ENSEMBLE_METRICS if m.key != 'div'})   # DIV: train and test, from the same source
+    row.setdefault('source', 'eval')
     row['gap'] = row['test_loss'] - row['train_loss']
     return row
 
@@ -999,51 +1322,61 @@ def sweep_groups(rows):
     return groups
 
 
-@app.command()
+def _compare_table(rows, regression, shifted):
+    """compare's columns and rows: settings, test score and loss of ensemble and mean member, DIV, every other
+    ENSEMBLE_METRICS number on the test split (classification), the gap, seconds and the shifted numbers."""
+    score, diverse = 'rmse' if regression else 'acc', any(r['members'] > 1 for r in rows)   # one member: no diversity
+    metrics = [m for m in ENSEMBLE_METRICS if m.key != 'div' and diverse and not regression]
+    columns = ['run', 'M', 'β', 'combine', 'bagging', 'param', *(('test RMSE', 'member RMSE', 'test MSE', 'member MSE')
+               if regression else ('test acc', 'member acc', 'test loss', 'member loss')),
+               *(('train DIV', 'test DIV') if diverse else ()), *(m.label for m in metrics), 'gap', 'seconds']
+    table = [(r['name'], str(r['members']), '–' if r['beta'] is None else f"{r['beta']:g}", r['combine'],
+              'yes' if r['bagging'] else 'no', r['param'], r[f'test_{score}'], r[f'member_test_{score}'],
+              r['test_loss'], r['member_test_loss'], *((r['train_div'], r['test_div']) if diverse else ()),
+              *(_cell(r.get(f'test_{m.key}'), m.format) for m in metrics), r['gap'],
+              '–' if r['train_time_s'] is None else f"{r['train_time_s']:.1f}") for r in rows]
+    if shifted:
+        auroc_keys = [k for k in rows[0] if k.startswith('ood_auroc_')]
+        columns += ['corrupted acc'] + [f"AUROC {OOD_SCORES[k[len('ood_auroc_'):]]}" for k in auroc_keys]
+        table = [t + (r['corrupted_acc'], *(r[k] for k in auroc_keys)) for t, r in zip(table, rows)]
+    return columns, table
+
+
+@_command()
 def compare(
-    runs: List[Path] = typer.Argument(..., help='Run directories (e.g. runs/beta_*).'),
-    recompute: bool = typer.Option(False, '--recompute', help="Evaluate train and test cleanly (eval mode, no augmentation) instead of reading summary.json, whose train numbers are running averages over augmented batches in train mode."),
-    examples: Optional[int] = typer.Option(None, help=EXAMPLES_HELP + ' (with --recompute)'),
-    device: Device = 'auto',
-    json_out: JsonOut = None,
-    plot: Optional[Path] = typer.Option(None, help='Write test error, DIV (train, test) and the loss gap against β to this PNG.'),
-    shifted: bool = typer.Option(False, '--shifted', help='Add the ensemble\'s mean accuracy over the generated corruptions '
-                                                            '(severities 1, 3, 5) and, with --ood, its OOD AUROC.'),
-    ood: Optional[str] = typer.Option(None, help='--shifted: the out-of-distribution set (a dataset name or an .npz).'),
+    runs: List[Path] = _argument('Run directories (e.g. runs/beta_*).'),
+    recompute: bool = Opt(False, 'Evaluate train and test cleanly (eval mode, no augmentation) instead of reading '
+                                 'summary.json, whose train numbers are running averages over augmented batches in '
+                                 'train mode.', ('--recompute',)),
+    examples: Optional[int] = Opt(None, EXAMPLES_HELP + ' (the test pass of the diversity columns, and --recompute)'),
+    device: str = DEVICE,
+    json_out: Optional[Path] = JSON_OUT,
+    plot: Optional[Path] = Opt(None, 'Write test error, DIV (train, test) and the loss gap against β to this PNG.'),
+    shifted: bool = Opt(False, "Add the ensemble's mean accuracy over the generated corruptions (severities 1, 3, 5) "
+                               'and, with --ood, its OOD AUROC.', ('--shifted',)),
+    ood: Optional[str] = Opt(None, '--shifted: the out-of-distribution set (a dataset name or an .npz).'),
 ):
     """The β sweep: one row per run; --plot draws error, DIV and gap against β.
 
     Rows, sorted by β then name: members, β, combiner, bagging, parametrization, test accuracy and loss of
-    the ensemble and the mean member, train and test DIV, the generalization gap of the ensemble loss
-    (test − train) and training seconds. The plot is the collusion paper's figure."""
+    the ensemble and the mean member, train and test DIV, the other diversity numbers of evaluate on the
+    test split (classification), the generalization gap of the ensemble loss (test − train) and training
+    seconds. The plot is the collusion paper's figure."""
     with _session() as console:
         if ood and not shifted:
-            raise te.EnsembleError('--ood only applies with --shifted')
+            raise EnsembleError('--ood only applies with --shifted')
         rows = [compare_row(r, recompute, device, examples, console) for r in runs]
         tasks = sorted({r['task'] for r in rows})
         if len(tasks) > 1:
-            raise te.EnsembleError(f'these runs mix {" and ".join(tasks)}: compare runs of one task')
-        regression = tasks == ['regression']
+            raise EnsembleError(f'these runs mix {" and ".join(tasks)}: compare runs of one task')
         if shifted:
             for r in rows:
                 r.update(shifted_row(r['run'], ood, examples, device, console))
         rows.sort(key=lambda r: (r['beta'] is None, r['beta'] or 0.0, r['name']))
-        score = 'rmse' if regression else 'acc'
-        columns = ['run', 'M', 'β', 'combine', 'bagging', 'param', *(('test RMSE', 'member RMSE', 'test MSE', 'member MSE')
-                   if regression else ('test acc', 'member acc', 'test loss', 'member loss')),
-                   'train DIV', 'test DIV', 'gap', 'seconds']
-        table = [(r['name'], str(r['members']), '–' if r['beta'] is None else f"{r['beta']:g}", r['combine'],
-                  'yes' if r['bagging'] else 'no', r['param'], r[f'test_{score}'], r[f'member_test_{score}'], r['test_loss'],
-                  r['member_test_loss'], r['train_div'], r['test_div'], r['gap'],
-                  '–' if r['train_time_s'] is None else f"{r['train_time_s']:.1f}") for r in rows]
-        if shifted:
-            auroc_keys = [k for k in rows[0] if k.startswith('ood_auroc_')]
-            columns += ['corrupted acc'] + [f"AUROC {OOD_SCORES[k[len('ood_auroc_'):]]}" for k in auroc_keys]
-            table = [t + (r['corrupted_acc'], *(r[k] for k in auroc_keys)) for t, r in zip(table, rows)]
         sources = sorted({r['source'] for r in rows})
-        console.print(_table(f'{len(rows)} runs; train numbers from {" and ".join(sources)}'
-                             + (' (running averages: --recompute for a clean pass)' if 'summary.json' in sources else ''),
-                             columns, table))
+        running = ' (running averages: --recompute for a clean pass)' if 'summary.json' in sources else ''
+        console.print(_table(f'{len(rows)} runs; train numbers from {" and ".join(sources)}{running}',
+                             *_compare_table(rows, tasks == ['regression'], shifted)))
         groups = sweep_groups(rows)
         configs = [r.pop('config') for r in rows]
         for r in rows:
@@ -1052,53 +1385,59 @@ def compare(
             common = {k: configs[0].get(k) for k in ('dataset', 'arch', 'members', 'combine')
                       if all(c.get(k) == configs[0].get(k) for c in configs)}
             plot_sweep(plot, groups, f"β sweep: {_settings(common) or f'{len(rows)} runs'}; train numbers from "
-                                     + ' and '.join(sorted({r['source'] for r in rows})))
+                                     + ' and '.join(sources))
             console.print(f'wrote {plot}')
         _write(console, json_out, dict(runs=rows))
 
 
-@app.command('debias')
+@_command('debias')
 def debias_command(
-    run: RunDir,
-    fit_split: str = typer.Option('train', help='Split on which the member biases are estimated.'),
-    split: str = typer.Option('test', help='Split on which they are removed and DIV is measured.'),
-    combine: Optional[str] = typer.Option(None, help="Combiner of DIV and the ensemble loss: prob or logit (default: the run's; regression: mean)."),
-    examples: Examples = None,
-    dataset: Dataset = None,
-    device: Device = 'auto',
-    json_out: JsonOut = None,
+    runs: List[Path] = SOURCES,
+    fit_split: str = Opt('train', 'Split on which the member biases are estimated: train, val or test.'),
+    split: str = Opt('test', 'Split on which they are removed and DIV is measured: train, val or test.'),
+    combine: Optional[str] = COMBINE,
+    examples: Optional[int] = EXAMPLES,
+    dataset: Optional[str] = DATASET,
+    device: str = DEVICE,
+    json_out: Optional[Path] = JSON_OUT,
 ):
     """How much of the diversity is collusion: DIV before and after removing member biases.
 
     Member j's class-wise logit bias b_j = mean_x z_j(x) − mean_{x,i} z_i(x) is estimated on --fit-split
     and removed on --split. The biases sum to zero, so the logit-averaged ensemble is unchanged (checked).
+
     A regression run: b_j is member j's mean offset from the ensemble's prediction (per target); removing
     it leaves the averaged prediction unchanged (and lowers DIV on the split it was fit on)."""
     with _session() as console:
-        config, nets, data = _load(run, device, dataset)
-        combiner = _combiner(config, combine)
-        x_fit, _ = split_examples(data, fit_split, examples)
-        x, y = split_examples(data, split, examples)
+        ensemble = _load_ensemble(runs, device, dataset)
+        combiner, nets = _combiner(ensemble.config, combine), ensemble.nets
+        _note_splits(console, ensemble)
+        x_fit, _ = split_examples(ensemble.data, fit_split, examples)
+        x, y = split_examples(ensemble.data, split, examples)
         before = _logits(console, nets, x, split)
         fit = _logits(console, nets, x_fit, fit_split) if fit_split != split else before
         after = debias(fit, before)
-        score, mean = te.score_name(config.get('task')), 'mean' if combiner == 'mean' else 'logit'
+        score, mean = te.score_name(ensemble.config.get('task')), 'mean' if combiner == 'mean' else 'logit'
         numbers = {}
         for name, logits in (('before', before), ('after', after)):
             m = te.ensemble_metrics(logits, y, combiner)
             numbers[name] = {'div': m['div'], 'mean_member_loss': sum(m['member_loss']) / len(nets),
                              f'mean_member_{score}': sum(m[f'member_{score}']) / len(nets), 'ensemble_loss': m['loss'],
                              f'ensemble_{score}': m[score]}
-        change = float((te.combine(after, mean) - te.combine(before, mean)).abs().max())
+        change = float((_combine(after, mean) - _combine(before, mean)).abs().max())
         div_before = numbers['before']['div']
-        result = dict(run=str(run), combiner=combiner, fit_split=fit_split, split=split, examples=len(y), **numbers,
+        result = dict(runs=ensemble.sources, members=len(nets), combiner=combiner, fit_split=fit_split, split=split,
+                      examples=len(y), **numbers,
                       div_removed_percent=100 * (1 - numbers['after']['div'] / div_before) if div_before > 0 else None,
                       bias_norm=float(member_bias(fit).norm(dim=-1).mean()), logit_ensemble_max_change=change)
-        console.print(_table(f'{run}: biases fit on {fit_split}, removed on {split} ({len(y)} examples), combiner {combiner}'
+        console.print(_table(f'{ensemble.name}: {len(nets)} members, biases fit on {fit_split}, removed on {split} '
+                             f'({len(y)} examples), combiner {combiner}'
                              + ('; losses are MSE' if combiner == 'mean' else ''), ['', 'before', 'after'],
-                             [(k.replace('_', ' '), numbers['before'][k], numbers['after'][k]) for k in numbers['before']]))
+                             [(k.replace('_', ' '), numbers['before'][k], numbers['after'][k])
+                              for k in numbers['before']]))
         removed = result['div_removed_percent']
-        console.print(f"DIV removed: {'–' if removed is None else f'{removed:.1f}%'}; mean ‖b_j‖ {result['bias_norm']:.4f}; "
+        console.print(f"DIV removed: {'–' if removed is None else f'{removed:.1f}%'}; "
+                      f"mean ‖b_j‖ {result['bias_norm']:.4f}; "
                       + (f'averaged prediction changed by at most {change:.2g}' if combiner == 'mean' else
                          f'logit-averaged ensemble changed by at most {change:.2g} (log-probability)'))
         _write(console, json_out, result)
@@ -1108,22 +1447,22 @@ def _fractions(text):
     try:
         return [float(f) for f in text.split(',') if f.strip()]
     except ValueError:
-        raise te.EnsembleError(f"--fractions must be comma-separated numbers, got '{text}'") from None
+        raise EnsembleError(f"--fractions must be comma-separated numbers, got '{text}'") from None
 
 
-@app.command()
+@_command()
 def drop(
-    run: RunDir,
-    fractions: str = typer.Option('0.2,0.4,0.6', help='Comma-separated fractions p of members to drop (keeps M − ⌊pM⌋).'),
-    draws: int = typer.Option(DROP_DRAWS, help='Random member subsets per fraction (every subset when there are fewer).'),
-    seed: int = typer.Option(0, help='Seed of the random subsets.'),
-    split: str = typer.Option('test', help='train, val or test.'),
-    combine: Combine = None,
-    examples: Examples = None,
-    dataset: Dataset = None,
-    device: Device = 'auto',
-    json_out: JsonOut = None,
-    plot: Optional[Path] = typer.Option(None, help='Write the increase against the fraction dropped to this PNG.'),
+    runs: List[Path] = SOURCES,
+    fractions: str = Opt('0.2,0.4,0.6', 'Comma-separated fractions p of members to drop (keeps M − ⌊pM⌋).'),
+    draws: int = Opt(DROP_DRAWS, 'Random member subsets per fraction (every subset when there are fewer).'),
+    seed: int = Opt(0, 'Seed of the random subsets.'),
+    split: str = Opt('test', 'train, val or test.'),
+    combine: Optional[str] = COMBINE,
+    examples: Optional[int] = EXAMPLES,
+    dataset: Optional[str] = DATASET,
+    device: str = DEVICE,
+    json_out: Optional[Path] = JSON_OUT,
+    plot: Optional[Path] = Opt(None, 'Write the increase against the fraction dropped to this PNG.'),
 ):
     """What dropping members at test time costs the ensemble's loss and error.
 
@@ -1131,20 +1470,22 @@ def drop(
     on each other, so dropping some hurts far more than in an independently trained ensemble. For a
     regression run the loss is the MSE and the error the RMSE."""
     with _session() as console:
-        config, nets, data = _load(run, device, dataset)
-        combiner, ps = _combiner(config, combine), _fractions(fractions)
-        x, y = split_examples(data, split, examples)
-        result = dict(run=str(run), combiner=combiner, split=split, members=len(nets),
+        ensemble = _load_ensemble(runs, device, dataset)
+        combiner, ps, nets = _combiner(ensemble.config, combine), _fractions(fractions), ensemble.nets
+        _note_splits(console, ensemble)
+        x, y = split_examples(ensemble.data, split, examples)
+        result = dict(runs=ensemble.sources, combiner=combiner, split=split, members=len(nets),
                       **drop_learners(_logits(console, nets, x, split), y, combiner, ps, draws, seed))
         loss, error = ('MSE', 'RMSE') if combiner == 'mean' else ('loss', 'error')
-        console.print(_table(f"{run}: {len(nets)} members, {split} split, combiner {combiner}; full ensemble "
+        console.print(_table(f"{ensemble.name}: {len(nets)} members, {split} split, combiner {combiner}; full ensemble "
                              f"{loss} {result['full_loss']:.4f}, {error} {result['full_error']:.4f}",
                              ['dropped', 'kept', 'subsets', f'Δ {loss}', '± std', f'Δ {error}', '± std'],
                              [(f"{r['fraction']:g}", str(r['kept']), str(r['subsets']), r['loss_increase'],
                                r['loss_increase_std'], r['error_increase'], r['error_increase_std'])
                               for r in result['fractions']]))
         if plot:
-            plot_drop(plot, result, f'dropping members: {_settings(config)}', (loss, error))
+            settings = _settings(dict(ensemble.config, members=len(nets)))
+            plot_drop(plot, result, f'dropping members: {settings}', (loss, error))
             console.print(f'wrote {plot}')
         _write(console, json_out, result)
 
@@ -1160,87 +1501,101 @@ def _endpoints(a, b, member):
     except ValueError:
         index = []
     if len(index) not in (1, 2):
-        raise te.EnsembleError(f"--member must be 'i' or 'i,j', got '{member}'")
+        raise EnsembleError(f"--member must be 'i' or 'i,j', got '{member}'")
     index = index * 2 if len(index) == 1 else index
     files = []
     for path, i in zip((a, b), index):
         paths = te.member_paths(path)
         if Path(path).is_dir() and not 0 <= i < len(paths):
-            raise te.EnsembleError(f'{path} has {len(paths)} members; --member {i} is out of range')
+            raise EnsembleError(f'{path} has {len(paths)} members; --member {i} is out of range')
         files.append(paths[i] if Path(path).is_dir() else paths[0])
     return files
 
 
-@app.command()
+def _interpolation_tables(result, regression):
+    """interpolate's tables: test loss and error of each curve at each λ, and the barriers."""
+    curves, treatment = result['curves'], {'reset': ', BatchNorm reset', 'repair': ', REPAIR', None: ''}[result['bn']]
+    lams = [r['lam'] for r in next(iter(curves.values()))['points']]
+    names = ('MSE', 'RMSE') if regression else ('loss', 'error')
+    points = _table(f"{result['a']} → {result['b']}{treatment}: test {names[0]} / test {names[1]} at each λ",
+                    ['λ'] + [f'{CURVES[c]} {k}' for c in curves for k in names],
+                    [(f'{lam:.2f}', *[curves[c]['points'][i][f'test_{k}'] for c in curves for k in ('loss', 'error')])
+                     for i, lam in enumerate(lams)])
+    barriers = _table('barriers', ['curve', *(f'{s} {k}' for s in ('train', 'test') for k in names)],
+                      [(CURVES[c], *curves[c]['barrier'].values()) for c in curves])
+    return points, barriers
+
+
+@_command()
 def interpolate(
-    a: Path = typer.Argument(..., help='Endpoint A: a member file, or a run directory (its --member).'),
-    b: Path = typer.Argument(..., help='Endpoint B: a member file, or a run directory (its --member).'),
-    align: bool = typer.Option(False, '--align', help='Also interpolate A → π(B) and B → π(B), π(B) = B permuted into A\'s basin by weight matching.'),
-    reset_bn: bool = typer.Option(False, '--reset-bn', help='Recompute BatchNorm statistics at each inner λ on training data.'),
-    repair: bool = typer.Option(False, '--repair', help="REPAIR at each inner λ: channels get the interpolated mean and std of the endpoints'."),
-    steps: int = typer.Option(INTERP_STEPS, help='Evenly spaced λ in [0, 1], endpoints included.'),
-    member: str = typer.Option('0', help="Which member of a run directory is the endpoint: 'i' for both, 'i,j' for A's and B's."),
-    examples: int = typer.Option(INTERP_EXAMPLES, help=EXAMPLES_HELP),
-    bn_examples: int = typer.Option(rebasin.BN_EXAMPLES, help='Training images for --reset-bn/--repair statistics.'),
-    dataset: Dataset = None,
-    device: Device = 'auto',
-    json_out: JsonOut = None,
-    plot: Optional[Path] = typer.Option(None, help='Write loss and error against λ (train and test) to this PNG.'),
+    a: Path = _argument('Endpoint A: a member file, or a run directory (its --member).'),
+    b: Path = _argument('Endpoint B: a member file, or a run directory (its --member).'),
+    align: bool = Opt(False, "Also interpolate A → π(B) and B → π(B), π(B) = B permuted into A's basin by weight "
+                             'matching.', ('--align',)),
+    reset_bn: bool = Opt(False, 'Recompute BatchNorm statistics at each inner λ on training data.', ('--reset-bn',)),
+    repair: bool = Opt(False, "REPAIR at each inner λ: channels get the interpolated mean and std of the endpoints'.",
+                       ('--repair',)),
+    steps: int = Opt(INTERP_STEPS, 'Evenly spaced λ in [0, 1], endpoints included.'),
+    member: str = Opt('0', "Which member of a run directory is the endpoint: 'i' for both, 'i,j' for A's and B's."),
+    examples: int = Opt(INTERP_EXAMPLES, EXAMPLES_HELP),
+    bn_examples: Optional[int] = Opt(None, "Training images for --reset-bn/--repair statistics (default: rebasin.py's "
+                                           'BN_EXAMPLES).'),
+    dataset: Optional[str] = DATASET,
+    device: str = DEVICE,
+    json_out: Optional[Path] = JSON_OUT,
+    plot: Optional[Path] = Opt(None, 'Write loss and error against λ (train and test) to this PNG.'),
 ):
     """Loss and error along the line between two networks, and its barrier (linear mode connectivity).
 
-    Train and test loss and error (regression: MSE and RMSE) at each λ, and the barrier max_λ L(λ) − ((1 − λ)L(0) + λL(1)). Every
-    floating tensor is interpolated, BatchNorm statistics included; --reset-bn/--repair treat the inner
-    points only, so the endpoints are the trained networks as they are."""
+    Train and test loss and error (regression: MSE and RMSE) at each λ, and the barrier
+    max_λ L(λ) − ((1 − λ)L(0) + λL(1)). Every floating tensor is interpolated, BatchNorm statistics
+    included; --reset-bn/--repair treat the inner points only, so the endpoints are the trained networks
+    as they are. The JSON names the curves naive (A → B), aligned (A → π(B)) and permuted (B → π(B))."""
     with _session() as console:
         if steps < 2:
-            raise te.EnsembleError(f'--steps must be at least 2 (the endpoints), got {steps}')
+            raise EnsembleError(f'--steps must be at least 2 (the endpoints), got {steps}')
         if reset_bn and repair:
-            raise te.EnsembleError('--reset-bn and --repair are alternatives (--repair also recomputes the statistics)')
+            raise EnsembleError('--reset-bn and --repair are alternatives (--repair also recomputes the statistics)')
         dev = te.resolve_device(device)
         paths = _endpoints(a, b, member)
         (spec, state_a, _), (spec_b, state_b, _) = (te.load_member_state(p) for p in paths)
         if te.architecture(spec) != te.architecture(spec_b):   # data statistics may differ (shards, datasets)
-            raise te.EnsembleError(f'{paths[0]} and {paths[1]} are different networks: their architectures differ')
+            raise EnsembleError(f'{paths[0]} and {paths[1]} are different networks: their architectures differ')
         data = run_data(run_config(a), dataset)
+        _check_data(data, spec, dataset)
         regression = spec.get('task') == 'regression'
         splits = {s: split_examples(data, s, examples) for s in ('train', 'test')}
         bn = 'reset' if reset_bn else 'repair' if repair else None
         result = dict(a=str(paths[0]), b=str(paths[1]), bn=bn, examples=len(splits['test'][1]))
         with _progress(console, 'weight matching, then interpolating' if align else 'interpolating',
                        steps * (3 if align else 1)) as advance:
-            result['curves'] = lmc_curves(spec, state_a, state_b, splits, steps, align, bn, data.x_train[:bn_examples],
+            result['curves'] = lmc_curves(spec, state_a, state_b, splits, steps, align, bn,
+                                          data.x_train[:bn_examples or rebasin.BN_EXAMPLES],
                                           dev, advance)
-        lams = [r['lam'] for r in next(iter(result['curves'].values()))['points']]
-        curves = result['curves']
-        treatment = {'reset': ', BatchNorm reset', 'repair': ', REPAIR', None: ''}[bn]
-        names = list(curves)
-        loss_names = ('MSE', 'RMSE') if regression else ('loss', 'error')
-        console.print(_table(f'{paths[0]} → {paths[1]}{treatment}: test {loss_names[0]} / test {loss_names[1]} at each λ',
-                             ['λ'] + [f'{n} {k}' for n in names for k in loss_names],
-                             [(f'{lam:.2f}', *[result['curves'][n]['points'][i][f'test_{k}'] for n in names for k in ('loss', 'error')])
-                              for i, lam in enumerate(lams)]))
-        console.print(_table('barriers', ['curve', *(f'{s} {k}' for s in ('train', 'test') for k in loss_names)],
-                             [(n, *result['curves'][n]['barrier'].values()) for n in names]))
+        for table in _interpolation_tables(result, regression):
+            console.print(table)
         if plot:
-            plot_interpolation(plot, {n: c['points'] for n, c in result['curves'].items()},
-                               f"{_short(paths[0])} → {_short(paths[1])}{treatment}: {spec['arch']} on {data.name}, "
-                               f"{len(splits['test'][1])} test examples", loss_names)
+            treatment = {'reset': ', BatchNorm reset', 'repair': ', REPAIR', None: ''}[bn]
+            plot_interpolation(plot, {CURVES[c]: v['points'] for c, v in result['curves'].items()},
+                               f"{spec['arch']} on {data.name}, {len(splits['test'][1])} test examples{treatment}\n"
+                               f"A = {_short(paths[0])}\nB = {_short(paths[1])}",
+                               ('MSE', 'RMSE') if regression else ('loss', 'error'))
             console.print(f'wrote {plot}')
         _write(console, json_out, result)
 
 
-@app.command('sharpness')
+@_command('sharpness')
 def sharpness_command(
-    run: RunDir,
-    rho: float = typer.Option(SHARP_RHO, help='Radius of the ball (relative to |w| + η when adaptive).'),
-    steps: int = typer.Option(SHARP_STEPS, help='Projected gradient ascent steps (1 = the SAM/ASAM estimate).'),
-    adaptive: bool = typer.Option(True, '--adaptive/--no-adaptive', help="Scale the ball by |w| + η as ASAM does (else a plain ℓ2 ball)."),
-    examples: int = typer.Option(SHARP_EXAMPLES, help='Fixed training images the loss is measured on.'),
-    batch_size: int = typer.Option(SHARP_BATCH, help='Batch size of those passes.'),
-    dataset: Dataset = None,
-    device: Device = 'auto',
-    json_out: JsonOut = None,
+    runs: List[Path] = SOURCES,
+    rho: float = Opt(SHARP_RHO, 'Radius of the ball (relative to |w| + η when adaptive).'),
+    steps: int = Opt(SHARP_STEPS, 'Projected gradient ascent steps (1 = the SAM/ASAM estimate).'),
+    adaptive: bool = Opt(True, 'Scale the ball by |w| + η as ASAM does (else a plain ℓ2 ball).',
+                         ('--adaptive/--no-adaptive',)),
+    examples: int = Opt(SHARP_EXAMPLES, 'Fixed training images the loss is measured on.'),
+    batch_size: int = Opt(SHARP_BATCH, 'Batch size of those passes.'),
+    dataset: Optional[str] = DATASET,
+    device: str = DEVICE,
+    json_out: Optional[Path] = JSON_OUT,
 ):
     """Sharpness of each member: the worst training-loss increase within a ball of radius ρ.
 
@@ -1248,11 +1603,13 @@ def sharpness_command(
     run in eval mode, so BatchNorm uses its running statistics and a perturbation changes only weights."""
     with _session() as console:
         if rho <= 0 or steps < 1:
-            raise te.EnsembleError(f'--rho must be positive and --steps at least 1, got {rho} and {steps}')
-        config, nets, data = _load(run, device, dataset)
-        _classification_only(config, run, 'sharpness (of the cross-entropy)')
+            raise EnsembleError(f'--rho must be positive and --steps at least 1, got {rho} and {steps}')
+        ensemble = _load_ensemble(runs, device, dataset)
+        nets = ensemble.nets
+        _classification_only(ensemble.config, ensemble.name, 'sharpness (of the cross-entropy)')
+        _note_splits(console, ensemble)
         dev = te.resolve_device(device)
-        x, y = split_examples(data, 'train', examples)
+        x, y = split_examples(ensemble.data, 'train', examples)
         batches = sharpness_batches(x, y, batch_size, dev)
         with _progress(console, 'sharpness', len(nets)) as advance:
             members = []
@@ -1260,10 +1617,10 @@ def sharpness_command(
                 members.append(sharpness(net, batches, rho, steps, adaptive))
                 advance()
         values = torch.tensor([m['sharpness'] for m in members], dtype=torch.float64)
-        result = dict(run=str(run), rho=rho, steps=steps, adaptive=adaptive, examples=len(y), members=members,
+        result = dict(runs=ensemble.sources, rho=rho, steps=steps, adaptive=adaptive, examples=len(y), members=members,
                       mean=float(values.mean()), std=float(values.std(unbiased=False)))
-        console.print(_table(f"{run}: {'adaptive ' if adaptive else ''}sharpness, ρ={rho:g}, {steps} steps, {len(y)} training images",
-                             ['member', 'train loss', 'perturbed loss', 'sharpness'],
+        console.print(_table(f"{ensemble.name}: {'adaptive ' if adaptive else ''}sharpness, ρ={rho:g}, {steps} steps, "
+                             f"{len(y)} training images", ['member', 'train loss', 'perturbed loss', 'sharpness'],
                              [(str(j), *m.values()) for j, m in enumerate(members)]))
         console.print(f"sharpness: mean {result['mean']:.4f}, std {result['std']:.4f} over {len(nets)} members")
         _write(console, json_out, result)
@@ -1274,110 +1631,146 @@ def _severities(text):
         low, _, high = str(text).partition('-')
         values = list(range(int(low), int(high or low) + 1))
     except ValueError:
-        raise te.EnsembleError(f"--severities takes a range like 1-5 or one severity like 3, got '{text}'") from None
+        raise EnsembleError(f"--severities takes a range like 1-5 or one severity like 3, got '{text}'") from None
     if not values or not set(values) <= {1, 2, 3, 4, 5}:
-        raise te.EnsembleError(f'--severities must lie in 1-5, got {text}')
+        raise EnsembleError(f'--severities must lie in 1-5, got {text}')
     return values
 
 
-@app.command('ood')
+@_command('ood')
 def ood_command(
-    run: RunDir,
-    ood: str = typer.Option(..., help='The out-of-distribution set: any dataset train_ensemble.py loads (a name or an .npz) '
-                                      'with images of the run\'s shape; its test split is used.'),
-    combine: Combine = None,
-    examples: Examples = None,
-    device: Device = 'auto',
-    plot: Optional[Path] = typer.Option(None, help='Write histograms of the scores, in vs out, to this PNG.'),
-    json_out: JsonOut = None,
+    runs: List[Path] = SOURCES,
+    ood: str = Opt(..., "The out-of-distribution set: any dataset train_ensemble.py loads (a name or an .npz) with "
+                        "images of the members' shape; its test split is used."),
+    combine: Optional[str] = COMBINE,
+    examples: Optional[int] = EXAMPLES,
+    device: str = DEVICE,
+    plot: Optional[Path] = Opt(None, 'Write histograms of the scores, in vs out, to this PNG.'),
+    json_out: Optional[Path] = JSON_OUT,
 ):
     """How well the ensemble tells its own test set from another: AUROC, AUPR and FPR at 95% TPR.
 
     Scores per input: 1 − the top probability and the predictive entropy of the ensemble (under --combine),
     and the mutual information (H(p̄) − mean H(p_j) with p̄ the members' mean probability whatever the
-    combiner: how much the members disagree). The OOD set is the positive class."""
+    combiner: how much the members disagree; 0 for one member). The OOD set is the positive class."""
     with _session() as console:
-        config, nets, data = _load(run, device, None)
-        _classification_only(config, run, 'OOD detection (from predictive probabilities)')
-        ood_data = run_data(config, ood)
-        x_in, _ = split_examples(data, 'test', examples)
-        x_out, _ = split_examples(ood_data, 'test', examples)
+        ensemble = _load_ensemble(runs, device)
+        config, nets = ensemble.config, ensemble.nets
+        _classification_only(config, ensemble.name, 'OOD detection (from predictive probabilities)')
+        _note_splits(console, ensemble)
+        x_in, _ = split_examples(ensemble.data, 'test', examples)
+        x_out, _ = split_examples(run_data(config, ood), 'test', examples)
         if x_out.shape[1:] != x_in.shape[1:]:
-            raise te.EnsembleError(f'--ood {ood} has images of shape {tuple(x_out.shape[1:])}; the run\'s are {tuple(x_in.shape[1:])}')
+            raise EnsembleError(f"--ood {ood} has images of shape {tuple(x_out.shape[1:])}; the members' are "
+                                f'{tuple(x_in.shape[1:])}')
         combiner = _combiner(config, combine)
         logits_in, logits_out = _logits(console, nets, x_in, 'in'), _logits(console, nets, x_out, 'out')
         report = ood_report(logits_in, logits_out, combiner)
-        console.print(_table(f'{run} — {config.get("dataset")} test ({len(x_in)}) vs {ood} test ({len(x_out)}), '
-                             f'OOD = positive, combiner {combiner}',
+        console.print(_table(f'{ensemble.name}: {len(nets)} members, {config.get("dataset")} test ({len(x_in)}) vs '
+                             f'{ood} test ({len(x_out)}), OOD = positive, combiner {combiner}',
                              ['score', 'AUROC', 'AUPR', 'FPR at 95% TPR', 'mean in', 'mean out'],
                              [(OOD_SCORES[name], *r.values()) for name, r in report.items()]))
         if plot:
-            plot_ood(plot, ood_scores(logits_in, combiner), ood_scores(logits_out, combiner), (config.get('dataset'), ood),
-                     f'{run}: scores in vs out of distribution')
+            plot_ood(plot, ood_scores(logits_in, combiner), ood_scores(logits_out, combiner),
+                     (config.get('dataset'), ood),
+                     f'{ensemble.name}: scores in vs out of distribution')
             console.print(f'wrote {plot}')
-        _write(console, json_out, dict(run=str(run), in_dataset=config.get('dataset'), ood=ood, combiner=combiner,
-                                       examples_in=len(x_in),
-                                       examples_out=len(x_out), scores=report))
+        _write(console, json_out, dict(runs=ensemble.sources, members=len(nets), in_dataset=config.get('dataset'),
+                                       ood=ood, combiner=combiner, examples_in=len(x_in), examples_out=len(x_out),
+                                       scores=report))
 
 
-@app.command('robustness')
+def _robustness_tables(result, single):
+    """robustness's tables: each corruption and severity, then the summary (for one member, no mean-member
+    or DIV columns: they would repeat the ensemble's numbers and zeros)."""
+    corrupted, clean = result['corrupted'], result['clean']
+    whos = ('ensemble',) if single else ('ensemble', 'mean_member')
+    columns = ['corruption, severity', 'ensemble acc', *(() if single else ('mean member acc',)), 'ensemble NLL',
+               'ensemble ECE', *(() if single else ('DIV',))]
+    row = lambda name, r: (name, r['ensemble']['acc'], *(() if single else (r['mean_member']['acc'],)),  # noqa: E731
+                           r['ensemble']['nll'], r['ensemble']['ece'], *(() if single else (r['div'],)))
+    rows = [row('clean', clean)] + [row(f'{name} {s}', r) for (name, s), r in corrupted.items()]
+    summary = {}
+    for who in whos:
+        mean_acc = sum(r[who]['acc'] for r in corrupted.values()) / len(corrupted)
+        summary[who] = dict(clean_acc=clean[who]['acc'], mean_corrupted_acc=mean_acc,
+                            added_error=clean[who]['acc'] - mean_acc,
+                            error_ratio=(1 - mean_acc) / max(1 - clean[who]['acc'], 1e-12))
+    summary_table = _table('summary', ['', 'clean acc', 'mean corrupted acc', 'error added', 'corrupted / clean error'],
+                           [(who.replace('_', ' '), *v.values()) for who, v in summary.items()])
+    return columns, rows, summary, summary_table
+
+
+def _by_corruption(corrupted):
+    """{corruption: [report with its severity, ...]}: robustness's {(name, severity): report} as JSON, whose
+    keys are identifiers."""
+    by_name = {}
+    for (name, severity), report in corrupted.items():
+        by_name.setdefault(name, []).append(dict(severity=severity, **report))
+    return by_name
+
+
+@_command('robustness')
 def robustness_command(
-    run: RunDir,
-    corruptions: str = typer.Option('all', help=f"'all' or comma-separated names: {', '.join(CORRUPTIONS)}."),
-    severities: str = typer.Option('1-5', help='A range (1-5) or one severity (3).'),
-    corrupted_dir: Optional[Path] = typer.Option(None, help='Read the official CIFAR-10-C / CIFAR-100-C <corruption>.npy '
-                                                            'and labels.npy from here instead of generating them.'),
-    seed: int = typer.Option(0, help='Seed of the generated corruptions (each corruption and severity its own stream).'),
-    combine: Combine = None,
-    examples: Examples = None,
-    dataset: Dataset = None,
-    device: Device = 'auto',
-    plot: Optional[Path] = typer.Option(None, help='Write accuracy against severity per corruption to this PNG.'),
-    json_out: JsonOut = None,
+    runs: List[Path] = SOURCES,
+    corruptions: str = Opt('all', f"'all' or comma-separated names: {', '.join(CORRUPTIONS)}."),
+    severities: str = Opt('1-5', 'A range (1-5) or one severity (3).'),
+    corrupted_dir: Optional[Path] = Opt(None, 'Read the official CIFAR-10-C / CIFAR-100-C <corruption>.npy and '
+                                              'labels.npy from here instead of generating them.'),
+    seed: int = Opt(0, 'Seed of the generated corruptions (each corruption and severity its own stream).'),
+    combine: Optional[str] = COMBINE,
+    examples: Optional[int] = EXAMPLES,
+    dataset: Optional[str] = DATASET,
+    device: str = DEVICE,
+    plot: Optional[Path] = Opt(None, 'Write accuracy against severity per corruption to this PNG.'),
+    json_out: Optional[Path] = JSON_OUT,
 ):
     """Accuracy, NLL, ECE and DIV of members and ensemble under corruption, by corruption and severity.
 
     The test set corrupted on the fly as CIFAR-10-C is (noise, blur, contrast, brightness, saturation,
     pixelation, JPEG, elastic; approximate, not the official files), or the official files with
-    --corrupted-dir. Also the mean corrupted accuracy and how much error the corruptions add to the clean error."""
+    --corrupted-dir. Also the mean corrupted accuracy and how much error the corruptions add to the clean
+    error."""
     with _session() as console:
         names = list(CORRUPTIONS) if corruptions == 'all' else corruptions.split(',')
         unknown = [n for n in names if n not in CORRUPTIONS]
         if unknown:
-            raise te.EnsembleError(f"unknown corruption '{unknown[0]}': use all or some of {', '.join(CORRUPTIONS)}")
+            raise EnsembleError(f"unknown corruption '{unknown[0]}': use all or some of {', '.join(CORRUPTIONS)}")
         levels = _severities(severities)
-        config, nets, data = _load(run, device, dataset)
-        _classification_only(config, run, 'robustness (image corruptions)')
-        combiner = _combiner(config, combine)
-        x, y = split_examples(data, 'test', examples)
+        ensemble = _load_ensemble(runs, device, dataset)
+        _classification_only(ensemble.config, ensemble.name, 'robustness (image corruptions)')
+        combiner, nets = _combiner(ensemble.config, combine), ensemble.nets
+        _note_splits(console, ensemble)
+        x, y = split_examples(ensemble.data, 'test', examples)
         if 'saturate' in names and x.size(1) != 3 and corrupted_dir is None:
             if corruptions != 'all':
-                raise te.EnsembleError('saturate changes colour: these images have one channel')
+                raise EnsembleError('saturate changes colour: these images have one channel')
             names.remove('saturate')
         with _progress(console, 'corruptions', len(names) * len(levels)) as advance:
             result = robustness(nets, x, y, combiner, names, levels, seed, corrupted_dir, advance)
-        corrupted, clean = result['corrupted'], result['clean']
-        rows = [(f'{name} {s}', r['ensemble']['acc'], r['mean_member']['acc'], r['ensemble']['nll'], r['ensemble']['ece'],
-                 r['div']) for (name, s), r in corrupted.items()]
-        console.print(_table(f'{run} — test set under corruption ({len(y)} images), combiner {combiner}',
-                             ['corruption, severity', 'ensemble acc', 'mean member acc', 'ensemble NLL',
-                              'ensemble ECE', 'DIV'], [('clean', clean['ensemble']['acc'], clean['mean_member']['acc'],
-                                                        clean['ensemble']['nll'], clean['ensemble']['ece'], clean['div'])] + rows))
-        summary = {}
-        for who in ('ensemble', 'mean_member'):
-            mean_acc = sum(r[who]['acc'] for r in corrupted.values()) / len(corrupted)
-            summary[who] = dict(clean_acc=clean[who]['acc'], mean_corrupted_acc=mean_acc,
-                                added_error=clean[who]['acc'] - mean_acc,
-                                error_ratio=(1 - mean_acc) / max(1 - clean[who]['acc'], 1e-12))
-        console.print(_table('summary', ['', 'clean acc', 'mean corrupted acc', 'error added', 'corrupted / clean error'],
-                             [(who.replace('_', ' '), *v.values()) for who, v in summary.items()]))
-        result = dict(run=str(run), combiner=combiner, generated=corrupted_dir is None, seed=seed, summary=summary,
-                      clean=clean, corrupted={f'{name} {s}': r for (name, s), r in corrupted.items()})
+        columns, rows, summary, summary_table = _robustness_tables(result, len(nets) == 1)
+        console.print(_table(f'{ensemble.name}: {len(nets)} members, test set under corruption ({len(y)} images), '
+                             f'combiner {combiner}', columns, rows))
+        console.print(summary_table)
         if plot:
-            plot_robustness(plot, dict(clean=clean, corrupted=corrupted), f'{run}: accuracy under corruption')
+            plot_robustness(plot, result, f'{ensemble.name}: accuracy under corruption')
             console.print(f'wrote {plot}')
-        _write(console, json_out, result)
+        _write(console, json_out, dict(runs=ensemble.sources, members=len(nets), combiner=combiner,
+                                       generated=corrupted_dir is None, seed=seed, summary=summary,
+                                       clean=result['clean'],
+                                       corrupted=_by_corruption(result['corrupted'])))
+
+
+def main():
+    """The command line; without typer and rich it says so in one line."""
+    try:
+        app = make_app()
+    except ImportError as e:
+        sys.stderr.write(f"error: analyze.py's command line needs {e.name or 'typer'}: "
+                         'pip install typer rich matplotlib\n')
+        raise SystemExit(2) from None
+    app()
 
 
 if __name__ == '__main__':
-    app()
+    main()

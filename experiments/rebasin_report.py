@@ -42,7 +42,7 @@ import analyze  # noqa: E402
 import rebasin  # noqa: E402
 import train_ensemble as te  # noqa: E402
 
-CURVES = ('A → B', 'A → π(B)', 'B → π(B)')
+CURVES = tuple(analyze.CURVES.values())   # the table's columns: each curve's label
 LMC_BN_EXAMPLES = 1000   # training images the BatchNorm statistics are recomputed on at each inner λ (after a
                          # merge, once: rebasin.BN_EXAMPLES)
 QUICK = dict(width=1 / 16, subset=600, epochs=1, examples=200, steps=3, seeds=1)
@@ -124,9 +124,9 @@ class Experiment:
         for bn in (None, 'reset'):
             curves = analyze.lmc_curves(spec, a, b, {'test': (x, y)}, self.steps, align=True, bn=bn,
                                         bn_inputs=data.x_train[:LMC_BN_EXAMPLES], device=self.device)
-            for curve in CURVES:
+            for name, curve in analyze.CURVES.items():
                 for key in ('loss', 'error'):
-                    row[f'{curve} {key}{" reset" if bn else ""}'] = curves[curve]['barrier'][f'test_{key}']
+                    row[f'{curve} {key}{" reset" if bn else ""}'] = curves[name]['barrier'][f'test_{key}']
         return row
 
     def report(self, title, lines, results, figure):

@@ -95,7 +95,8 @@ def test_joint_training_inflates_diversity_and_worsens_the_members(beta_pair):
     member_mse = {beta: np.mean(s['member_test_loss']) for beta, (_, s) in beta_pair.items()}
     assert member_mse[1.0] > 3 * member_mse[0.0]
     for _, summary in beta_pair.values():   # the ensemble's MSE is the mean member's minus DIV, as logged
-        assert summary['test_loss'] == pytest.approx(np.mean(summary['member_test_loss']) - summary['test_div'], rel=1e-4)
+        mean_member = np.mean(summary['member_test_loss'])
+        assert summary['test_loss'] == pytest.approx(mean_member - summary['test_div'], rel=1e-4)
 
 
 def test_a_checkpoint_predicts_in_the_targets_units(beta_pair):
@@ -154,7 +155,8 @@ def test_a_csv_reads_its_target_column_and_holds_out_a_fixed_fifth(tmp_path):
     assert (len(data.y_train), len(data.y_test)) == (200, 50)
     assert data.x_train.shape[1] == 4 and data.y_train.shape == (200, 1)
     rows = torch.cat([data.x_train, data.x_test])
-    assert torch.allclose(torch.sort(rows[:, 0]).values, torch.sort(torch.tensor(x[:, 0], dtype=torch.float32)).values, atol=1e-5)
+    expected = torch.sort(torch.tensor(x[:, 0], dtype=torch.float32)).values
+    assert torch.allclose(torch.sort(rows[:, 0]).values, expected, atol=1e-5)
     assert torch.allclose(3 * data.x_test[:, 0] - data.x_test[:, 3], data.y_test[:, 0], atol=1e-4)
     again = te.load_data(str(path), task='regression', target='target')
     assert torch.equal(again.x_test, data.x_test)   # the same split every time
@@ -209,7 +211,8 @@ def test_bad_csv_tables_get_a_one_line_error(tmp_path, make, message):
     with pytest.raises(te.EnsembleError, match=message):
         te.load_data(str(path), task='regression')
     with pytest.raises(te.EnsembleError, match="no column 'price'"):
-        te.load_data(str(write_csv(tmp_path / 'ok.csv', np.ones((5, 2)), np.ones(5))), task='regression', target='price')
+        te.load_data(str(write_csv(tmp_path / 'ok.csv', np.ones((5, 2)), np.ones(5))), task='regression',
+                     target='price')
 
 
 # ---- analysis ----

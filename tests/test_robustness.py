@@ -19,7 +19,8 @@ def images():
     """300 Fashion-MNIST test images (one channel) and 300 synthetic CIFAR-shaped ones (three)."""
     if not (FASHION_MNIST / 'train-images-idx3-ubyte.gz').exists():
         pytest.fail('Fashion-MNIST is missing: apt-get install dataset-fashion-mnist (.ci/run does this)')
-    return dict(gray=te.load_data('fashion-mnist', subset=300).x_test, colour=te.load_data('synthetic', subset=300).x_test)
+    return dict(gray=te.load_data('fashion-mnist', subset=300).x_test,
+                colour=te.load_data('synthetic', subset=300).x_test)
 
 
 @pytest.mark.parametrize('name', analyze.CORRUPTIONS)
@@ -78,7 +79,7 @@ def test_an_ensembles_accuracy_falls_under_corruption_and_the_command_writes_tab
                                               '--plot', str(tmp_path / 'r.png'), '--json', str(tmp_path / 'r.json')])
     assert result.exit_code == 0, result.output
     r = json.loads((tmp_path / 'r.json').read_text())
-    acc = lambda name, s: r['corrupted'][f'{name} {s}']['ensemble']['acc']  # noqa: E731
+    acc = lambda name, s: next(x for x in r['corrupted'][name] if x['severity'] == s)['ensemble']['acc']  # noqa: E731
     for name in ('gaussian_noise', 'contrast', 'motion_blur'):
         assert acc(name, 5) < r['clean']['ensemble']['acc'], name
         assert acc(name, 5) <= acc(name, 1), name
@@ -105,7 +106,8 @@ def test_an_ensemble_tells_its_test_set_from_upside_down_inverted_clothes(tmp_pa
     np.savez(tmp_path / 'upside_down.npz', x_train=flipped(data.x_train), y_train=data.y_train.numpy(),
              x_test=flipped(data.x_test), y_test=data.y_test.numpy())
     result = CliRunner().invoke(analyze.app, ['ood', str(trained), '--ood', str(tmp_path / 'upside_down.npz'),
-                                              '--plot', str(tmp_path / 'ood.png'), '--json', str(tmp_path / 'ood.json')])
+                                              '--plot', str(tmp_path / 'ood.png'),
+                                              '--json', str(tmp_path / 'ood.json')])
     assert result.exit_code == 0, result.output
     scores = json.loads((tmp_path / 'ood.json').read_text())['scores']
     assert set(scores) == {'max_prob', 'entropy', 'mutual_information'}
@@ -114,7 +116,8 @@ def test_an_ensemble_tells_its_test_set_from_upside_down_inverted_clothes(tmp_pa
     bad = CliRunner().invoke(analyze.app, ['ood', str(trained), '--ood', 'synthetic'])
     assert bad.exit_code == 2 and 'shape' in bad.output
     # The β-sweep table with its shifted columns.
-    result = CliRunner().invoke(analyze.app, ['compare', str(trained), '--shifted', '--ood', str(tmp_path / 'upside_down.npz'),
+    result = CliRunner().invoke(analyze.app, ['compare', str(trained), '--shifted',
+                                              '--ood', str(tmp_path / 'upside_down.npz'),
                                               '--examples', '300', '--json', str(tmp_path / 'compare.json'),
                                               '--plot', str(tmp_path / 'compare.png')])
     assert result.exit_code == 0, result.output

@@ -95,7 +95,7 @@ def test_vits_learn_and_align_and_merge_from_the_command_line(tmp_path, fashion_
                                               '--align', '--steps', '5', '--examples', '500', '--json', str(tmp_path / 'i.json')])
     assert result.exit_code == 0, result.output
     curves = json.loads((tmp_path / 'i.json').read_text())['curves']
-    assert curves['A → π(B)']['barrier']['test_loss'] < curves['A → B']['barrier']['test_loss']
+    assert curves['aligned']['barrier']['test_loss'] < curves['naive']['barrier']['test_loss']
     result = CliRunner().invoke(rebasin.make_app(), ['merge', str(tmp_path / 'vit'), '--out', str(tmp_path / 'merged')])
     assert result.exit_code == 0, result.output
     assert len(te.member_paths(tmp_path / 'merged')) == 1
