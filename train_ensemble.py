@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -43,7 +44,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import spectral   # the spectral parametrization (--param spectral); spectral.py needs nothing from here
 
 # One recipe per architecture. SGD hyperparameters are decoupled as in airbench: `lr` is the step per
 # 1024 examples (loss summed over the batch, divided by the Nesterov gain 1 + 1/(1 − momentum)), and
@@ -108,6 +108,37 @@ LOG_CHUNK = 2**22                # the training log reduces its steps' logits in
 PER_SAMPLE_GRAD_FLOATS = 2**27  # SharpBalance's scoring pass holds at most this many per-sample gradient floats (512 MB)
 
 FORMAT = 'deep-ensembles/1'     # safetensors metadata 'format' of every checkpoint this toolkit writes
+
+
+def _spectral():
+    """spectral.py, needed only by --param spectral and --optimizer muon (this file works copied alone)."""
+    try:
+        import spectral
+    except ImportError:
+        raise EnsembleError('--param spectral and --optimizer muon need spectral.py beside train_ensemble.py') from None
+    return spectral
+
+
+def make_console(quiet=False, stderr=False):
+    """rich's console, never wrapping a line (a path in a log stays whole); with rich not installed (this
+    file copied alone), plain lines without markup."""
+    try:
+        from rich.console import Console
+    except ImportError:
+        return PlainConsole(quiet, stderr)
+    return Console(quiet=quiet, stderr=stderr, soft_wrap=True)
+
+
+class PlainConsole:
+    """The few console methods training uses, as plain print()s."""
+    is_terminal = False
+
+    def __init__(self, quiet=False, stderr=False):
+        self.quiet, self.file = quiet, sys.stderr if stderr else sys.stdout
+
+    def print(self, text='', **_):
+        if not self.quiet:
+            print(re.sub(r'\[/?[a-z ]*\]', '', str(text)), file=self.file)
 
 
 class EnsembleError(Exception):
@@ -1906,8 +1937,8 @@ class Config:
     optimizer: Optional[str] = option(None, 'sgd (Nesterov), adam (AdamW) or muon (the hidden weight matrices take '
                                             'orthogonalized, spectrally scaled steps at --muon-lr; input/output layers, '
                                             'biases and norms take sgd) (default: the recipe: sgd; vit adam).')
-    muon_lr: float = option(spectral.MUON_LR, 'muon: the spectral norm of a hidden layer\'s step per √(fan_out/fan_in), '
-                                              'at the schedule\'s peak.')
+    muon_lr: Optional[float] = option(None, 'muon: the spectral norm of a hidden layer\'s step per √(fan_out/fan_in), '
+                                            'at the schedule\'s peak (default: spectral.py\'s MUON_LR, 0.05).')
     lookahead: Optional[bool] = option(None, "airbench's Lookahead weight averaging (default: on for airbench).",
                                        flag='--lookahead/--no-lookahead')
     bias_scaler: Optional[float] = option(None, "BatchNorm biases' lr multiplier (default: airbench 64, others 1).")
@@ -2045,6 +2076,8 @@ def resolve_config(cfg, data=None):
         resolved['weight_decay'] = 0.0 if cfg.weight_decay is None else cfg.weight_decay
     if resolved['data_seed'] is None:
         resolved['data_seed'] = cfg.seed
+    if optimizer == 'muon' and resolved['muon_lr'] is None:
+        resolved['muon_lr'] = _spectral().MUON_LR
     if resolved['combine'] is None:
         resolved['combine'] = 'mean' if regression else 'prob'
     if regression:   # a table of features: no labels to smooth, no image to flip, crop or lay out
@@ -2122,7 +2155,7 @@ def initial_member_states(cfg, spec, data, members=None):
         nets = [init_member(spec, cfg.seed + j, data.x_train) for j in members]
         if cfg.param == 'spectral':
             for net in nets:
-                spectral.spectral_init_(net)
+                _spectral().spectral_init_(net)
         return [net.state_dict() for net in nets]
     paths = member_paths(cfg.init)
     if len(paths) not in (1, cfg.members):
@@ -2160,16 +2193,16 @@ def optimizer_for(net, cfg):
     groups = [g for g in (dict(params=norm, lr=lr * scaler, name='norms'), dict(params=other, lr=lr, name='weights'))
               if g['params']]
     if cfg.param == 'spectral':
-        groups = spectral.spectral_param_groups(net, cfg.members, lr, 0.0, 'adam' if cfg.optimizer == 'adam' else 'sgd',
+        groups = _spectral().spectral_param_groups(net, cfg.members, lr, 0.0, 'adam' if cfg.optimizer == 'adam' else 'sgd',
                                                 base_groups=groups)
     if cfg.optimizer == 'muon':
-        groups = spectral.muon_param_groups(net, cfg.members, groups, cfg.muon_lr)
+        groups = _spectral().muon_param_groups(net, cfg.members, groups, cfg.muon_lr)
     if cfg.optimizer == 'adam':
         opt = torch.optim.AdamW([dict(g, weight_decay=cfg.weight_decay) for g in groups])
     else:   # torch multiplies weight decay by the lr: divide it out, so decay per step is the same for all
         decay = cfg.weight_decay * cfg.batch_size / kilostep   # fraction of w removed per step
         groups = [dict(g, weight_decay=decay / g['lr']) for g in groups]
-        opt = (spectral.Muon(groups, momentum=cfg.momentum) if cfg.optimizer == 'muon' else
+        opt = (_spectral().Muon(groups, momentum=cfg.momentum) if cfg.optimizer == 'muon' else
                torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=True))
     for g in opt.param_groups:
         g['initial_lr'] = g['lr']
@@ -2300,8 +2333,7 @@ class Training:
         self.cfg = cfg = resolve_config(cfg, data)   # the defaults that depend on the data (augment: 3 channels)
         self.out = Path(cfg.out)
         if block.rank > 0:   # rank 0 speaks for the job
-            from rich.console import Console
-            console = Console(quiet=True)
+            console = make_console(quiet=True)
         self.console = console
         block.agree(lambda: self.check_directory(resume), ranks=0)   # before rank 0 writes config.json
         saved = read_config(self.out) if resume else {}
@@ -2580,6 +2612,8 @@ class Training:
                              for j, state in zip(range(block.start, block.stop), states)])
         # every member file is written before summary.json says the run is complete
         block.agree(lambda: write_json(self.out / 'summary.json', summary), ranks=0)
+        for path in (state_path(self.out, block), state_path(self.out, block, previous=True)):   # done: twice the
+            path.unlink(missing_ok=True)                                                         # members' size
         self.console.print(f"test {'RMSE' if score == 'rmse' else 'accuracy'}: ensemble {summary[f'test_{score}']:.4f}, "
                            f"mean member {sum(summary[f'member_test_{score}']) / cfg.members:.4f}{' (TTA)' if cfg.tta else ''}; "
                            f'{self.train_time:.1f} s of training; wrote {self.out}/')
@@ -2599,28 +2633,37 @@ def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = Non
     labels 0..K-1, or float targets with cfg.task 'regression'. Objective, combiners, bagging, SAM and the
     schedule are the same as for the toolkit's networks; cfg.arch's recipe becomes AdamW at lr 1e-3
     (OWN_RECIPE) unless cfg says otherwise."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    console = console or Console()
-    run = Training(cfg, console, resume, model, data)
+    run = Training(cfg, console or make_console(), resume, model, data)
     run.announce()
-    for epoch in range(run.epoch, run.epochs):
-        start = run.clock()
-        run.begin_epoch(epoch)
-        log, steps = TrainingLog(run.cfg.combine, run.block), run.steps_in_epoch()
-        with Progress(TextColumn(f'epoch {epoch}'), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=run.console, transient=True, disable=run.console.quiet or not run.console.is_terminal) as bar:
-            task = bar.add_task('train', total=steps)
+    with progress_bar(run.console, run.total_steps - run.step) as advance:   # the whole run, with its ETA
+        for epoch in range(run.epoch, run.epochs):
+            start = run.clock()
+            run.begin_epoch(epoch)
+            log, steps = TrainingLog(run.cfg.combine, run.block), run.steps_in_epoch()
             for idx, x, y in run.batches(epoch):
                 objective, logits = run.train_step(idx, x, y)
                 log.add(objective, logits, y)
-                bar.advance(task)
-        log.reduce()   # inside the timed part: the log is work of the loop
-        run.train_time += run.clock() - start
-        run.end_epoch(epoch, log, steps)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch)
+                advance(f'epoch {epoch + 1} of {run.epochs}')
+            log.reduce()   # inside the timed part: the log is work of the loop
+            run.train_time += run.clock() - start
+            run.end_epoch(epoch, log, steps)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
     return run.finish()
+
+
+@contextmanager
+def progress_bar(console, total):
+    """advance(description) moves a progress bar with an ETA by one step, on a terminal; elsewhere (a log, a
+    pipe, rich not installed) it does nothing."""
+    if console.quiet or not console.is_terminal:
+        yield lambda description: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    with Progress(TextColumn('{task.description}'), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn('ETA'), TimeRemainingColumn(), console=console, transient=True) as bar:
+        task = bar.add_task('training', total=total)
+        yield lambda description: bar.update(task, advance=1, description=description)
 
 
 def complete_run(cfg, console=None):
@@ -2654,8 +2697,7 @@ def option_defaults():
 
 def cli_error(message):
     """Print a one-line error and exit non-zero: bad input never ends in a traceback."""
-    from rich.console import Console
-    Console(stderr=True).print(f'[bold red]error:[/] {message}', soft_wrap=True, highlight=False)
+    make_console(stderr=True).print(f'[bold red]error:[/] {message}', highlight=False)
     raise SystemExit(2)   # bad input, as for a usage error
 
 

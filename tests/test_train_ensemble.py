@@ -1,5 +1,6 @@
 """The claims train_ensemble.py makes, on real numbers (CPU, synthetic data or a Fashion-MNIST slice)."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -90,10 +91,16 @@ def test_the_wide_conv_network_with_batchnorm_trains_members_as_if_alone(tmp_pat
 
 
 def test_joint_run_writes_the_run_directory_and_members_reload_exactly(tmp_path):
-    summary = run(tmp_path, 'joint', members=3, beta=1.0, **SMALL_AIRBENCH)
     out = tmp_path / 'joint'
-    for name in ['config.json', 'metrics.jsonl', 'summary.json', 'state.safetensors'] + [f'member_{j}.safetensors' for j in range(3)]:
+    last_state = tmp_path / 'last_state.safetensors'   # the resume state is removed once the members are written
+
+    def keep_state(epoch):
+        shutil.copy(out / 'state.safetensors', last_state)
+    cfg = te.Config(out=str(out), device='cpu', members=3, beta=1.0, **SMALL_AIRBENCH)
+    summary = te.train(cfg, console=quiet_console(), on_epoch_end=keep_state)
+    for name in ['config.json', 'metrics.jsonl', 'summary.json'] + [f'member_{j}.safetensors' for j in range(3)]:
         assert (out / name).is_file(), name
+    assert not (out / 'state.safetensors').exists()
     lines = [json.loads(line) for line in (out / 'metrics.jsonl').read_text().splitlines()]
     keys = {'epoch', 'time_s', 'lr', 'train_objective', 'train_loss', 'train_acc', 'test_loss', 'test_acc',
             'member_test_loss', 'member_test_acc', 'train_div', 'test_div'}
@@ -105,7 +112,7 @@ def test_joint_run_writes_the_run_directory_and_members_reload_exactly(tmp_path)
     # The wide network in the resume state and the rebuilt members compute the same logits.
     spec = config['model']
     wide = te.build_model(spec, members=3)
-    wide.load_state_dict({k[4:]: v for k, v in load_file(out / 'state.safetensors').items() if k.startswith('net/')})
+    wide.load_state_dict({k[4:]: v for k, v in load_file(last_state).items() if k.startswith('net/')})
     x = torch.rand(16, 3, 32, 32)
     expected = te.member_logits(wide.eval(), x, 3)
     _, members = te.load_run(out)
@@ -254,11 +261,15 @@ def test_a_run_killed_before_its_first_resume_state_resumes_from_its_config(tmp_
 def test_a_run_killed_while_writing_its_members_is_finished_without_training(tmp_path):
     """Killed after the last epoch's resume state but before the member files: --resume writes them
     (and summary.json, last) from the state; the weights are those of the finished run."""
-    run(tmp_path, 'done', members=2, beta=1.0, **TINY_MLP)
+    last_state = tmp_path / 'last_state.safetensors'
+    cfg = te.Config(out=str(tmp_path / 'done'), device='cpu', members=2, beta=1.0, **TINY_MLP)
+    te.train(cfg, console=quiet_console(), on_epoch_end=lambda epoch: shutil.copy(tmp_path / 'done' / 'state.safetensors',
+                                                                                  last_state))
     before = member_states(tmp_path / 'done')
     summary = json.loads((tmp_path / 'done' / 'summary.json').read_text())
     for name in ['summary.json', 'member_1.safetensors', 'member_0.safetensors']:
         (tmp_path / 'done' / name).unlink()
+    shutil.copy(last_state, tmp_path / 'done' / 'state.safetensors')   # as the kill left it
     result = CliRunner().invoke(cli(), ['--resume', str(tmp_path / 'done')])
     assert result.exit_code == 0, result.output
     for a, b in zip(before, member_states(tmp_path / 'done')):
