@@ -1062,18 +1062,64 @@ def init_member(spec, seed, x_train=None):
 #          The ensemble objective           #
 #############################################
 
+@dataclass(frozen=True)
+class Combiner:
+    """One way to make an ensemble of members: its prediction from the members' (M, B, K) outputs (and
+    their log_softmax, for classification), the task it serves, and its help. Its DIV is always the mean
+    member loss minus the ensemble's loss, ≥ 0 for each entry here (Jensen; for 'mean' exactly the
+    members' variance around f̄)."""
+    predict: Callable
+    task: str
+    help: str
+
+
+COMBINERS = {
+    'prob': Combiner(lambda logits, log_p: torch.logsumexp(log_p, 0) - math.log(logits.size(0)), 'classification',
+                     "averages probabilities, p̄ = mean_j p_j (the default)"),
+    # The normalized geometric mean of the probabilities is this one too: averaging log-probabilities or
+    # logits gives the same softmax (each member's normalizer is a constant per example).
+    'logit': Combiner(lambda logits, log_p: F.log_softmax(logits.mean(0), -1), 'classification',
+                      'averages logits, p̄ = softmax(mean_j z_j): the normalized geometric mean of the p_j, so '
+                      'averaging log-probabilities is this combiner too'),
+    'mean': Combiner(lambda logits, log_p: logits.mean(0), 'regression', "averages outputs (regression's only one)"),
+}
+DEFAULT_COMBINER = {'classification': 'prob', 'regression': 'mean'}
+
+
+def combiners_for(task):
+    return [name for name, c in COMBINERS.items() if c.task == task]
+
+
 def combine(logits, combiner, member_log_probs=None):
-    """The ensemble's prediction from (M, B, K) member outputs. prob: the log of the mean probability;
-    logit: log-softmax of the mean logit; mean: the mean output (regression, score averaging).
-    member_log_probs: log_softmax(logits), when the caller has it already."""
-    if combiner == 'prob':
-        log_p = F.log_softmax(logits, -1) if member_log_probs is None else member_log_probs
-        return torch.logsumexp(log_p, dim=0) - math.log(logits.size(0))
-    if combiner == 'logit':
-        return F.log_softmax(logits.mean(0), -1)
-    if combiner == 'mean':
-        return logits.mean(0)
-    raise EnsembleError(f"unknown combiner '{combiner}': use prob or logit (classification), mean (regression)")
+    """The ensemble's prediction from (M, B, K) member outputs by a COMBINERS entry: the log of its
+    probabilities (classification) or its output (regression). member_log_probs: log_softmax(logits),
+    when the caller has it already."""
+    if combiner not in COMBINERS:
+        raise EnsembleError(f"unknown combiner '{combiner}': use {', '.join(COMBINERS)}")
+    entry = COMBINERS[combiner]
+    if entry.task == 'classification' and member_log_probs is None:
+        member_log_probs = F.log_softmax(logits, -1)
+    return entry.predict(logits, member_log_probs)
+
+
+def member_and_ensemble_losses(logits, y, combiner, label_smoothing=0.0, scale=None, ensemble=True, log_p=None):
+    """The one place member and ensemble losses are computed (the objective, the training log and the
+    evaluation call it): member losses (M, B), and with `ensemble` the ensemble's loss (B,) and prediction.
+    Cross-entropy (smoothed as trained), or for a regression combiner the squared error (in units of
+    `scale`, the targets' std, when given). log_p: log_softmax(logits), when the caller has it."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))   # bf16 in, fp32 (or fp64) math
+    if COMBINERS[combiner].task == 'regression':
+        member = squared_error(logits, y, scale)
+        if not ensemble:
+            return member, None, None
+        prediction = combine(logits, combiner)
+        return member, squared_error(prediction, y, scale), prediction
+    log_p = F.log_softmax(logits, -1) if log_p is None else log_p
+    member = cross_entropy(log_p, y, label_smoothing)
+    if not ensemble:
+        return member, None, None
+    prediction = combine(logits, combiner, log_p)
+    return member, cross_entropy(prediction, y, label_smoothing), prediction
 
 
 def cross_entropy(log_probs, y, label_smoothing=0.0):
@@ -1095,13 +1141,7 @@ def squared_error(outputs, y, scale=None):
 def ensemble_terms(logits, y, combiner, label_smoothing=0.0):
     """Member losses (M, B), the ensemble's loss (B,) and DIV = mean member loss − ensemble loss (B,):
     cross-entropy, or for the combiner 'mean' squared error (where DIV = mean_j (f_j − f̄)², exactly)."""
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))   # bf16 in, fp32 (or fp64) math
-    if combiner == 'mean':
-        member, ensemble = squared_error(logits, y), squared_error(logits.mean(0), y)
-    else:
-        log_p = F.log_softmax(logits, -1)
-        member = cross_entropy(log_p, y, label_smoothing)
-        ensemble = cross_entropy(combine(logits, combiner, log_p), y, label_smoothing)
+    member, ensemble, _ = member_and_ensemble_losses(logits, y, combiner, label_smoothing)
     return member, ensemble, member.mean(0) - ensemble
 
 
@@ -1114,18 +1154,9 @@ def ensemble_objective(logits, y, beta, combiner, label_smoothing=0.0, weights=N
     weights: (M, B) per-member example weights (bagging's bootstrap counts); the ensemble term is
     weighted by their mean over members.
     """
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if combiner == 'mean':
-        member_loss = squared_error(logits, y, scale)
-        ensemble_loss = lambda: squared_error(logits.mean(0), y, scale)  # noqa: E731
-    else:
-        log_p = F.log_softmax(logits, -1)
-        member_loss = cross_entropy(log_p, y, label_smoothing)
-        ensemble_loss = lambda: cross_entropy(combine(logits, combiner, log_p), y, label_smoothing)  # noqa: E731
+    member_loss, ensemble, _ = member_and_ensemble_losses(logits, y, combiner, label_smoothing, scale, beta != 0)
     per_example = (member_loss if weights is None else weights * member_loss).sum(0)
-    ensemble = None
     if beta != 0:
-        ensemble = ensemble_loss()
         ensemble_weight = beta * logits.size(0) * (1 if weights is None else weights.mean(0))
         per_example = (1 - beta) * per_example + ensemble_weight * ensemble
     return per_example.sum(), (member_loss, ensemble)
@@ -1156,14 +1187,10 @@ class TrainingLog:
         self.pending = []
         logits, y = self.block.gather(torch.cat(logits, dim=1)), torch.cat(y)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        if self.combiner == 'mean':
-            member_loss, ensemble_loss, div = ensemble_terms(logits, y, 'mean')
-            correct = torch.zeros((), dtype=ensemble_loss.dtype, device=logits.device)
-        else:
-            log_p = logits - logits.logsumexp(-1, keepdim=True)   # = log_softmax; on a CPU 4x faster over 10 classes
-            ensemble_log_p = combine(logits, self.combiner, log_p)
-            member_loss, ensemble_loss = cross_entropy(log_p, y), cross_entropy(ensemble_log_p, y)
-            correct = (ensemble_log_p.argmax(-1) == y).sum().to(ensemble_loss.dtype)
+        regression = COMBINERS[self.combiner].task == 'regression'
+        log_p = None if regression else logits - logits.logsumexp(-1, keepdim=True)   # log_softmax, 4x faster on a CPU
+        member_loss, ensemble_loss, prediction = member_and_ensemble_losses(logits, y, self.combiner, log_p=log_p)
+        correct = (torch.zeros(()) if regression else (prediction.argmax(-1) == y).sum()).to(ensemble_loss)
         sums = torch.stack([torch.stack(objectives).sum().to(ensemble_loss.dtype), ensemble_loss.sum(), correct,
                             (member_loss.mean(0) - ensemble_loss).sum()])
         self.sums = sums if self.sums is None else self.sums + sums
@@ -1548,7 +1575,7 @@ def ensemble_metrics(logits, y, combiner):
     """Loss, accuracy and DIV of the ensemble and each member from (M, N, K) logits (no smoothing); for the
     combiner 'mean' (regression), MSE and RMSE in the targets' units instead of loss and accuracy."""
     member_ce, ensemble_ce, div = ensemble_terms(logits, y, combiner)
-    if combiner == 'mean':
+    if COMBINERS[combiner].task == 'regression':
         member_mse = member_ce.mean(1)
         return dict(loss=ensemble_ce.mean().item(), rmse=ensemble_ce.mean().sqrt().item(),
                     member_loss=member_mse.tolist(), member_rmse=member_mse.sqrt().tolist(), div=div.mean().item())
@@ -1884,8 +1911,8 @@ class Config:
     members: int = option(1, 'Ensemble size M.')
     beta: float = option(0.0, 'Diversity weight: 0 = independent members, 1 = joint training (the ensemble loss); '
                               '> 1 needs --allow-unstable.')
-    combine: Optional[str] = option(None, "Combiner: 'prob' averages probabilities (the default), 'logit' averages "
-                                          "logits; regression's is 'mean' (averaged outputs).")
+    combine: Optional[str] = option(None, 'Combiner: ' + '; '.join(f'{name} {c.help}' for name, c in COMBINERS.items())
+                                          + '.')
     bagging: bool = option(False, 'Each member weights each example by its own bootstrap count (batches stay shared).')
     allow_unstable: bool = option(False, 'Allow --beta > 1, where the objective is unbounded below.')
     param: str = option('standard', "Parametrization: 'standard' (PyTorch init, one lr) or 'spectral' (spectral.py: "
@@ -2020,9 +2047,8 @@ def resolve_config(cfg, data=None):
     if cfg.task not in TASKS:
         raise EnsembleError(f"unknown task '{cfg.task}': use {' or '.join(TASKS)}")
     regression = cfg.task == 'regression'
-    if cfg.combine not in ((None, 'mean') if regression else (None, 'prob', 'logit')):
-        raise EnsembleError(f"unknown combiner '{cfg.combine}' for {cfg.task}: use "
-                            + ("mean (regression averages the members' outputs)" if regression else 'prob or logit'))
+    if cfg.combine not in (None, *combiners_for(cfg.task)):
+        raise EnsembleError(f"unknown combiner '{cfg.combine}' for {cfg.task}: use {' or '.join(combiners_for(cfg.task))}")
     if regression:
         for name, given, why in (('arch', cfg.arch not in ('mlp', OWN), 'regression trains an mlp on features: --arch mlp'),
                                  ('label_smoothing', cfg.label_smoothing not in (None, 0), 'labels only'),
@@ -2079,7 +2105,7 @@ def resolve_config(cfg, data=None):
     if optimizer == 'muon' and resolved['muon_lr'] is None:
         resolved['muon_lr'] = _spectral().MUON_LR
     if resolved['combine'] is None:
-        resolved['combine'] = 'mean' if regression else 'prob'
+        resolved['combine'] = DEFAULT_COMBINER[cfg.task]
     if regression:   # a table of features: no labels to smooth, no image to flip, crop or lay out
         resolved.update(label_smoothing=0.0, augment=False, tta=False, channels_last=False)
     if resolved['augment'] is None:   # flips and shifts suit natural images, not digits or clothes

@@ -30,7 +30,39 @@ TINY_MLP = dict(dataset='synthetic', arch='mlp', hidden=[32], subset=256, batch_
 
 # ---- the objective ----
 
-def test_objective_at_beta0_gives_each_member_its_solo_gradient():
+def member_outputs(combiner, members=3, batch=64, seed=1):
+    """Random member outputs and targets for a COMBINERS entry's task, in float64."""
+    g = torch.Generator().manual_seed(seed)
+    logits = 3 * torch.randn(members, batch, 10, generator=g, dtype=torch.float64)
+    if te.COMBINERS[combiner].task == 'regression':
+        return logits, torch.randn(batch, 10, generator=g, dtype=torch.float64)
+    return logits, torch.randint(10, (batch,), generator=g)
+
+
+@pytest.mark.parametrize('combiner', te.COMBINERS)
+def test_every_combiner_gives_each_member_its_solo_gradient_at_beta0(combiner):
+    logits, y = member_outputs(combiner)
+    logits.requires_grad_()
+    smoothing = 0.2 if te.COMBINERS[combiner].task == 'classification' else 0.0
+    objective, _ = te.ensemble_objective(logits, y, beta=0.0, combiner=combiner, label_smoothing=smoothing)
+    objective.backward()
+    for j in range(3):
+        solo = logits[j:j + 1].detach().clone().requires_grad_()   # an ensemble of one: the member alone
+        te.ensemble_objective(solo, y, beta=0.0, combiner=combiner, label_smoothing=smoothing)[0].backward()
+        assert torch.allclose(logits.grad[j], solo.grad[0], atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize('combiner', te.COMBINERS)
+def test_every_combiner_has_nonnegative_diversity_that_vanishes_for_identical_members(combiner):
+    logits, y = member_outputs(combiner, members=5)
+    member, ensemble, div = te.ensemble_terms(logits, y, combiner)
+    assert (div >= -1e-12).all() and div.mean() > 0
+    assert torch.allclose(div, member.mean(0) - ensemble)
+    same = logits[:1].expand(4, -1, -1)
+    assert te.ensemble_terms(same, y, combiner)[2].abs().max() < 1e-12
+
+
+def test_the_solo_gradient_is_the_members_own_cross_entropy():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(3, 64, 10, generator=g, requires_grad=True)
     y = torch.randint(10, (64,), generator=g)
