@@ -36,6 +36,7 @@ lr-sweep's best lr moves 0.8 → 0.4 → 0.2 from width x0.25 to x4 under standa
 #############################################
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -51,8 +52,8 @@ COORD = dict(
     batch_size=64,
     examples=512,             # the synthetic training set the steps cycle through
 )
-# Side of the synthetic images per architecture. The mlp's 4x4x3 = 48 inputs sit below every width
-# checked: the rule describes widths large against the input dimension (see coord_check).
+# Side of the synthetic images per architecture (others: airbench's). The mlp's 4x4x3 = 48 inputs sit
+# below every width checked: the rule describes widths large against the input dimension (see coord_check).
 IMAGE_SIZE = dict(mlp=4, resnet18=8, airbench=16)
 PARAMETRIZATIONS = ('standard', 'spectral')   # 'standard' = PyTorch's default init, one lr for every layer
 SWEEP = dict(widths='0.25,1,4', lrs='0.05,0.1,0.2,0.4,0.8,1.6,3.2', steps=20)
@@ -456,16 +457,27 @@ def numbers(text, kind=float):
 
 
 def train_ensemble_network(arch, hidden, image_size, seed):
-    """A builder of train_ensemble's networks for the checks: its mlp, airbench or resnet18 at a width
-    multiplier (the mlp's hidden sizes scaled here); for the command line, which may import train_ensemble."""
+    """A builder of one of train_ensemble's networks (an ARCHS entry whose weights are matrices) for the
+    checks, at a width multiplier: its --width, or an mlp's hidden sizes scaled here; for the command line,
+    which may import train_ensemble."""
     import train_ensemble as te
+    entry = te.ARCHS[arch]
 
     def build(width, x):
-        spec = dict(arch=arch, in_channels=3, image_size=image_size, num_classes=10, kernel_size=3,
-                    width=1.0 if arch == 'mlp' else width, hidden=[max(1, round(h * width)) for h in hidden],
-                    mean=[0.5] * 3, std=[0.25] * 3)
+        spec = dict(arch=arch, in_channels=3, image_size=image_size, num_classes=10, mean=[0.5] * 3, std=[0.25] * 3,
+                    **{**entry.tiny, **{k: v for k, v in entry.settings.items() if v is not te.REQUIRED}})
+        if 'width' in entry.settings:
+            spec['width'] = width
+        if 'hidden' in entry.settings:
+            spec['hidden'] = [max(1, round(h * width)) for h in hidden]
         return te.init_member(spec, seed, x_train=x)
     return build
+
+
+def checked_archs():
+    """train_ensemble's architectures the checks can take: those whose weights read as matrices."""
+    import train_ensemble as te
+    return [name for name, entry in te.ARCHS.items() if not entry.not_matrices]
 
 
 def make_app():
@@ -498,8 +510,8 @@ def _with_progress(console, description, total, work):
 def _check_options(arch, optimizer, widths, hidden):
     """The parsed widths and hidden sizes; a one-line error (train_ensemble.cli_error) for bad options."""
     import train_ensemble as te
-    if arch not in IMAGE_SIZE:
-        te.cli_error(f"unknown --arch '{arch}': use {', '.join(IMAGE_SIZE)}")
+    if arch not in checked_archs():
+        te.cli_error(f"unknown --arch '{arch}': use {', '.join(checked_archs())}")
     if optimizer not in ('sgd', 'adam'):
         te.cli_error(f"unknown --optimizer '{optimizer}': use sgd or adam")
     try:
@@ -511,7 +523,7 @@ def _check_options(arch, optimizer, widths, hidden):
 def _shared_options(typer):
     """The options coord-check and lr-sweep share."""
     return dict(
-        arch=typer.Option('mlp', '--arch', help='mlp, airbench or resnet18'),
+        arch=typer.Option('mlp', '--arch', help=f"train_ensemble's network: {', '.join(checked_archs())}."),
         hidden=typer.Option(COORD['hidden'], '--hidden', help='mlp hidden sizes at width 1, comma-separated'),
         optimizer=typer.Option('sgd', '--optimizer', help='sgd or adam'),
         batch=typer.Option(COORD['batch_size'], '--batch-size', help='examples per step'),
@@ -571,7 +583,7 @@ def _add_coord_check(app, typer, console):
             json_path: Path = shared['json']):
         """Mean |activation| of every layer after a few steps, against width: flat under spectral."""
         ws, hs = _check_options(arch, optimizer, widths, hidden)
-        image_size = image_size or IMAGE_SIZE[arch]
+        image_size = image_size or IMAGE_SIZE.get(arch, IMAGE_SIZE['airbench'])
         build = train_ensemble_network(arch, hs, image_size, seed)
         result = _with_progress(console, 'coord-check', 2 * len(ws), lambda tick: coord_check(
             build, ws, steps, lr, optimizer, batch_size, image_size=image_size, seed=seed, progress=tick))
@@ -614,7 +626,7 @@ def _add_lr_sweep(app, typer, console):
             rates = numbers(lrs)
         except ValueError:
             te.cli_error('--lrs takes comma-separated numbers, e.g. 0.1,0.2,0.4')
-        image_size = image_size or IMAGE_SIZE[arch]
+        image_size = image_size or IMAGE_SIZE.get(arch, IMAGE_SIZE['airbench'])
         build = train_ensemble_network(arch, hs, image_size, seed)
         result = _with_progress(console, 'lr-sweep', 2 * len(ws) * len(rates), lambda tick: lr_sweep(
             build, ws, rates, steps, optimizer, batch_size, image_size=image_size, seed=seed, progress=tick))
@@ -638,5 +650,18 @@ def _add_lr_sweep(app, typer, console):
             _write_json(console, json_path, result)
 
 
+def main():
+    """The command line; copied alone (no train_ensemble.py beside it, or no typer or rich), one line
+    saying what it needs instead of a traceback. The Python API needs neither."""
+    try:
+        import train_ensemble  # noqa: F401 - the checks build its networks and report errors its way
+        app = make_app()
+    except ImportError as e:
+        need = 'train_ensemble.py beside it' if e.name == 'train_ensemble' else f'the package {e.name} (pip install {e.name})'
+        sys.stderr.write(f"error: spectral.py's command line needs {need}; its Python API needs only torch\n")
+        raise SystemExit(2) from None
+    app()
+
+
 if __name__ == '__main__':
-    make_app()()
+    main()

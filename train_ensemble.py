@@ -822,54 +822,126 @@ class BasicBlock(nn.Module):
 #            Network Definition             #
 #############################################
 
+# One builder per architecture: the layers after the fixed input normalization, with M members side by
+# side (each layer holds the members' weights stacked on its first axis), from the spec's own settings.
+
+def airbench_layers(spec, c, k, m):
+    widths = [_scaled(64, spec), _scaled(256, spec), _scaled(256, spec)]
+    whiten_width = 2 * c * 2 * 2
+    whiten = Conv(c, whiten_width, 2, m, shared_input=True, padding=0, bias=True)
+    whiten.weight.requires_grad = False   # computed from the data (init_member), never trained
+    layers = [whiten, nn.GELU()]
+    for c_in, c_out in zip([whiten_width] + widths[:-1], widths):
+        layers.append(ConvGroup(c_in, c_out, spec['kernel_size'], m))
+    return layers + [nn.AdaptiveMaxPool2d(1), nn.Flatten(), Linear(widths[-1], k, m, bias=False), Mul(LOGIT_SCALE)]
+
+
+def resnet18_layers(spec, c, k, m):
+    widths = [_scaled(64, spec), _scaled(128, spec), _scaled(256, spec), _scaled(512, spec)]
+    layers = [Conv(c, widths[0], 3, m, shared_input=True, padding=1), nn.BatchNorm2d(widths[0] * m), nn.ReLU()]
+    c_in = widths[0]
+    for i, c_out in enumerate(widths):
+        for stride in ((1 if i == 0 else 2), 1):
+            layers.append(BasicBlock(c_in, c_out, stride, m))
+            c_in = c_out
+    return layers + [nn.AdaptiveAvgPool2d(1), nn.Flatten(), Linear(c_in, k, m)]
+
+
+def mlp_layers(spec, c, k, m):
+    d_in, layers = c * spec['image_size'] ** 2, [nn.Flatten()]
+    for i, h in enumerate(spec['hidden']):
+        layers += [Linear(d_in, h, m, shared_input=(i == 0)), nn.ReLU()]
+        d_in = h
+    layers.append(Linear(d_in, k, m, shared_input=not spec['hidden']))
+    if spec.get('task') == 'regression':
+        layers.append(TargetScale(spec['target_mean'], spec['target_std']))
+    return layers
+
+
+def vit_layers(spec, c, k, m):
+    d = vit_dim(spec['width'])
+    layers = [PatchEmbed(c, d, spec['patch_size'], spec['image_size'], m)]
+    layers += [Block(d, spec['heads'], m) for _ in range(spec['depth'])]
+    return layers + [TokenMean(), LayerNorm(d, m), Linear(d, k, m)]
+
+
+def _scaled(channels, spec):
+    return max(1, round(channels * spec['width']))
+
+
+def whiten_first_layer(net, x_float):
+    """airbench: the frozen first conv whitens the data's 2x2 patches (airbench94)."""
+    with torch.no_grad():
+        net[1].weight.copy_(whitening_weights(net[0](x_float)))
+
+
+def freeze_whitening_bias(net, epoch, cfg):
+    """airbench: the whitening conv's bias trains for the first whiten_bias_epochs epochs only."""
+    net[1].bias.requires_grad = epoch < cfg.whiten_bias_epochs
+
+
+def vit_problem(settings):
+    d = vit_dim(settings['width'])
+    if d % settings['heads']:
+        return f"--heads {settings['heads']} must divide the ViT's token width {d} (64 x --width {settings['width']:g})"
+    if settings.get('image_size', 0) % settings['patch_size']:
+        return f"--patch-size {settings['patch_size']} must divide the image size {settings['image_size']}"
+    return None
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One architecture: its builder, its recipe, its own settings (Config options with their defaults, which
+    its model spec records; REQUIRED: a spec must have it), and optional hooks."""
+    layers: Callable                    # (spec, in_channels, num_classes, members) -> layers after Normalize
+    recipe: dict                        # the training defaults (RECIPES)
+    help: str
+    settings: dict                      # {Config option: default in a spec without it, or REQUIRED}
+    container: type = nn.Sequential     # what holds the layers (the ViT's knows its permutations)
+    init: Optional[Callable] = None     # (member, float images) -> None: initialization from the data
+    each_epoch: Optional[Callable] = None   # (wide network, epoch, cfg) -> None, as each training epoch begins
+    problem: Optional[Callable] = None  # (settings, with image_size when known) -> why it cannot be built, or None
+    tasks: tuple = ('classification',)
+    not_matrices: Optional[str] = None  # why its weights do not read as matrices (--param spectral and muon need them)
+    tiny: dict = field(default_factory=dict)   # the smallest settings worth a run (tests train every entry so)
+
+
+REQUIRED = object()
+ARCHS = {
+    'airbench': Arch(airbench_layers, RECIPES['airbench'], 'airbench94 (the default; --width, --kernel-size)',
+                     dict(width=1.0, kernel_size=3), init=whiten_first_layer, each_epoch=freeze_whitening_bias,
+                     tiny=dict(width=1 / 16)),
+    'resnet18': Arch(resnet18_layers, RECIPES['resnet18'], 'ResNet-18 (--width)', dict(width=1.0),
+                     tiny=dict(width=1 / 16)),
+    'mlp': Arch(mlp_layers, RECIPES['mlp'], "an MLP (--hidden; regression's default and only one)",
+                dict(hidden=REQUIRED), tasks=TASKS, tiny=dict(hidden=[16])),
+    'vit': Arch(vit_layers, RECIPES['vit'], 'a small SimpleViT (--width, --depth, --heads, --patch-size)',
+                dict(width=1.0, depth=REQUIRED, heads=REQUIRED, patch_size=REQUIRED), container=ViT,
+                problem=vit_problem, not_matrices='its attention weights are per head (3-D)',
+                tiny=dict(width=0.25, depth=1, heads=2, patch_size=8)),
+}
+
+
+def arch_settings(spec):
+    """The spec's settings of its architecture, with the defaults of those an older spec lacks."""
+    return {k: spec.get(k, default) for k, default in ARCHS[spec['arch']].settings.items()}
+
+
 def build_model(spec, members=1):
     """The network a model spec describes, with `members` members side by side.
 
-    spec: dict with arch ('airbench' | 'resnet18' | 'mlp' | 'vit'), in_channels, image_size, num_classes,
-    width, kernel_size, hidden (list of ints, mlp only), depth, heads, patch_size (vit only), mean, std. Input: float images in [0, 1],
-    (B, C, H, W). Output: (B, members·num_classes) logits, member-major; member_logits splits them.
-    A regression spec (task 'regression', mlp only) takes (B, D) features (in_channels D, image_size 1)
-    and ends in TargetScale(target_mean, target_std): its num_classes outputs are in the targets' units.
+    spec: dict with arch (an ARCHS entry) and its settings, in_channels, image_size, num_classes, mean, std.
+    Input: float images in [0, 1], (B, C, H, W). Output: (B, members·num_classes) logits, member-major;
+    member_logits splits them. A regression spec (task 'regression', mlp only) takes (B, D) features
+    (in_channels D, image_size 1) and ends in TargetScale(target_mean, target_std): its num_classes
+    outputs are in the targets' units.
     """
-    arch, c, k, m = spec['arch'], spec['in_channels'], spec['num_classes'], members
-    scale = lambda n: max(1, round(n * spec.get('width', 1.0)))  # noqa: E731
-    layers = [Normalize(spec['mean'], spec['std'], images=spec.get('task') != 'regression')]
-    if arch == 'airbench':
-        widths = [scale(64), scale(256), scale(256)]
-        whiten_width = 2 * c * 2 * 2
-        whiten = Conv(c, whiten_width, 2, m, shared_input=True, padding=0, bias=True)
-        whiten.weight.requires_grad = False   # computed from the data (init_member), never trained
-        layers += [whiten, nn.GELU()]
-        for c_in, c_out in zip([whiten_width] + widths[:-1], widths):
-            layers.append(ConvGroup(c_in, c_out, spec.get('kernel_size', 3), m))
-        layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), Linear(widths[-1], k, m, bias=False), Mul(LOGIT_SCALE)]
-    elif arch == 'resnet18':
-        widths = [scale(64), scale(128), scale(256), scale(512)]
-        layers += [Conv(c, widths[0], 3, m, shared_input=True, padding=1), nn.BatchNorm2d(widths[0] * m), nn.ReLU()]
-        c_in = widths[0]
-        for i, c_out in enumerate(widths):
-            for stride in ((1 if i == 0 else 2), 1):
-                layers.append(BasicBlock(c_in, c_out, stride, m))
-                c_in = c_out
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), Linear(c_in, k, m)]
-    elif arch == 'mlp':
-        d_in = c * spec['image_size'] ** 2
-        layers.append(nn.Flatten())
-        for i, h in enumerate(spec['hidden']):
-            layers += [Linear(d_in, h, m, shared_input=(i == 0)), nn.ReLU()]
-            d_in = h
-        layers.append(Linear(d_in, k, m, shared_input=not spec['hidden']))
-        if spec.get('task') == 'regression':
-            layers.append(TargetScale(spec['target_mean'], spec['target_std']))
-    elif arch == 'vit':
-        d = vit_dim(spec.get('width', 1.0))
-        layers.append(PatchEmbed(c, d, spec['patch_size'], spec['image_size'], m))
-        layers += [Block(d, spec['heads'], m) for _ in range(spec['depth'])]
-        layers += [TokenMean(), LayerNorm(d, m), Linear(d, k, m)]
-        return ViT(*layers)
-    else:
-        raise EnsembleError(f"unknown architecture '{arch}': use airbench, resnet18, mlp or vit")
-    return nn.Sequential(*layers)
+    if spec['arch'] not in ARCHS:
+        raise EnsembleError(f"unknown architecture '{spec['arch']}': use {', '.join(ARCHS)}")
+    arch = ARCHS[spec['arch']]
+    spec = {**spec, **arch_settings(spec)}
+    normalize = Normalize(spec['mean'], spec['std'], images=spec.get('task') != 'regression')
+    return arch.container(normalize, *arch.layers(spec, spec['in_channels'], spec['num_classes'], members))
 
 
 def architecture(spec):
@@ -965,24 +1037,28 @@ def check_model_spec(spec, source):
     if isinstance(spec, dict) and spec.get('arch') == OWN:
         raise EnsembleError(f"{source} holds a member of your own module {spec.get('module')}: rebuild it with "
                             'make_member(seed).load_state_dict(safetensors.torch.load_file(path))')
-    if not isinstance(spec, dict) or spec.get('arch') not in RECIPES:
-        raise bad(f"has no known 'arch' ({', '.join(RECIPES)})")
-    keys = ('in_channels', 'image_size', 'num_classes', 'kernel_size') + (('depth', 'heads', 'patch_size') if spec['arch'] == 'vit' else ())
-    for key in keys:
-        value = spec.get(key, 3) if key == 'kernel_size' else spec.get(key)   # kernel_size: airbench's only
-        if not isinstance(value, int) or value < 1:
-            raise bad(f"needs '{key}' as a positive integer, got {value!r}")
-    if not (_finite(spec.get('width', 1.0)) and spec.get('width', 1.0) > 0):
-        raise bad(f"needs 'width' > 0, got {spec.get('width')!r}")
-    if spec['arch'] == 'vit' and (vit_dim(spec.get('width', 1.0)) % spec['heads'] or spec['image_size'] % spec['patch_size']):
-        raise bad('is a vit whose heads do not divide its token width or whose patches do not tile its images')
-    if not (isinstance(spec.get('hidden', []), list) and all(isinstance(h, int) and h >= 1 for h in spec.get('hidden', []))):
-        raise bad(f"needs 'hidden' as a list of positive integers, got {spec.get('hidden')!r}")
+    if not isinstance(spec, dict) or spec.get('arch') not in ARCHS:
+        raise bad(f"has no known 'arch' ({', '.join(ARCHS)})")
+    for key in ('in_channels', 'image_size', 'num_classes'):
+        if not isinstance(spec.get(key), int) or spec[key] < 1:
+            raise bad(f"needs '{key}' as a positive integer, got {spec.get(key)!r}")
+    settings = arch_settings(spec)
+    missing = [k for k, v in settings.items() if v is REQUIRED]
+    if missing:
+        raise bad(f"needs '{missing[0]}'")
+    try:
+        checked_options(settings, source)
+    except EnsembleError as e:
+        raise bad(f'has a setting of the wrong type ({e})') from None
+    wrong = out_of_range(settings)
+    problem = ARCHS[spec['arch']].problem and ARCHS[spec['arch']].problem({**settings, 'image_size': spec['image_size']})
+    if wrong or problem:
+        raise bad(f"needs '{wrong[0]}' {wrong[1]}, got {wrong[2]!r}" if wrong else f'cannot be built: {problem}')
     sizes = dict(mean=spec['in_channels'], std=spec['in_channels'])
     if spec.get('task', 'classification') not in TASKS:
         raise bad(f"has an unknown 'task' {spec.get('task')!r}")
     if spec.get('task') == 'regression':
-        if spec['arch'] != 'mlp' or spec['image_size'] != 1:
+        if 'regression' not in ARCHS[spec['arch']].tasks or spec['image_size'] != 1:
             raise bad('is a regression spec that is not an mlp on features (image_size 1)')
         sizes.update(target_mean=spec['num_classes'], target_std=spec['num_classes'])
     for key, size in sizes.items():
@@ -1051,10 +1127,9 @@ def init_member(spec, seed, x_train=None):
     """One member, initialized from its own seed (and, for airbench, the whitening of the data)."""
     torch.manual_seed(seed)
     net = build_model(spec, members=1)
-    if spec['arch'] == 'airbench':
-        with torch.no_grad():
-            sample = to_float_images(x_train[:5000].cpu())
-            net[1].weight.copy_(whitening_weights(net[0](sample)))
+    init = ARCHS[spec['arch']].init
+    if init is not None:
+        init(net, to_float_images(x_train[:5000].cpu()))
     return net
 
 
@@ -1940,8 +2015,7 @@ class Config:
                                            'keep their ids and the network all its outputs, so runs on disjoint '
                                            'classes share one label space).', parse=parse_ints)
     # The network
-    arch: Optional[str] = option(None, 'Network: airbench (the default), resnet18, mlp (regression\'s default and only '
-                                       'one) or vit (a small SimpleViT).')
+    arch: Optional[str] = option(None, 'Network: ' + '; '.join(f'{name}, {a.help}' for name, a in ARCHS.items()) + '.')
     width: float = option(1.0, 'Width multiplier for airbench and resnet18 channels and the ViT\'s token width (64 at 1).')
     kernel_size: int = option(3, "airbench's conv kernel size k (k x k).")
     hidden: list = option([1024], "mlp hidden sizes, e.g. '1024' or '512,512,512'.", parse=parse_ints)
@@ -2042,15 +2116,16 @@ def resolve_config(cfg, data=None):
         raise EnsembleError(f'--beta {cfg.beta} > 1 makes the objective unbounded below: the members can '
                             'grow DIV without limit (Jeffares et al. 2023, Thm 5.1; the Hessian at any '
                             'stationary point is indefinite). Pass --allow-unstable to run it anyway')
-    if cfg.arch not in RECIPES and cfg.arch != OWN:
-        raise EnsembleError(f"unknown architecture '{cfg.arch}': use {', '.join(RECIPES)}")
+    if cfg.arch not in ARCHS and cfg.arch != OWN:
+        raise EnsembleError(f"unknown architecture '{cfg.arch}': use {', '.join(ARCHS)}")
     if cfg.task not in TASKS:
         raise EnsembleError(f"unknown task '{cfg.task}': use {' or '.join(TASKS)}")
     regression = cfg.task == 'regression'
     if cfg.combine not in (None, *combiners_for(cfg.task)):
         raise EnsembleError(f"unknown combiner '{cfg.combine}' for {cfg.task}: use {' or '.join(combiners_for(cfg.task))}")
     if regression:
-        for name, given, why in (('arch', cfg.arch not in ('mlp', OWN), 'regression trains an mlp on features: --arch mlp'),
+        for name, given, why in (('arch', cfg.arch != OWN and 'regression' not in ARCHS[cfg.arch].tasks,
+                                  'regression trains an mlp on features: --arch mlp'),
                                  ('label_smoothing', cfg.label_smoothing not in (None, 0), 'labels only'),
                                  ('augment', cfg.augment, 'images only'), ('tta', cfg.tta, 'images only'),
                                  ('classes', cfg.classes is not None, 'labels only')):
@@ -2066,13 +2141,13 @@ def resolve_config(cfg, data=None):
     if cfg.arch == OWN and (cfg.param == 'spectral' or cfg.optimizer == 'muon'):
         raise EnsembleError('--param spectral and --optimizer muon need to know which weights are hidden matrices; '
                             'with your own module use sgd or adam')
-    if cfg.arch == 'vit':
-        d = vit_dim(cfg.width)
-        if d % cfg.heads:
-            raise EnsembleError(f'--heads {cfg.heads} must divide the ViT\'s token width {d} (64 x --width {cfg.width:g})')
-        if cfg.param == 'spectral' or cfg.optimizer == 'muon':
-            raise EnsembleError('--param spectral and --optimizer muon read weights as matrices; the ViT\'s attention '
-                                'weights are per head (3-D): use them with airbench, resnet18 or mlp')
+    arch = ARCHS.get(cfg.arch)
+    if arch is not None and arch.problem and arch.problem({k: getattr(cfg, k) for k in arch.settings}):
+        raise EnsembleError(arch.problem({k: getattr(cfg, k) for k in arch.settings}))
+    if arch is not None and arch.not_matrices and (cfg.param == 'spectral' or cfg.optimizer == 'muon'):
+        raise EnsembleError(f'--param spectral and --optimizer muon read weights as matrices; the {cfg.arch}: '
+                            f'{arch.not_matrices}: use them with '
+                            f"{', '.join(n for n, a in ARCHS.items() if not a.not_matrices)}")
     if not (str(cfg.dataset).endswith(('.npz', '.csv')) or cfg.dataset in (*DATASETS, TENSORS)):
         raise EnsembleError(f"unknown dataset '{cfg.dataset}': use one of {', '.join(DATASETS)}, a .npz or (regression) a .csv file")
     if cfg.shard is not None:
@@ -2088,7 +2163,7 @@ def resolve_config(cfg, data=None):
         if cfg.members < 2:
             raise EnsembleError('SharpBalance (--flat-ratio) gives each member the samples the OTHER members '
                                 'select: it needs --members 2 or more')
-    recipe = OWN_RECIPE if cfg.arch == OWN else REGRESSION_RECIPE if regression else RECIPES[cfg.arch]
+    recipe = OWN_RECIPE if cfg.arch == OWN else REGRESSION_RECIPE if regression else ARCHS[cfg.arch].recipe
     resolved = {k: (recipe[k] if getattr(cfg, k) is None and k in recipe else getattr(cfg, k))
                 for k in asdict(cfg)}
     resolved['optimizer'] = optimizer = cfg.optimizer or recipe.get('optimizer', 'sgd')
@@ -2165,11 +2240,11 @@ def model_spec(cfg, data):
     if h != w:
         raise EnsembleError(f'images must be square, got {h}x{w}')
     x = data.x_train[:10000].float() / 255
-    if cfg.arch == 'vit' and h % cfg.patch_size:
-        raise EnsembleError(f'--patch-size {cfg.patch_size} must divide the image size {h}')
-    vit = dict(depth=cfg.depth, heads=cfg.heads, patch_size=cfg.patch_size) if cfg.arch == 'vit' else {}
-    return dict(arch=cfg.arch, in_channels=c, image_size=h, num_classes=data.num_classes, width=cfg.width,
-                kernel_size=cfg.kernel_size, hidden=list(cfg.hidden), **vit,
+    settings = {k: getattr(cfg, k) for k in ARCHS[cfg.arch].settings}   # the architecture's own options
+    problem = ARCHS[cfg.arch].problem and ARCHS[cfg.arch].problem({**settings, 'image_size': h})
+    if problem:
+        raise EnsembleError(problem)
+    return dict(arch=cfg.arch, in_channels=c, image_size=h, num_classes=data.num_classes, **settings,
                 mean=x.mean((0, 2, 3)).tolist(), std=x.std((0, 2, 3)).clamp_min(1e-3).tolist())
 
 
@@ -2514,8 +2589,9 @@ class Training:
     def begin_epoch(self, epoch):
         self.epoch = epoch
         self.net.train()
-        if self.spec['arch'] == 'airbench':
-            self.net[1].bias.requires_grad = epoch < self.cfg.whiten_bias_epochs
+        hook = ARCHS[self.spec['arch']].each_epoch if self.spec['arch'] in ARCHS else None
+        if hook is not None:
+            hook(self.net, epoch, self.cfg)
         cfg = self.cfg
         if cfg.flat_ratio and epoch >= cfg.sam_start_epoch and self.sam_mask is None:   # once, on the whole training set
             scores = self.block.gather(sharpness_scores(self.net, self.data.x_train, self.data.y_train, self.m, self.scale))

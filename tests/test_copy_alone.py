@@ -151,3 +151,11 @@ def test_the_blocker_really_blocks(tmp_path):
     result = subprocess.run([sys.executable, '-c', "SELF = ''" + textwrap.dedent(BLOCK) + 'import typer'], cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and 'not installed in this test' in result.stderr
+
+
+def test_the_command_line_of_a_copied_spectral_names_the_script_it_needs_in_one_line(tmp_path):
+    shutil.copy(ROOT / 'spectral.py', tmp_path / 'spectral.py')
+    result = subprocess.run([sys.executable, 'spectral.py', 'report', 'member_0.safetensors'], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and 'train_ensemble.py' in lines[0], result.stderr
