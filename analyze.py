@@ -124,26 +124,41 @@ def split_examples(data, split, examples=None):
 #############################################
 #                Combiners                  #
 #############################################
-# How the members' outputs make the ensemble's prediction. train_ensemble.py owns the combiners; this is a
-# copy of just their arithmetic, so that analyze.py copied alone computes its metrics with torch only
+# How the members' outputs make the ensemble's prediction. train_ensemble.py owns the combiners
+# (COMBINERS): with it beside this file, its registry is used, so a combiner added there works here too.
+# Copied alone, analyze.py computes its metrics with a copy of the built-in combiners' arithmetic
 # (tests/test_analyze_ensembles.py checks that the copy equals train_ensemble's, combiner by combiner).
 
-_COMBINE = {   # combiner -> the ensemble's log-probabilities (regression: its output) from (M, N, K) outputs
-    'prob': lambda logits, log_p: torch.logsumexp(log_p, 0) - math.log(len(logits)),   # mean probability
-    'logit': lambda logits, log_p: F.log_softmax(logits.mean(0), -1),   # softmax of the mean logit
-    'mean': lambda logits, log_p: logits.mean(0),   # regression: the mean output
+_COMBINE = {   # combiner -> (its task, the ensemble's log-probabilities or output from (M, N, K) outputs)
+    'prob': ('classification', lambda logits, log_p: torch.logsumexp(log_p, 0) - math.log(len(logits))),
+    'logit': ('classification', lambda logits, log_p: F.log_softmax(logits.mean(0), -1)),
+    'mean': ('regression', lambda logits, log_p: logits.mean(0)),
 }
-CLASSIFICATION_COMBINERS = ('prob', 'logit')
+
+
+@functools.lru_cache(maxsize=None)
+def _combiners():
+    """{combiner: (task, predict)}: train_ensemble's registry when it can be imported, else the copy."""
+    try:
+        registry = importlib.import_module('train_ensemble').COMBINERS
+    except ImportError:
+        return _COMBINE
+    return {name: (c.task, c.predict) for name, c in registry.items()}
+
+
+def classification_combiners():
+    return tuple(name for name, (task, _) in _combiners().items() if task == 'classification')
 
 
 def _combine(logits, combiner, log_p=None):
     """The ensemble's prediction from (M, N, K) member outputs; log_p: their log_softmax, if at hand."""
-    if combiner not in _COMBINE:
-        raise EnsembleError(f"unknown combiner '{combiner}': use {' or '.join(CLASSIFICATION_COMBINERS)} "
+    if combiner not in _combiners():
+        raise EnsembleError(f"unknown combiner '{combiner}': use {' or '.join(classification_combiners())} "
                             "(classification) or mean (regression)")
-    if log_p is None and combiner != 'mean':
+    task, predict = _combiners()[combiner]
+    if log_p is None and task == 'classification':
         log_p = F.log_softmax(logits, -1)
-    return _COMBINE[combiner](logits, log_p)
+    return predict(logits, log_p)
 
 
 def _cross_entropy(log_probs, y):
@@ -158,8 +173,8 @@ def _squared_error(outputs, y):
 
 def _ensemble_terms(logits, y, combiner):
     """(member losses (M, N), the ensemble's loss (N,)): cross-entropy, or for 'mean' the squared error."""
-    if combiner == 'mean':
-        return _squared_error(logits, y), _squared_error(logits.mean(0), y)
+    if _combiners()[combiner][0] == 'regression':
+        return _squared_error(logits, y), _squared_error(_combine(logits, combiner), y)
     log_p = F.log_softmax(logits, -1)
     return _cross_entropy(log_p, y), _cross_entropy(_combine(logits, combiner, log_p), y)
 
@@ -221,16 +236,18 @@ def ambiguity(logits, y, combiner):
     (Heskes 1998); probability averaging has the Jensen gap at the label (1/M) Σ_j log(p̄_y / p_j,y).
     Returns per-example DIV (N,) and the largest deviation of the identity (float64 throughout)."""
     logits = logits.double()
-    if combiner not in CLASSIFICATION_COMBINERS:
-        raise EnsembleError(f"unknown combiner '{combiner}': use {' or '.join(CLASSIFICATION_COMBINERS)}")
+    if combiner not in classification_combiners():
+        raise EnsembleError(f"unknown combiner '{combiner}': use {' or '.join(classification_combiners())}")
     member_ce, ensemble_ce = _ensemble_terms(logits, y, combiner)
     log_p = F.log_softmax(logits, -1)
     if combiner == 'logit':
         log_mean = _combine(logits, 'logit')
         div = (log_mean.exp() * (log_mean - log_p)).sum(-1).mean(0)
-    else:
+    elif combiner == 'prob':
         log_p_y = log_p.gather(-1, y.expand(log_p.shape[:-1]).unsqueeze(-1)).squeeze(-1)   # (M, N)
         div = torch.logsumexp(log_p_y, 0) - math.log(len(log_p)) - log_p_y.mean(0)
+    else:   # a combiner with no closed form here: DIV by its definition (the residual is then 0 by construction)
+        div = member_ce.mean(0) - ensemble_ce
     residual = float((member_ce.mean(0) - ensemble_ce - div).abs().max())
     return div, residual
 
@@ -945,7 +962,7 @@ def _command(name=None):
 
 EXAMPLES_HELP = 'Use at most this many images of each split (they are class-balanced in order).'
 SOURCES = _argument('Run directories or member files; all their members make one ensemble.')
-COMBINE = Opt(None, f"Combiner: {' or '.join(CLASSIFICATION_COMBINERS)} (default: the first run's; a regression "
+COMBINE = Opt(None, f"Combiner: {' or '.join(classification_combiners())} (default: the first run's; a regression "
                     "run's is mean, its only one).")
 EXAMPLES = Opt(None, EXAMPLES_HELP)
 DATASET = Opt(None, "Evaluate on this dataset (a name or an .npz, of the members' input shape and classes) "
@@ -1135,10 +1152,10 @@ def _combiner(config, combine):
     """--combine, else the run's combiner; a regression run's is 'mean', the only one it has."""
     regression = config.get('task') == 'regression'
     combiner = combine or config.get('combine') or ('mean' if regression else 'prob')
-    if combiner not in (('mean',) if regression else CLASSIFICATION_COMBINERS):
+    if combiner not in (('mean',) if regression else classification_combiners()):
         raise EnsembleError(f"unknown combiner '{combiner}' for this run: use "
                             + ('mean (it is a regression run)' if regression
-                               else ' or '.join(CLASSIFICATION_COMBINERS)))
+                               else ' or '.join(classification_combiners())))
     return combiner
 
 

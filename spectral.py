@@ -202,7 +202,8 @@ def spectral_param_groups(net, members, lr, weight_decay, optimizer='sgd', base_
 NS_FAST = (3.4445, -4.7750, 2.0315)      # Muon's coefficients (Jordan et al. 2024)
 NS_EXACT = (15 / 8, -10 / 8, 3 / 8)      # the Newton-Schulz quintic that converges to the sign
 NS_POLISH = 2                            # the last steps use NS_EXACT
-MUON_LR = 0.1    # default --muon-lr (best of 0.02, 0.05, 0.1, 0.2: Fashion-MNIST 10k, MLP 256-256, 3 epochs, 2026-11-23)
+# default --muon-lr (best of 0.02, 0.05, 0.1, 0.2: Fashion-MNIST 10k, MLP 256-256, 3 epochs, 2026-11-23)
+MUON_LR = 0.1
 
 
 def orthogonalize(G, steps=5):
@@ -657,7 +658,8 @@ def main():
         import train_ensemble  # noqa: F401 - the checks build its networks and report errors its way
         app = make_app()
     except ImportError as e:
-        need = 'train_ensemble.py beside it' if e.name == 'train_ensemble' else f'the package {e.name} (pip install {e.name})'
+        need = ('train_ensemble.py beside it' if e.name == 'train_ensemble'
+                else f'the package {e.name} (pip install {e.name})')
         sys.stderr.write(f"error: spectral.py's command line needs {need}; its Python API needs only torch\n")
         raise SystemExit(2) from None
     app()

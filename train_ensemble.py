@@ -28,6 +28,7 @@ CIFAR-10 and GPU timings are not measured yet. All figures and their commands: R
 
 import copy
 import functools
+import hashlib
 import json
 import math
 import os
@@ -101,11 +102,14 @@ LOGIT_SCALE = 1 / 9             # airbench multiplies its logits by a fixed 1/9
 TRANSLATE = 2                   # random-crop padding (pixels, reflect) when augmenting
 EVAL_BATCH = 2000
 PRECISIONS = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}   # --precision: autocast dtype
-SAM_EPS = 1e-12                 # added to each member's gradient norm before SAM divides by it (a zero gradient stays put)
-DIVERGED_LOSS = 1e4             # nats (or squared target stds) per example: an objective or test loss above this is divergence
+# added to each member's gradient norm before SAM divides by it (a zero gradient stays put)
+SAM_EPS = 1e-12
+# nats (or squared target stds) per example: an objective or test loss above this is divergence
+DIVERGED_LOSS = 1e4
 MAX_MEMBER_PARAMETERS = 2**31   # a model spec describing more is refused before anything is allocated (8 GiB fp32)
 LOG_CHUNK = 2**22                # the training log reduces its steps' logits in chunks of about this many values
-PER_SAMPLE_GRAD_FLOATS = 2**27  # SharpBalance's scoring pass holds at most this many per-sample gradient floats (512 MB)
+# SharpBalance's scoring pass holds at most this many per-sample gradient floats (512 MB)
+PER_SAMPLE_GRAD_FLOATS = 2**27
 
 FORMAT = 'deep-ensembles/1'     # safetensors metadata 'format' of every checkpoint this toolkit writes
 
@@ -356,7 +360,8 @@ def _read_csv(path, target=None):
                                     'encode categories as numbers (e.g. one-hot) first') from None
     t = header.index(target)
     x, y = np.delete(table, t, axis=1), table[:, t]
-    test = torch.randperm(len(rows), generator=torch.Generator().manual_seed(DATA_ORDER_SEED))[:max(1, round(CSV_TEST_FRACTION * len(rows)))]
+    test = torch.randperm(len(rows), generator=torch.Generator().manual_seed(DATA_ORDER_SEED))[
+        :max(1, round(CSV_TEST_FRACTION * len(rows)))]
     is_test = np.zeros(len(rows), dtype=bool)
     is_test[test.numpy()] = True
     return dict(x_train=x[~is_test], y_train=y[~is_test], x_test=x[is_test], y_test=y[is_test])
@@ -435,11 +440,13 @@ def load_data(name, data_dir='data', seed=0, val_size=0, shard=None, subset=None
         except Exception as e:  # noqa: BLE001 - a bad file raises KeyError, ValueError, BadZipFile, EOFError...
             raise EnsembleError(f'cannot read {name}: needs a .npz with arrays x_train, y_train, x_test, y_test '
                                 f'({type(e).__name__}: {e})') from None
-        x_train, y_train, x_test, y_test, num_classes = (_checked_table if regression else _checked_arrays)(name, **arrays)
+        x_train, y_train, x_test, y_test, num_classes = (_checked_table if regression
+                                                         else _checked_arrays)(name, **arrays)
     elif name == 'synthetic-regression':
         x_train, y_train, x_test, y_test, num_classes = _synthetic_regression(seed)
     elif name == 'synthetic':   # i.i.d. examples: a subset can simply be generated smaller
-        sizes = dict(n_train=min(50000, subset), n_test=min(10000, subset)) if subset and not (val_size or shard) else {}
+        sizes = (dict(n_train=min(50000, subset), n_test=min(10000, subset)) if subset and not (val_size or shard)
+                 else {})
         x_train, y_train, x_test, y_test, num_classes = _synthetic(seed, **sizes)
     elif name == TENSORS:
         raise EnsembleError("dataset 'tensors' was given to train(cfg, data=...) in Python; a reader of the run needs "
@@ -487,7 +494,8 @@ def prepared_data(name, x_train, y_train, x_test, y_test, num_classes, task='cla
         x_test, y_test = x_test[test_order], y_test[test_order]
     if len(order) == 0:
         raise EnsembleError(f'no training examples are left of {name} after --val-size {val_size}, --shard '
-                            f'{"/".join(map(str, shard)) if shard else None}, --subset {subset}: ask for fewer parts or more data')
+                            f'{"/".join(map(str, shard)) if shard else None}, --subset {subset}: '
+                            'ask for fewer parts or more data')
     x_train, y_train = x_train[order], y_train[order]
     return Data(name, x_train, y_train, x_test, y_test, num_classes, x_val, y_val, task).to(device)
 
@@ -507,8 +515,9 @@ def tensor_data(tensors, cfg, own_model, device='cpu'):
     else:
         for split, x, y in (('train', x_train, y_train), ('test', x_test, y_test)):
             if len(x) != len(y) or len(y) == 0 or x.shape[1:] != x_train.shape[1:]:
-                raise EnsembleError(f'data=: x_{split} holds {len(x)} examples of shape {tuple(x.shape[1:])} and y_{split} '
-                                    f'{len(y)}; they must match, not be empty, and share one input shape')
+                raise EnsembleError(f'data=: x_{split} holds {len(x)} examples of shape {tuple(x.shape[1:])} '
+                                    f'and y_{split} {len(y)}; they must match, not be empty, and share one '
+                                    'input shape')
             if not regression and (y.dim() != 1 or y.is_floating_point() or y.min() < 0):
                 raise EnsembleError(f'data=: y_{split} must be 1-D integer labels 0..K-1 (real-valued targets: '
                                     'task=regression)')
@@ -517,7 +526,8 @@ def tensor_data(tensors, cfg, own_model, device='cpu'):
         if regression:
             y_train, y_test = y_train.float().view(len(y_train), -1), y_test.float().view(len(y_test), -1)
         k = y_train.size(1) if regression else int(max(y_train.max(), y_test.max())) + 1
-        checked = (x_train, y_train if regression else y_train.long(), x_test, y_test if regression else y_test.long(), k)
+        checked = (x_train, y_train if regression else y_train.long(), x_test,
+                   y_test if regression else y_test.long(), k)
     return prepared_data(TENSORS, *checked, cfg.task, cfg.val_size, parse_shard(cfg.shard) if cfg.shard else None,
                          cfg.subset, cfg.classes, device)
 
@@ -540,9 +550,10 @@ def load_run_data(config, device='cpu', download=True, **overrides):
         raise EnsembleError('no dataset is known for this model: pass --dataset')
     shard = config.get('shard')
     seed = config.get('data_seed')
-    return load_data(config['dataset'], config.get('data_dir', 'data'), seed=config.get('seed', 0) if seed is None else seed,
-                     val_size=config.get('val_size', 0), shard=parse_shard(shard) if shard else None,
-                     subset=config.get('subset'), classes=config.get('classes'), device=device, download=download,
+    return load_data(config['dataset'], config.get('data_dir', 'data'),
+                     seed=config.get('seed', 0) if seed is None else seed, val_size=config.get('val_size', 0),
+                     shard=parse_shard(shard) if shard else None, subset=config.get('subset'),
+                     classes=config.get('classes'), device=device, download=download,
                      task=config.get('task') or 'classification', target=config.get('target'))
 
 
@@ -758,7 +769,8 @@ class ViT(nn.Sequential):
         table, within = {}, {}
         for i, layer in enumerate(self):
             if isinstance(layer, PatchEmbed):
-                table.update({f'{i}.conv.weight': ('R', None, None, None), f'{i}.conv.bias': ('R',), f'{i}.pos': (None, 'R')})
+                table.update({f'{i}.conv.weight': ('R', None, None, None), f'{i}.conv.bias': ('R',),
+                              f'{i}.pos': (None, 'R')})
             elif isinstance(layer, Block):
                 heads, qk, v, mlp = f'H{i}', f'QK{i}', f'V{i}', f'M{i}'
                 within.update({qk: heads, v: heads} if per_head else {})
@@ -1051,7 +1063,8 @@ def check_model_spec(spec, source):
     except EnsembleError as e:
         raise bad(f'has a setting of the wrong type ({e})') from None
     wrong = out_of_range(settings)
-    problem = ARCHS[spec['arch']].problem and ARCHS[spec['arch']].problem({**settings, 'image_size': spec['image_size']})
+    problem = ARCHS[spec['arch']].problem and ARCHS[spec['arch']].problem({**settings,
+                                                                           'image_size': spec['image_size']})
     if wrong or problem:
         raise bad(f"needs '{wrong[0]}' {wrong[1]}, got {wrong[2]!r}" if wrong else f'cannot be built: {problem}')
     sizes = dict(mean=spec['in_channels'], std=spec['in_channels'])
@@ -1239,7 +1252,8 @@ def ensemble_objective(logits, y, beta, combiner, label_smoothing=0.0, weights=N
 
 class TrainingLog:
     """An epoch's training-set figures, unsmoothed: summed objective, ensemble loss (CE, or squared error
-    in the targets' units), correct ensemble predictions (0 for regression) and DIV. Each step only keeps its (detached) logits and labels; they are reduced in
+    in the targets' units), correct ensemble predictions (0 for regression) and DIV.
+    Each step only keeps its (detached) logits and labels; they are reduced in
     chunks of about LOG_CHUNK values, on the device, so the loop never waits for the log. One pass over
     many steps costs a third of one pass per step (CPU, MLP on Fashion-MNIST, M = 1: 9 ms vs 28 ms an epoch).
     With several ranks (MemberBlock) a chunk gathers every rank's logits once, and the objective's shares
@@ -1472,7 +1486,8 @@ def load_member(path, device='cpu'):
         net.load_state_dict(state)
     except RuntimeError as e:   # its second line names the first tensor that does not fit
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise EnsembleError(f'{path} does not match its own model spec: {lines[1] if len(lines) > 1 else lines[0]}') from None
+        raise EnsembleError(f'{path} does not match its own model spec: '
+                            f'{lines[1] if len(lines) > 1 else lines[0]}') from None
     return net.to(device).eval()
 
 
@@ -1485,7 +1500,8 @@ def read_config(run_dir):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EnsembleError(f'{path} is not valid JSON ({e})') from None
     if not isinstance(config, dict):
-        raise EnsembleError(f'{path} is not a run\'s config.json: it holds a JSON {type(config).__name__}, not an object')
+        raise EnsembleError(f'{path} is not a run\'s config.json: it holds a JSON {type(config).__name__}, '
+                            'not an object')
     if 'command' in config:   # rebasin.py's output: only its data options are training options (others may be null)
         options = {k: v for k, v in config.items() if k in DATA_OPTIONS and v is not None}
     else:
@@ -1868,7 +1884,8 @@ class MemberBlock:
         largest = len(self.blocks[0])   # one shape for every rank: pad the smaller blocks
         padded = torch.cat([local, local.new_zeros(largest - len(local), *local.shape[1:])])
         parts = padded.new_empty(self.world * largest, *padded.shape[1:])
-        (getattr(dist, 'all_gather_single', None) or dist.all_gather_into_tensor)(parts, padded)   # renamed in torch 2.14
+        # renamed in torch 2.14
+        (getattr(dist, 'all_gather_single', None) or dist.all_gather_into_tensor)(parts, padded)
         parts = parts.view(self.world, *padded.shape)
         return torch.cat([part[:len(block)] for part, block in zip(parts, self.blocks)])
 
@@ -1949,11 +1966,12 @@ def state_epoch(path):
 #                Training                   #
 #############################################
 
-def option(default, help, flag=None, parse=None):
+def option(default, help, flag=None, parse=None, choices=None):
     """A Config field: its default and its command-line help, the one place an option is written.
     flag: the command line's own spelling ('--x/--no-x' for a switch); parse: turns the command line's
-    text into the value (the command line then takes text)."""
-    meta = dict(help=help, flag=flag, parse=parse)
+    text into the value (the command line then takes text); choices: the values it takes, shown by --help
+    (checked by resolve_config, with the run's other options)."""
+    meta = dict(help=help, flag=flag, parse=parse, choices=choices)
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -1982,16 +2000,18 @@ class Config:
     fields. None means "the recipe's default for this architecture and dataset"."""
     # The ensemble and its objective
     task: str = option('classification', "classification (cross-entropy) or regression (squared error, score "
-                                         'averaging; an mlp on a table of features: a .csv, a .npz or synthetic-regression).')
+                                         'averaging; an mlp on a table of features: a .csv, a .npz or '
+                                         'synthetic-regression).', choices=TASKS)
     members: int = option(1, 'Ensemble size M.')
     beta: float = option(0.0, 'Diversity weight: 0 = independent members, 1 = joint training (the ensemble loss); '
                               '> 1 needs --allow-unstable.')
     combine: Optional[str] = option(None, 'Combiner: ' + '; '.join(f'{name} {c.help}' for name, c in COMBINERS.items())
-                                          + '.')
+                                          + '.', choices=tuple(COMBINERS))
     bagging: bool = option(False, 'Each member weights each example by its own bootstrap count (batches stay shared).')
     allow_unstable: bool = option(False, 'Allow --beta > 1, where the objective is unbounded below.')
     param: str = option('standard', "Parametrization: 'standard' (PyTorch init, one lr) or 'spectral' (spectral.py: "
-                                    'init and per-layer lr from the spectral condition).')
+                                    'init and per-layer lr from the spectral condition).',
+                                    choices=('standard', 'spectral'))
     sam_rho: Optional[float] = option(None, 'SAM (Foret et al. 2021) for every member with this radius (e.g. 0.05): '
                                             'step with the gradient at w + rho*g/|g|, each member its own g. About 2x '
                                             'the cost of a step.')
@@ -2015,29 +2035,33 @@ class Config:
                                            'keep their ids and the network all its outputs, so runs on disjoint '
                                            'classes share one label space).', parse=parse_ints)
     # The network
-    arch: Optional[str] = option(None, 'Network: ' + '; '.join(f'{name}, {a.help}' for name, a in ARCHS.items()) + '.')
-    width: float = option(1.0, 'Width multiplier for airbench and resnet18 channels and the ViT\'s token width (64 at 1).')
+    arch: Optional[str] = option(None, 'Network: ' + '; '.join(f'{name}, {a.help}' for name, a in ARCHS.items())
+                                       + '.', choices=tuple(ARCHS))
+    width: float = option(1.0, 'Width multiplier for airbench and resnet18 channels and the ViT\'s token width '
+                               '(64 at 1).')
     kernel_size: int = option(3, "airbench's conv kernel size k (k x k).")
     hidden: list = option([1024], "mlp hidden sizes, e.g. '1024' or '512,512,512'.", parse=parse_ints)
     depth: int = option(4, 'vit: transformer blocks.')
     heads: int = option(4, 'vit: attention heads per block (they split the token width).')
     patch_size: int = option(4, 'vit: p x p patches become tokens (the image size must be a multiple).')
     # The recipe (None: the architecture's, RECIPES)
-    epochs: Optional[float] = option(None, 'Epochs (fractions allowed) (default: the recipe: airbench 9.9, resnet18 16, '
-                                           'mlp 8, vit 10; regression 30).')
+    epochs: Optional[float] = option(None, 'Epochs (fractions allowed) (default: the recipe: airbench 9.9, '
+                                           'resnet18 16, mlp 8, vit 10; regression 30).')
     batch_size: Optional[int] = option(None, 'Batch size (default: airbench 1024, resnet18 512, mlp 256, vit 256; '
                                              'regression 128).')
-    lr: Optional[float] = option(None, 'Learning rate; for sgd per 1024 examples, decoupled from momentum (default: the '
-                                       'recipe: airbench 11.5, resnet18 8, mlp 4, vit 3e-3 (adam), regression 1; '
-                                       'adam on a sgd recipe 1e-3).')
+    lr: Optional[float] = option(None, 'Learning rate; for sgd per 1024 examples, decoupled from momentum '
+                                       '(default: the recipe: airbench 11.5, resnet18 8, mlp 4, vit 3e-3 (adam), '
+                                       'regression 1; adam on a sgd recipe 1e-3).')
     momentum: Optional[float] = option(None, 'Nesterov momentum for sgd (default: the recipe).')
     weight_decay: Optional[float] = option(None, 'For sgd: fraction of the weights removed per 1024 examples; '
                                                  'for adam: AdamW decay.')
     label_smoothing: Optional[float] = option(None, 'Label smoothing of every cross-entropy term '
-                                                    '(default: airbench 0.2, resnet18 0.1, mlp 0, vit 0.1; regression: none).')
+                                                    '(default: airbench 0.2, resnet18 0.1, mlp 0, vit 0.1; '
+                                                    'regression: none).')
     optimizer: Optional[str] = option(None, 'sgd (Nesterov), adam (AdamW) or muon (the hidden weight matrices take '
-                                            'orthogonalized, spectrally scaled steps at --muon-lr; input/output layers, '
-                                            'biases and norms take sgd) (default: the recipe: sgd; vit adam).')
+                                            'orthogonalized, spectrally scaled steps at --muon-lr; input/output '
+                                            'layers, biases and norms take sgd) (default: the recipe: sgd; vit adam).',
+                                       choices=('sgd', 'adam', 'muon'))
     muon_lr: Optional[float] = option(None, 'muon: the spectral norm of a hidden layer\'s step per √(fan_out/fan_in), '
                                             'at the schedule\'s peak (default: spectral.py\'s MUON_LR, 0.05).')
     lookahead: Optional[bool] = option(None, "airbench's Lookahead weight averaging (default: on for airbench).",
@@ -2051,16 +2075,20 @@ class Config:
                                  flag='--tta/--no-tta')
     # Seeds, device, output
     seed: int = option(0, 'Member j starts from seed + j.')
-    data_seed: Optional[int] = option(None, 'Seed of data order, augmentation, bagging and synthetic data (default: --seed).')
-    device: str = option('auto', 'auto, cpu or cuda.')
+    data_seed: Optional[int] = option(None, 'Seed of data order, augmentation, bagging and synthetic data '
+                                            '(default: --seed).')
+    device: str = option('auto', 'auto, cpu or cuda.', choices=('auto', 'cpu', 'cuda'))
     precision: str = option('auto', 'Autocast dtype of the matmuls and convolutions: fp32, bf16 or fp16 (weights, '
                                     'optimizer state and BatchNorm statistics stay fp32; checkpoints are fp32). '
-                                    'auto: bf16 on CUDA, fp32 on CPU.')
-    channels_last: Optional[bool] = option(None, 'channels_last memory layout for network and images (default: on for CUDA).',
+                                    'auto: bf16 on CUDA, fp32 on CPU.', choices=('auto', *PRECISIONS))
+    channels_last: Optional[bool] = option(None, 'channels_last memory layout for network and images '
+                                                 '(default: on for CUDA).',
                                            flag='--channels-last/--no-channels-last')
     compile: bool = option(False, 'torch.compile the network.', flag='--compile')
-    out: Optional[str] = option(None, 'Run directory (default: runs/<dataset>_<arch>_m<M>_beta<beta>_<combine>_s<seed>).')
-    init: Optional[str] = option(None, 'Start every member from these weights: a member file, or a run with 1 or M members.')
+    out: Optional[str] = option(None, 'Run directory (default: runs/ and a name of the dataset, arch, M, beta, '
+                                      'combiner, seed, and a short hash of any other option given).')
+    init: Optional[str] = option(None, 'Start every member from these weights: a member file, or a run with 1 or M '
+                                       'members.')
 
 
 def _finite(v):
@@ -2109,6 +2137,52 @@ def resolve_config(cfg, data=None):
     """Check the options and fill every None from the recipe; raises EnsembleError on bad input."""
     if cfg.arch is None:
         cfg = replace(cfg, arch='mlp' if cfg.task == 'regression' else 'airbench')
+    check_options(cfg)
+    regression = cfg.task == 'regression'
+    recipe = OWN_RECIPE if cfg.arch == OWN else REGRESSION_RECIPE if regression else ARCHS[cfg.arch].recipe
+    resolved = {k: (recipe[k] if getattr(cfg, k) is None and k in recipe else getattr(cfg, k))
+                for k in asdict(cfg)}
+    resolved['optimizer'] = optimizer = cfg.optimizer or recipe.get('optimizer', 'sgd')
+    # A recipe's lr and weight decay are for its own kind of optimizer: sgd (and muon, whose other groups take
+    # sgd), or adam. The other kind takes ADAM_LR and no decay for adam, and needs --lr for sgd.
+    if (optimizer == 'adam') != (recipe.get('optimizer') == 'adam'):
+        if optimizer != 'adam' and cfg.lr is None:
+            raise EnsembleError(f"the {cfg.arch} recipe is {recipe.get('optimizer', 'sgd')}'s: --optimizer "
+                                f'{optimizer} needs --lr too')
+        resolved['lr'] = ADAM_LR if cfg.lr is None else cfg.lr
+        resolved['weight_decay'] = 0.0 if cfg.weight_decay is None else cfg.weight_decay
+    if resolved['data_seed'] is None:
+        resolved['data_seed'] = cfg.seed
+    if optimizer == 'muon' and resolved['muon_lr'] is None:
+        resolved['muon_lr'] = _spectral().MUON_LR
+    if resolved['combine'] is None:
+        resolved['combine'] = DEFAULT_COMBINER[cfg.task]
+    if regression:   # a table of features: no labels to smooth, no image to flip, crop or lay out
+        resolved.update(label_smoothing=0.0, augment=False, tta=False, channels_last=False)
+    if resolved['augment'] is None:   # flips and shifts suit natural images, not digits or clothes
+        resolved['augment'] = ((data.x_train.size(1) == 3) if data is not None
+                               else cfg.dataset not in ('mnist', 'fashion-mnist'))
+    if resolved['tta'] is None:
+        resolved['tta'] = resolved['augment']
+    device = resolve_device(cfg.device)
+    resolved['precision'] = resolve_precision(cfg.precision, device)
+    if resolved['channels_last'] is None:   # the layout of the GPU's convolution kernels; no gain on a CPU
+        resolved['channels_last'] = device.type == 'cuda'
+    if resolved['epochs'] <= 0 or resolved['batch_size'] < 1:
+        raise EnsembleError('--epochs must be positive and --batch-size at least 1')
+    if cfg.flat_ratio is not None:
+        if resolved['sam_start_epoch'] is None:   # the paper's recipe: SAM for the first half (100 of 200 epochs)
+            resolved['sam_start_epoch'] = int(resolved['epochs'] // 2)
+        if not 0 <= resolved['sam_start_epoch'] < math.ceil(resolved['epochs']):
+            raise EnsembleError(f"--sam-start-epoch must be between 0 and {math.ceil(resolved['epochs']) - 1} "
+                                f"(the last epoch), got {resolved['sam_start_epoch']}")
+    if resolved['out'] is None:
+        resolved['out'] = default_out(cfg, resolved['combine'])
+    return Config(**resolved)
+
+
+def check_options(cfg):
+    """Refuse options that no run can have, alone or together (before any data is loaded)."""
     bad = out_of_range(asdict(cfg))
     if bad:
         raise EnsembleError(f"--{bad[0].replace('_', '-')} must be {bad[1]}, got {bad[2]}")
@@ -2120,10 +2194,10 @@ def resolve_config(cfg, data=None):
         raise EnsembleError(f"unknown architecture '{cfg.arch}': use {', '.join(ARCHS)}")
     if cfg.task not in TASKS:
         raise EnsembleError(f"unknown task '{cfg.task}': use {' or '.join(TASKS)}")
-    regression = cfg.task == 'regression'
     if cfg.combine not in (None, *combiners_for(cfg.task)):
-        raise EnsembleError(f"unknown combiner '{cfg.combine}' for {cfg.task}: use {' or '.join(combiners_for(cfg.task))}")
-    if regression:
+        raise EnsembleError(f"unknown combiner '{cfg.combine}' for {cfg.task}: use "
+                            f"{' or '.join(combiners_for(cfg.task))}")
+    if cfg.task == 'regression':
         for name, given, why in (('arch', cfg.arch != OWN and 'regression' not in ARCHS[cfg.arch].tasks,
                                   'regression trains an mlp on features: --arch mlp'),
                                  ('label_smoothing', cfg.label_smoothing not in (None, 0), 'labels only'),
@@ -2131,7 +2205,7 @@ def resolve_config(cfg, data=None):
                                  ('classes', cfg.classes is not None, 'labels only')):
             if given:
                 raise EnsembleError(f"--{name.replace('_', '-')} does not apply to --task regression ({why})")
-    if cfg.target is not None and not (regression and str(cfg.dataset).endswith('.csv')):
+    if cfg.target is not None and not (cfg.task == 'regression' and str(cfg.dataset).endswith('.csv')):
         raise EnsembleError('--target names the target column of a .csv table (with --task regression); '
                             f'{cfg.dataset} is not one')
     if cfg.param not in ('standard', 'spectral'):
@@ -2149,7 +2223,8 @@ def resolve_config(cfg, data=None):
                             f'{arch.not_matrices}: use them with '
                             f"{', '.join(n for n, a in ARCHS.items() if not a.not_matrices)}")
     if not (str(cfg.dataset).endswith(('.npz', '.csv')) or cfg.dataset in (*DATASETS, TENSORS)):
-        raise EnsembleError(f"unknown dataset '{cfg.dataset}': use one of {', '.join(DATASETS)}, a .npz or (regression) a .csv file")
+        raise EnsembleError(f"unknown dataset '{cfg.dataset}': use one of {', '.join(DATASETS)}, a .npz or "
+                            '(regression) a .csv file')
     if cfg.shard is not None:
         parse_shard(cfg.shard)
     if cfg.flat_ratio is None and cfg.sam_start_epoch is not None:
@@ -2163,50 +2238,26 @@ def resolve_config(cfg, data=None):
         if cfg.members < 2:
             raise EnsembleError('SharpBalance (--flat-ratio) gives each member the samples the OTHER members '
                                 'select: it needs --members 2 or more')
-    recipe = OWN_RECIPE if cfg.arch == OWN else REGRESSION_RECIPE if regression else ARCHS[cfg.arch].recipe
-    resolved = {k: (recipe[k] if getattr(cfg, k) is None and k in recipe else getattr(cfg, k))
-                for k in asdict(cfg)}
-    resolved['optimizer'] = optimizer = cfg.optimizer or recipe.get('optimizer', 'sgd')
-    # A recipe's lr and weight decay are for its own kind of optimizer: sgd (and muon, whose other groups take
-    # sgd), or adam. The other kind takes ADAM_LR and no decay for adam, and needs --lr for sgd.
-    if (optimizer == 'adam') != (recipe.get('optimizer') == 'adam'):
-        if optimizer != 'adam' and cfg.lr is None:
-            raise EnsembleError(f"the {cfg.arch} recipe is {recipe.get('optimizer', 'sgd')}'s: --optimizer {optimizer} "
-                                'needs --lr too')
-        resolved['lr'] = ADAM_LR if cfg.lr is None else cfg.lr
-        resolved['weight_decay'] = 0.0 if cfg.weight_decay is None else cfg.weight_decay
-    if resolved['data_seed'] is None:
-        resolved['data_seed'] = cfg.seed
-    if optimizer == 'muon' and resolved['muon_lr'] is None:
-        resolved['muon_lr'] = _spectral().MUON_LR
-    if resolved['combine'] is None:
-        resolved['combine'] = DEFAULT_COMBINER[cfg.task]
-    if regression:   # a table of features: no labels to smooth, no image to flip, crop or lay out
-        resolved.update(label_smoothing=0.0, augment=False, tta=False, channels_last=False)
-    if resolved['augment'] is None:   # flips and shifts suit natural images, not digits or clothes
-        resolved['augment'] = (data.x_train.size(1) == 3) if data is not None else cfg.dataset not in ('mnist', 'fashion-mnist')
-    if resolved['tta'] is None:
-        resolved['tta'] = resolved['augment']
-    device = resolve_device(cfg.device)
-    resolved['precision'] = resolve_precision(cfg.precision, device)
-    if resolved['channels_last'] is None:   # the layout of the GPU's convolution kernels; no gain on a CPU
-        resolved['channels_last'] = device.type == 'cuda'
-    if resolved['epochs'] <= 0 or resolved['batch_size'] < 1:
-        raise EnsembleError('--epochs must be positive and --batch-size at least 1')
-    if cfg.flat_ratio is not None:
-        if resolved['sam_start_epoch'] is None:   # the paper's recipe: SAM for the first half (100 of 200 epochs)
-            resolved['sam_start_epoch'] = int(resolved['epochs'] // 2)
-        if not 0 <= resolved['sam_start_epoch'] < math.ceil(resolved['epochs']):
-            raise EnsembleError(f"--sam-start-epoch must be between 0 and {math.ceil(resolved['epochs']) - 1} "
-                                f"(the last epoch), got {resolved['sam_start_epoch']}")
-    if resolved['out'] is None:
-        name = Path(str(cfg.dataset)).stem
-        tags = "_bag" * cfg.bagging + (f'_shard{cfg.shard.replace("/", "of")}' if cfg.shard else '')
-        tags += f'_sam{cfg.sam_rho:g}' if cfg.sam_rho is not None else ''
-        tags += f'_flat{cfg.flat_ratio:g}' if cfg.flat_ratio is not None else ''
-        tags += f'_classes{"-".join(map(str, cfg.classes))}' if cfg.classes is not None else ''
-        resolved['out'] = f"runs/{name}_{cfg.arch}_m{cfg.members}_beta{cfg.beta:g}_{resolved['combine']}{tags}_s{cfg.seed}"
-    return Config(**resolved)
+
+
+# Options a default run name shows itself; any other option given is summarized by a short hash, so that
+# runs with other options never collide.
+NAMED_OPTIONS = ('dataset', 'arch', 'members', 'beta', 'combine', 'bagging', 'shard', 'sam_rho', 'flat_ratio',
+                 'classes', 'seed', 'out', 'device', 'precision', 'compile', 'channels_last')
+
+
+def default_out(cfg, combine):
+    """runs/<dataset>_<arch>_m<M>_beta<β>_<combiner>[tags]_s<seed>[_<hash of every other option given>]."""
+    name = Path(str(cfg.dataset)).stem
+    tags = "_bag" * cfg.bagging + (f'_shard{cfg.shard.replace("/", "of")}' if cfg.shard else '')
+    tags += f'_sam{cfg.sam_rho:g}' if cfg.sam_rho is not None else ''
+    tags += f'_flat{cfg.flat_ratio:g}' if cfg.flat_ratio is not None else ''
+    tags += f'_classes{"-".join(map(str, cfg.classes))}' if cfg.classes is not None else ''
+    defaults = option_defaults()
+    others = {f.name: getattr(cfg, f.name) for f in fields(Config) if f.name not in NAMED_OPTIONS
+              and getattr(cfg, f.name) != defaults[f.name] and not (f.name == 'arch' or getattr(cfg, f.name) is None)}
+    digest = '_' + hashlib.sha1(json.dumps(others, sort_keys=True).encode()).hexdigest()[:6] if others else ''
+    return f"runs/{name}_{cfg.arch}_m{cfg.members}_beta{cfg.beta:g}_{combine}{tags}_s{cfg.seed}{digest}"
 
 
 def parse_shard(text):
@@ -2294,8 +2345,8 @@ def optimizer_for(net, cfg):
     groups = [g for g in (dict(params=norm, lr=lr * scaler, name='norms'), dict(params=other, lr=lr, name='weights'))
               if g['params']]
     if cfg.param == 'spectral':
-        groups = _spectral().spectral_param_groups(net, cfg.members, lr, 0.0, 'adam' if cfg.optimizer == 'adam' else 'sgd',
-                                                base_groups=groups)
+        groups = _spectral().spectral_param_groups(net, cfg.members, lr, 0.0,
+                                                   'adam' if cfg.optimizer == 'adam' else 'sgd', base_groups=groups)
     if cfg.optimizer == 'muon':
         groups = _spectral().muon_param_groups(net, cfg.members, groups, cfg.muon_lr)
     if cfg.optimizer == 'adam':
@@ -2392,9 +2443,9 @@ def environment(device):
 COLUMNS = [('epoch', 'epoch', 'd'), ('train_objective', 'objective', '.4f'), ('train_loss', 'train loss', '.4f'),
            ('train_acc', 'train acc', '.4f'), ('train_div', 'train DIV', '.4f'), ('test_loss', 'test loss', '.4f'),
            ('test_acc', 'test acc', '.4f'), ('test_div', 'test DIV', '.4f'), ('time_s', 'seconds', '.2f')]
-# Regression's rows: losses are MSE and the score is RMSE, both in the targets' units.
+# Regression's rows: losses are MSE and the score is RMSE, both in the targets' units (trained in std units).
 REGRESSION_COLUMNS = [(key.replace('_acc', '_rmse'), label.replace('loss', 'MSE').replace('acc', 'RMSE')
-                       .replace('objective', 'objective/σ²'), fmt) for key, label, fmt in COLUMNS]   # trained in std units
+                       .replace('objective', 'objective/σ²'), fmt) for key, label, fmt in COLUMNS]
 
 
 def score_name(task):
@@ -2421,7 +2472,9 @@ class Training:
             cfg = replace(cfg, arch=OWN if model is not None else cfg.arch,
                           dataset=TENSORS if data is not None else cfg.dataset)
         if cfg.arch == OWN and model is None:
-            raise EnsembleError("--arch own is your own module: train it from Python with train(cfg, model=make_member)")
+            raise EnsembleError("--arch own is your own module: train it from Python with "
+                                "train(cfg, model=make_member)")
+        self.given = cfg   # as given, before the recipe fills it in
         checked = resolve_config(cfg)   # every option checked before the data is loaded
         self.block = block = MemberBlock.from_environment(checked.members)   # this process's members
         self.device = device = block.connect(resolve_device(checked.device))
@@ -2442,7 +2495,8 @@ class Training:
         if model is not None:   # its spec is known once its members are built (below)
             self.spec = saved.get('model')
         else:
-            self.spec = check_model_spec(saved.get('model'), self.out / 'config.json') if resume else model_spec(cfg, data)
+            self.spec = (check_model_spec(saved.get('model'), self.out / 'config.json') if resume
+                         else model_spec(cfg, data))
         world = saved.get('world_size', 1) if resume else block.world
         if world != block.world:   # each rank holds the resume state of its own block of members
             how = (f'torchrun --nproc_per_node {world} train_ensemble.py --resume {self.out}' if world > 1 else
@@ -2485,10 +2539,12 @@ class Training:
             m = cfg.members   # all of them, on every rank: the ensemble term weights examples by their mean
             draws = torch.randint(self.n, (m, self.n), device=device,
                                   generator=torch.Generator(device).manual_seed(cfg.data_seed + 2))
-            self.bag = torch.zeros(m, self.n, device=device).scatter_add_(1, draws, torch.ones(m, self.n, device=device))
+            self.bag = torch.zeros(m, self.n, device=device).scatter_add_(1, draws,
+                                                                          torch.ones(m, self.n, device=device))
 
         self.epoch, self.step, self.lookahead, self.metrics = 0, 0, None, []
-        self.sam_mask = None   # SharpBalance: (members here, n) bool, each one's SAM set, fixed once sam_start_epoch is reached
+        # SharpBalance: (members here, n) bool, each one's SAM set, fixed once sam_start_epoch is reached
+        self.sam_mask = None
         self.take_directory(resume, state)
         self.train_time = self.metrics[-1]['time_s'] if self.metrics else 0.0
 
@@ -2517,8 +2573,13 @@ class Training:
 
     def check_directory(self, resume):
         if (self.out / 'config.json').exists() and not resume:
-            raise EnsembleError(f'{self.out} already holds a run: pass --out elsewhere, --resume {self.out} to '
-                                'continue it, or delete it')
+            differ = differing_options(self.given, read_config(self.out))
+            if differ:
+                raise EnsembleError(f'{self.out} holds a run with other options ({", ".join(differ)}): pass '
+                                    'another --out')
+            complete = (self.out / 'summary.json').exists()
+            raise EnsembleError(f'{self.out} already holds this run' + (', complete' if complete else
+                                f', unfinished: continue it with --resume {self.out}') + ' (or pass another --out)')
         if self.out.exists() and not self.out.is_dir():
             raise EnsembleError(f'--out {self.out} is a file, not a directory')
         if resume and (self.out / 'summary.json').exists():
@@ -2574,10 +2635,11 @@ class Training:
         sharpness = '' if cfg.sam_rho is None else f', SAM rho={cfg.sam_rho:g}' + (
             f', SharpBalance flat_ratio={cfg.flat_ratio:g} from epoch {cfg.sam_start_epoch}' if cfg.flat_ratio else '')
         ranks = '' if self.block.world == 1 else f' on {self.block.world} processes'
-        self.console.print(f'[bold]{self.out}[/]: {cfg.members} member(s) of {cfg.arch} on {cfg.dataset} ({self.n} '
-                           f'{"rows" if cfg.task == "regression" else "examples" if cfg.dataset == TENSORS else "images"}), '
-                           f'beta={cfg.beta:g}, combine={cfg.combine}{", bagging" if cfg.bagging else ""}{sharpness}, '
-                           f'{cfg.epochs:g} epochs of {self.steps_per_epoch} steps, {self.device.type}{ranks}')
+        self.console.print(
+            f'[bold]{self.out}[/]: {cfg.members} member(s) of {cfg.arch} on {cfg.dataset} ({self.n} '
+            f'{"rows" if cfg.task == "regression" else "examples" if cfg.dataset == TENSORS else "images"}), '
+            f'beta={cfg.beta:g}, combine={cfg.combine}{", bagging" if cfg.bagging else ""}{sharpness}, '
+            f'{cfg.epochs:g} epochs of {self.steps_per_epoch} steps, {self.device.type}{ranks}')
         self.console.print(format_row(task=cfg.task), soft_wrap=True)
 
     def clock(self):
@@ -2593,8 +2655,10 @@ class Training:
         if hook is not None:
             hook(self.net, epoch, self.cfg)
         cfg = self.cfg
-        if cfg.flat_ratio and epoch >= cfg.sam_start_epoch and self.sam_mask is None:   # once, on the whole training set
-            scores = self.block.gather(sharpness_scores(self.net, self.data.x_train, self.data.y_train, self.m, self.scale))
+        # once, on the whole training set
+        if cfg.flat_ratio and epoch >= cfg.sam_start_epoch and self.sam_mask is None:
+            scores = self.block.gather(sharpness_scores(self.net, self.data.x_train, self.data.y_train, self.m,
+                                                        self.scale))
             masks = sharpbalance_masks(scores, cfg.flat_ratio)   # every member's, from every member's scores
             self.sam_mask = masks[self.block.start:self.block.stop]
             shares = ', '.join(f'{share:.0%}' for share in masks.float().mean(1).tolist())
@@ -2651,7 +2715,8 @@ class Training:
             if self.lookahead is None:
                 self.lookahead = Lookahead.of(net)
             else:
-                decay = LOOKAHEAD['decay_base'] ** LOOKAHEAD['every'] * (self.step / self.total_steps) ** LOOKAHEAD['decay_pow']
+                decay = (LOOKAHEAD['decay_base'] ** LOOKAHEAD['every']
+                         * (self.step / self.total_steps) ** LOOKAHEAD['decay_pow'])
                 self.lookahead.update(net, decay)
         if self.step == self.total_steps and self.lookahead is not None:
             self.lookahead.update(net, 1.0)   # as airbench94: end training on the averaged weights
@@ -2714,10 +2779,13 @@ class Training:
                              for j, state in zip(range(block.start, block.stop), states)])
         # every member file is written before summary.json says the run is complete
         block.agree(lambda: write_json(self.out / 'summary.json', summary), ranks=0)
-        for path in (state_path(self.out, block), state_path(self.out, block, previous=True)):   # done: twice the
-            path.unlink(missing_ok=True)                                                         # members' size
-        self.console.print(f"test {'RMSE' if score == 'rmse' else 'accuracy'}: ensemble {summary[f'test_{score}']:.4f}, "
-                           f"mean member {sum(summary[f'member_test_{score}']) / cfg.members:.4f}{' (TTA)' if cfg.tta else ''}; "
+        # done: twice the members' size
+        for path in (state_path(self.out, block), state_path(self.out, block, previous=True)):
+            path.unlink(missing_ok=True)
+        self.console.print(f"test {'RMSE' if score == 'rmse' else 'accuracy'}: "
+                           f"ensemble {summary[f'test_{score}']:.4f}, "
+                           f"mean member {sum(summary[f'member_test_{score}']) / cfg.members:.4f}"
+                           f"{' (TTA)' if cfg.tta else ''}; "
                            f'{self.train_time:.1f} s of training; wrote {self.out}/')
         if self.lock is not None:
             self.lock.close()   # the directory is complete: another command may write it now
@@ -2761,7 +2829,8 @@ def progress_bar(console, total):
     if console.quiet or not console.is_terminal:
         yield lambda description: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
     with Progress(TextColumn('{task.description}'), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn('ETA'), TimeRemainingColumn(), console=console, transient=True) as bar:
         task = bar.add_task('training', total=total)
@@ -2774,12 +2843,7 @@ def complete_run(cfg, console=None):
     other options is refused, never mixed in."""
     out = Path(cfg.out)
     if (out / 'config.json').exists():
-        saved = read_config(out)
-        # None and 'auto' were resolved when it ran; an option its config.json lacks is newer than the run,
-        # which therefore ran as that option's default does
-        defaults = option_defaults()
-        differ = [f.name for f in fields(Config) if getattr(cfg, f.name) not in (None, 'auto') and f.name != 'out'
-                  and saved.get(f.name, defaults[f.name]) != getattr(cfg, f.name)]
+        differ = differing_options(cfg, read_config(out))
         if differ:
             raise EnsembleError(f'{out} holds a run with other options ({", ".join(differ)}): pass another --out')
         if (out / 'summary.json').exists():
@@ -2791,6 +2855,16 @@ def complete_run(cfg, console=None):
 #############################################
 #                  Main                     #
 #############################################
+
+def differing_options(cfg, saved):
+    """'option: saved → given' for each option given in cfg that a run's config.json holds otherwise. None and
+    'auto' were resolved when it ran; an option its config.json lacks is newer than the run, which therefore
+    ran as that option's default does."""
+    defaults = option_defaults()
+    return [f'{f.name}: {saved.get(f.name, defaults[f.name])} there, {getattr(cfg, f.name)} here'
+            for f in fields(Config) if getattr(cfg, f.name) not in (None, 'auto') and f.name != 'out'
+            and saved.get(f.name, defaults[f.name]) != getattr(cfg, f.name)]
+
 
 def option_defaults():
     """{option: its default}, as written in Config."""
@@ -2831,7 +2905,8 @@ def config_to_resume(run_dir):
         raise EnsembleError(f'cannot resume {run_dir}: its config.json is not valid JSON ({e})') from None
     # Read back, never guessed: a config.json that lost its options would otherwise resume as the defaults
     # (a CIFAR-10 download into ./data) over the run's own files.
-    missing = [k for k in ('dataset', 'arch', 'members', 'beta', 'seed') if not isinstance(saved, dict) or k not in saved]
+    missing = [k for k in ('dataset', 'arch', 'members', 'beta', 'seed')
+               if not isinstance(saved, dict) or k not in saved]
     if missing:
         raise EnsembleError(f'cannot resume {run_dir}: its config.json is not a training run\'s (no '
                             f'{", ".join(missing)})')
@@ -2860,7 +2935,7 @@ def command():
     import inspect
     import typer
 
-    def main(resume: Optional[str] = None, **options):
+    def main(resume: Optional[str] = None, version: bool = False, **options):
         """Train an M-member deep ensemble with the objective  Σ_j (1−β)·CE(y, p_j) + β·M·CE(y, p̄)
         (regression: Σ_j (1−β)·(f_j − y)² + β·M·(f̄ − y)²)."""
         try:
@@ -2882,23 +2957,53 @@ def command():
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
 
-    params, defaults = [], option_defaults()
+    params, defaults, panel = [], option_defaults(), None
     for f in fields(Config):
-        default = defaults[f.name]
-        annotation = f.type
+        default, annotation, panel = defaults[f.name], f.type, PANELS.get(f.name, panel)
         if f.metadata['parse'] is not None:   # the command line takes text
             annotation, default = Optional[str], None if default is None else ','.join(map(str, default))
         flags = [f.metadata['flag']] if f.metadata['flag'] else []
+        choices = '|'.join(f.metadata['choices'] or ())
+        metavar = choices if 0 < len(choices) <= 20 else None   # longer lists: the help names them
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
-                                        default=typer.Option(default, *flags, help=f.metadata['help'])))
-    params.append(inspect.Parameter('resume', inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
-        None, help='Continue the interrupted run in this directory from its last completed epoch (other options are read from it).')))
+                                        default=typer.Option(default, *flags, help=f.metadata['help'],
+                                                             rich_help_panel=panel, metavar=metavar)))
+    params.append(inspect.Parameter('resume', inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                                    default=typer.Option(None, help='Continue the interrupted run in this directory '
+                                                                    'from its last completed epoch (other options '
+                                                                    'are read from it).',
+                                                         rich_help_panel=PANELS['seed'])))
+    params.append(inspect.Parameter('version', inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+        False, '--version', help='Print the versions (checkpoint format, torch) and exit.', is_eager=True,
+        callback=print_version)))
     params_by_name = {p.name: p for p in params}
     main.__signature__ = inspect.Signature(params)
     main.__annotations__ = {p.name: p.annotation for p in params}
     return main
 
 
-if __name__ == '__main__':
+# The --help panels: each opens at its first option, in Config's order.
+PANELS = {'task': 'The ensemble and its objective', 'dataset': 'Data', 'arch': 'The network',
+          'epochs': "The recipe (default: the architecture's)", 'seed': 'Seeds, device and output'}
+
+
+def print_version(asked):
+    if asked:
+        print(f'train_ensemble.py: checkpoints {FORMAT}; torch {torch.__version__}')
+        raise SystemExit(0)
+
+
+def main():
+    """The command line (`python train_ensemble.py --help`); with no arguments, the help, not a CIFAR-10 run."""
     import typer
-    typer.run(command())
+    import typer.rich_utils
+    if not sys.stdout.isatty() and typer.rich_utils.MAX_WIDTH is None:   # a pipe's 80 columns cut the help's words
+        typer.rich_utils.MAX_WIDTH = 110
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                      context_settings=dict(help_option_names=['-h', '--help']))
+    app.command()(command())
+    app(args=sys.argv[1:] or ['--help'])
+
+
+if __name__ == '__main__':
+    main()

@@ -1,6 +1,6 @@
 """Seconds to corrupt a whole 10,000-image test set at one severity, per corruption (analyze.corrupt), CPU.
 
-    python benchmarks/bench_corruptions.py                   # Fashion-MNIST (28 x 28 x 1) and synthetic CIFAR-shaped (32 x 32 x 3)
+    python benchmarks/bench_corruptions.py   # Fashion-MNIST (28 x 28 x 1) and synthetic CIFAR-shaped (32 x 32 x 3)
     python benchmarks/bench_corruptions.py --severity 5 --threads 2
 
 Goal (issue 10): under 2 s for every corruption but elastic_transform, whose time is reported.

@@ -35,7 +35,8 @@ def count_collectives():
 
     def counted_gather(self, local):
         largest = len(self.blocks[0])
-        counts['step' if counts['in_step'] else 'other'] += (self.world - 1) * largest * local[0].numel() * local.element_size()
+        counts['step' if counts['in_step'] else 'other'] += ((self.world - 1) * largest * local[0].numel()
+                                                             * local.element_size())
         return gather(self, local)
 
     def counted_step(self, *batch):

@@ -110,8 +110,9 @@ def airbench_nets(airbench):
 
 
 def run_airbench(airbench, loader, make_net):
-    """One airbench94 run, read off its own printed table: (train seconds, TTA test acc, per-epoch train losses, peak GiB).
-    Its seconds column is its CUDA-event timer of the whitening init plus the training loop (no evaluation)."""
+    """One airbench94 run, read off its own printed table: (train seconds, TTA test acc, per-epoch train losses,
+    peak GiB). Its seconds column is its CUDA-event timer of the whitening init plus the training loop
+    (no evaluation)."""
     printed = io.StringIO()
     reset_peak()
     with contextlib.redirect_stdout(printed):
@@ -137,7 +138,8 @@ def timed(name, run, repeats, console, log):
         first = run()
         results = [run() for _ in range(repeats)]
     except Exception as e:  # noqa: BLE001 - report any failure of one row and go on
-        console.print(f'{name}: FAILED ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""})', highlight=False)
+        console.print(f'{name}: FAILED ({type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""})',
+                      highlight=False)
         log.append(dict(name=name, failed=f'{type(e).__name__}: {e}'[:2000]))
         return None
     seconds = [r[0] for r in results]
@@ -165,15 +167,24 @@ def goals(rows):
 
 
 def main(
-    device: str = typer.Option('auto', help='auto, cuda or cpu. airbench94 rows need CUDA (its loader puts data on GPU 0).'),
+    device: str = typer.Option('auto', help='auto, cuda or cpu. airbench94 rows need CUDA '
+                                            '(its loader puts data on GPU 0).'),
     repeats: int = typer.Option(3, help='Timed runs per row, after one warm-up run; the table shows their median.'),
     members: str = typer.Option('1,3,8', help='Ensemble sizes of the airbench94-recipe rows.'),
-    compile: bool = typer.Option(True, '--compile/--no-compile', help='Also time the compiled rows (ours and airbench94).'),
-    precisions: str = typer.Option('fp16,fp32', help='Extra precisions to time at M = 1, eager (the default precision is always timed).'),
-    resnet18: str = typer.Option('1,3', help="Ensemble sizes of the one-epoch resnet18 rows ('' for none; --tiny: 3 epochs)."),
-    tiny: bool = typer.Option(False, '--tiny', help='Small networks and data, one epoch: proves the script end to end on a CPU in minutes.'),
-    baseline: Optional[Path] = typer.Option(None, help='Also time another version of train_ensemble.py (e.g. `git show HEAD~3:train_ensemble.py > old.py`) at each M, eager.'),
-    profile: Optional[Path] = typer.Option(None, help='Write torch.profiler tables (top kernels by device time) of one epoch of airbench94 and of ours at each M into this directory.'),
+    compile: bool = typer.Option(True, '--compile/--no-compile',
+                                 help='Also time the compiled rows (ours and airbench94).'),
+    precisions: str = typer.Option('fp16,fp32', help='Extra precisions to time at M = 1, eager '
+                                                     '(the default precision is always timed).'),
+    resnet18: str = typer.Option('1,3', help="Ensemble sizes of the one-epoch resnet18 rows "
+                                             "('' for none; --tiny: 3 epochs)."),
+    tiny: bool = typer.Option(False, '--tiny', help='Small networks and data, one epoch: '
+                                                    'proves the script end to end on a CPU in minutes.'),
+    baseline: Optional[Path] = typer.Option(None, help='Also time another version of train_ensemble.py '
+                                                       '(e.g. `git show HEAD~3:train_ensemble.py > old.py`) '
+                                                       'at each M, eager.'),
+    profile: Optional[Path] = typer.Option(None, help='Write torch.profiler tables (top kernels by device time) '
+                                                      'of one epoch of airbench94 and of ours at each M '
+                                                      'into this directory.'),
     json_path: Path = typer.Option(Path('runs/bench_gpu.json'), '--json', help='Every row, written after each one.'),
 ):
     """Time airbench94 and our trainer on the same synthetic data; print one table and the goals."""
@@ -215,7 +226,8 @@ def main(
                                               altflip=True)
                 for label, make_net in airbench_nets(airbench).items():
                     if compile or 'compiled' not in label:
-                        timed(label, lambda make_net=make_net: run_airbench(airbench, loader, make_net), repeats, console, log)
+                        timed(label, lambda make_net=make_net: run_airbench(airbench, loader, make_net), repeats,
+                              console, log)
                         save()
                 if profile:
                     profile_run(profile / 'airbench94.txt', lambda: run_airbench(airbench, loader, airbench.make_net94))
@@ -279,7 +291,8 @@ def profile_run(path, run):
     path.write_text(f'train seconds {result[0]:.3f}; wall {wall:.3f} s under the profiler; '
                     f'device busy {device_us / 1e6:.3f} s (all kernels, evaluation included)\n\n'
                     + events.table(sort_by=sort, row_limit=40, max_name_column_width=90)
-                    + '\n\nBy host time:\n' + events.table(sort_by='self_cpu_time_total', row_limit=30, max_name_column_width=90))
+                    + '\n\nBy host time:\n'
+                    + events.table(sort_by='self_cpu_time_total', row_limit=30, max_name_column_width=90))
 
 
 if __name__ == '__main__':

@@ -13,7 +13,6 @@ float32, as the JAX original does. Ours is rebasin.weight_matching. Both see the
 over every tensor the permutations touch (float64). Goals (issue 12): ours at most 0.3x the reference's
 time on the pair at an equal or higher objective, and MergeMany of the four under 5 s.
 """
-import random
 import sys
 import time
 from pathlib import Path
@@ -65,7 +64,8 @@ def reference_weight_matching(spec, params_a, params_b, seed=0, max_iter=100):
 def objective(spec, perm, params_a, params_b):
     """Σ⟨A, π(B)⟩ over the tensors weight matching matches, in float64 (its .objective)."""
     moved = rebasin.apply_permutation(spec, perm, params_b)
-    return rebasin._inner(*({k: t[k].double() for k in rebasin._matched_keys(spec, params_a)} for t in (params_a, moved)))
+    return rebasin._inner(*({k: t[k].double() for k in rebasin._matched_keys(spec, params_a)}
+                            for t in (params_a, moved)))
 
 
 def fastest(repeats, fn):
@@ -104,11 +104,13 @@ def methods(run, models, spec, pairs, repeats, examples=rebasin.BN_EXAMPLES):
 
 
 def main(
-    run: str = typer.Option('runs/bench_matching_mlp', help='A finished run of 4+ MLP members; trained here if missing.'),
+    run: str = typer.Option('runs/bench_matching_mlp',
+                            help='A finished run of 4+ MLP members; trained here if missing.'),
     repeats: int = typer.Option(3, help='Timed calls of each; the fastest counts (shared machines are noisy).'),
     threads: int = typer.Option(1, help='torch CPU threads.'),
 ):
-    """Print seconds, sweeps and objective of ours against the reference on every pair of members, and MergeMany's time."""
+    """Print seconds, sweeps and objective of ours against the reference on every pair of members, and MergeMany's
+    time."""
     console = Console()
     torch.set_num_threads(threads)
     if not (Path(run) / 'summary.json').exists():
@@ -131,11 +133,13 @@ def main(
                       f'{objective(spec, ref_perm, states[i], states[j]):.3f}', '1.00')
         table.add_row(f'ours, {i}-{j}', f'{ours_s:.2f}', str(len(ours.objective) - 1),
                       f'{objective(spec, ours, states[i], states[j]):.3f}', f'{ours_s / ref_s:.2f}')
-    table.add_row(f'all {len(pairs)} pairs', f'{ours_total:.2f} / {ref_total:.2f}', '', '', f'{ours_total / ref_total:.2f}')
+    table.add_row(f'all {len(pairs)} pairs', f'{ours_total:.2f} / {ref_total:.2f}', '', '',
+                  f'{ours_total / ref_total:.2f}')
     console.print(table)
     console.print(methods(run, models, spec, pairs, repeats))
     passes = []
-    merge_s, _ = fastest(1, lambda: rebasin.merge_many(spec, states[:4], device='cpu', progress=lambda r: passes.append(r)
+    merge_s, _ = fastest(1, lambda: rebasin.merge_many(spec, states[:4], device='cpu',
+                                                       progress=lambda r: passes.append(r)
                                                        if 'distance' in r else None))
     console.print(f"MergeMany of 4: {merge_s:.2f} s, {len(passes) - 1} passes, "
                   f"Σ distance² {passes[0]['distance']:.1f} -> {passes[-1]['distance']:.1f}")

@@ -35,7 +35,8 @@ def main(
     """Print SGD and muon seconds per epoch and their ratio for each ensemble size."""
     torch.set_num_threads(threads)
     table = Table(title=f'One epoch, {subset} Fashion-MNIST images, MLP 784-256-256-10, batch 256, {device}'
-                        f"{f', {threads} thread(s)' if device == 'cpu' else ''}, {time.strftime('%Y-%m-%d')}: fastest of {repeats}")
+                        f"{f', {threads} thread(s)' if device == 'cpu' else ''}, {time.strftime('%Y-%m-%d')}: "
+                        f"fastest of {repeats}")
     for col in ['M', 'sgd s', 'muon s', 'muon / sgd']:
         table.add_column(col, justify='right')
     for m in (int(v) for v in members.split(',')):

@@ -3,8 +3,10 @@ airbench and resnet18 at width 1 on CIFAR-shaped inputs. Prints one table row pe
 
     python benchmarks/bench_rebasin.py                       # both architectures, N = 12
     python benchmarks/bench_rebasin.py --arch airbench --threads 1 --models 4
-    python benchmarks/bench_rebasin.py --arch resnet50 --threads 1    # scale: torchvision's ResNet-50 pair, 25.6M parameters
-    python benchmarks/bench_rebasin.py --arch vit-b16 --threads 1 --peer /tmp/peer-lib   # a ViT-B/16-sized pair, and the peer
+    # scale: torchvision's ResNet-50 pair, 25.6M parameters
+    python benchmarks/bench_rebasin.py --arch resnet50 --threads 1
+    # a ViT-B/16-sized pair, and the peer
+    python benchmarks/bench_rebasin.py --arch vit-b16 --threads 1 --peer /tmp/peer-lib
 
 Networks are freshly initialized members (train_ensemble.init_member, different seeds): timing depends on
 sizes and sweep counts, not on training. Three pairs: two inits (airbench's identity-initialized convs make

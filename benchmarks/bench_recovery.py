@@ -68,7 +68,8 @@ def network(name, run, examples):
 
 def main(
     archs: str = typer.Option(','.join(ARCHS), help='Rows (comma-separated names of ARCHS), ignored with --run.'),
-    run: str = typer.Option(None, help='A finished run: its member 0 is A (trained), its training images feed activation matching.'),
+    run: str = typer.Option(None, help='A finished run: its member 0 is A (trained), '
+                                       'its training images feed activation matching.'),
     trials: int = typer.Option(20, help='Random permutations per architecture and noise scale.'),
     noises: str = typer.Option('0,0.01,0.1,0.5,1', help="Noise scales relative to each tensor's standard deviation."),
     examples: int = typer.Option(1000, help='Images for activation matching.'),
@@ -77,8 +78,10 @@ def main(
     """Print, per network and noise scale, exact recoveries and units in place for both methods."""
     torch.set_num_threads(threads)
     console = Console()
-    table = Table(title=f'planted permutations recovered, {trials} per row' + (f' (A: {run}, member 0)' if run else ' (A: a fresh initialization)'))
-    for col in ['network', 'noise', 'weight: exact', 'weight: units', 'activation: exact', 'activation: units', 'seconds']:
+    table = Table(title=f'planted permutations recovered, {trials} per row'
+                  + (f' (A: {run}, member 0)' if run else ' (A: a fresh initialization)'))
+    for col in ['network', 'noise', 'weight: exact', 'weight: units', 'activation: exact', 'activation: units',
+                'seconds']:
         table.add_column(col, justify='right')
     for name in ([Path(run).name] if run else archs.split(',')):
         net, state, spec, batches = network(name, run, examples)
@@ -90,8 +93,10 @@ def main(
                 b_state = rebasin.apply_permutation(spec, planted, noisy(state, scale, g))
                 b = copy.deepcopy(net)
                 b.load_state_dict(b_state)
-                counts['weight'].append(recovered(spec, rebasin.weight_matching(spec, state, b_state, device='cpu'), planted))
-                counts['activation'].append(recovered(spec, rebasin.activation_matching(spec, net, b, batches, 'cpu'), planted))
+                counts['weight'].append(recovered(spec, rebasin.weight_matching(spec, state, b_state, device='cpu'),
+                                                  planted))
+                counts['activation'].append(recovered(spec, rebasin.activation_matching(spec, net, b, batches, 'cpu'),
+                                                      planted))
             cells = [(f'{sum(e for e, _ in counts[m]) / trials:.0%}', f'{sum(u for _, u in counts[m]) / trials:.4f}')
                      for m in ('weight', 'activation')]
             table.add_row(name, f'{scale:g}', *cells[0], *cells[1], f'{time.perf_counter() - start:.0f}')

@@ -48,7 +48,8 @@ def main(
     batch_size: int = typer.Option(512, help='Batch size.'),
     device: str = typer.Option('auto', help='auto, cpu or cuda.'),
     compile: bool = typer.Option(False, '--compile', help='torch.compile the network.'),
-    recipe: bool = typer.Option(False, '--recipe', help='Time the default airbench94 recipe (width 1, all data, 9.9 epochs) for M = 1 and 3 instead.'),
+    recipe: bool = typer.Option(False, '--recipe', help='Time the default airbench94 recipe '
+                                                        '(width 1, all data, 9.9 epochs) for M = 1 and 3 instead.'),
 ):
     """Print seconds per epoch and the ratio to M = 1 for each ensemble size."""
     console = Console()
@@ -68,7 +69,8 @@ def main(
         seconds, acc, peak = time_run(m, **options)
         per_epoch = seconds / options.get('epochs', 9.9)
         base = base or per_epoch
-        table.add_row(str(m), f'{seconds:.2f}', f'{per_epoch:.3f}', f'{per_epoch / base:.2f}', f'{acc:.4f}', f'{peak:.2f}')
+        table.add_row(str(m), f'{seconds:.2f}', f'{per_epoch:.3f}', f'{per_epoch / base:.2f}', f'{acc:.4f}',
+                      f'{peak:.2f}')
     console.print(table)
 
 

@@ -55,7 +55,8 @@ def plot(path_sweep, path_curves, rows, curves, betas, error='error'):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for combiner in sorted({c for c, _ in rows}):
-        for ax, key, title in ((axes[0], 'ensemble_error', f'ensemble test {error}'), (axes[1], 'member_error', f'member test {error}'),
+        for ax, key, title in ((axes[0], 'ensemble_error', f'ensemble test {error}'),
+                               (axes[1], 'member_error', f'member test {error}'),
                                (axes[2], 'test_div', 'test DIV')):
             ax.errorbar(betas, [rows[combiner, b][key][0] for b in betas], [rows[combiner, b][key][1] for b in betas],
                         marker='o', capsize=3, label=combiner)
@@ -69,7 +70,8 @@ def plot(path_sweep, path_curves, rows, curves, betas, error='error'):
         ax.plot(range(1, len(values) + 1), values, marker='o' if len(values) <= 30 else None,
                 linestyle='-' if split == 'test' else '--',
                 label=f'β = {beta:g}, {split}')
-    ax.set(xlabel='epoch', ylabel='ensemble loss', yscale='log', title=f'training and test loss ({next(iter(rows))[0]}, seed 0)')
+    ax.set(xlabel='epoch', ylabel='ensemble loss', yscale='log',
+           title=f'training and test loss ({next(iter(rows))[0]}, seed 0)')
     ax.legend(fontsize=7)
     fig.tight_layout()
     te.save_figure(fig, path_curves)
@@ -86,7 +88,8 @@ def main(
     members: int = typer.Option(4, help='Ensemble size M (the paper: 5).'),
     betas: str = typer.Option('0,0.2,0.4,0.6,0.8,0.9,1', help='β grid.'),
     combiners: str = typer.Option('prob,logit', help='Combiners (classification; regression has one, mean).'),
-    task: str = typer.Option('classification', help='classification, or regression (a table: --dataset a .npz or .csv).'),
+    task: str = typer.Option('classification',
+                             help='classification, or regression (a table: --dataset a .npz or .csv).'),
     epochs: float = typer.Option(None, help="Epochs per run (default: the architecture's recipe)."),
     device: str = typer.Option('auto', help='auto, cpu or cuda.'),
 ):
@@ -111,7 +114,8 @@ def main(
             per_seed = []
             for seed in range(seeds):
                 name = f'{combiner}_beta{beta:g}_s{seed}'
-                summary = te.complete_run(te.Config(out=str(out / name), combine=combiner, beta=beta, seed=seed, **common), quiet)
+                summary = te.complete_run(te.Config(out=str(out / name), combine=combiner, beta=beta, seed=seed,
+                                                    **common), quiet)
                 extra = diagnostics(out / name, combiner, fit_examples)
                 results['runs'][name] = dict(summary, **extra)
                 per_seed.append(dict(ensemble_error=summary['test_rmse'] if regression else 1 - summary['test_acc'],
@@ -120,17 +124,21 @@ def main(
                                      train_div=summary['train_div'], test_div=summary['test_div'],
                                      gap=summary['test_loss'] - summary['train_loss'], **extra))
             rows[combiner, beta] = {k: analyze.mean_std([s[k] for s in per_seed]) for k in per_seed[0]}
-            console.print(f"{combiner} β={beta:g}: ensemble {error_name} {rows[combiner, beta]['ensemble_error'][0]:.4f}, "
+            console.print(f"{combiner} β={beta:g}: ensemble {error_name} "
+                          f"{rows[combiner, beta]['ensemble_error'][0]:.4f}, "
                           f"test DIV {rows[combiner, beta]['test_div'][0]:.4f}", highlight=False)
 
     fmt = lambda v, pct=False: f'{100 * v[0]:.0f}% ± {100 * v[1]:.0f}%' if pct else f'{v[0]:.4f} ± {v[1]:.4f}'  # noqa: E731
-    lines = [f'# Learner collusion: {common["dataset"]}, {common["members"]}-member {arch} {common["hidden"] if arch == "mlp" else ""}, '
+    lines = [f'# Learner collusion: {common["dataset"]}, {common["members"]}-member {arch} '
+             f'{common["hidden"] if arch == "mlp" else ""}, '
              f'{seeds} seed(s), {time.strftime("%Y-%m-%d")}', '',
-             f'| combiner | β | ensemble test {error_name} | member test {error_name} | train DIV | test DIV | gap | Δ loss, half dropped | DIV removed by debias |',
+             f'| combiner | β | ensemble test {error_name} | member test {error_name} | train DIV | test DIV | gap '
+             '| Δ loss, half dropped | DIV removed by debias |',
              '|---|---|---|---|---|---|---|---|---|']
     for (combiner, beta), r in rows.items():
         lines.append(f'| {combiner} | {beta:g} | ' + ' | '.join(fmt(r[k]) for k in (
-            'ensemble_error', 'member_error', 'train_div', 'test_div', 'gap', 'drop_half_loss')) + f' | {fmt(r["debias_removed"], True)} |')
+            'ensemble_error', 'member_error', 'train_div', 'test_div', 'gap', 'drop_half_loss'))
+            + f' | {fmt(r["debias_removed"], True)} |')
     lines.append('')
     for combiner in combiner_list:   # the paper's question, answered only beyond the seeds' spread
         error = {b: rows[combiner, b]['ensemble_error'] for b in beta_grid}
@@ -142,7 +150,8 @@ def main(
         elif margin > error[best][1] + error[end][1]:
             verdict = f'an intermediate β beats both ends, by {margin:.4f} over β = {end:g}, beyond the seeds\' spread'
         else:
-            verdict = f'{margin:.4f} below β = {end:g}, within the seeds\' spread: no intermediate β is shown to be better'
+            verdict = (f'{margin:.4f} below β = {end:g}, within the seeds\' spread: '
+                       'no intermediate β is shown to be better')
         lines.append(f'{combiner}: lowest mean ensemble {error_name} at β = {best:g} ({verdict}).')
     lines.append(f'\n{time.perf_counter() - start:.0f} s in all (runs read back count only their diagnostics).')
     curves = {}

@@ -1,7 +1,7 @@
 """Spending a fixed parameter budget: one big network or many small ones, trained how? (issue 9)
 
-    python experiments/parameter_budget.py                 # Fashion-MNIST: 1x1024, 16x64, 64x16, 256x4 at λ ∈ {0, .5, .9, 1}
-    python experiments/parameter_budget.py --quick         # the smoke size the tests run
+    python experiments/parameter_budget.py           # Fashion-MNIST: 1x1024, 16x64, 64x16, 256x4 at λ ∈ {0, .5, .9, 1}
+    python experiments/parameter_budget.py --quick   # the smoke size the tests run
 
 The modular-loss paper (Webb et al. 2020, supplementary B.1): single-hidden-layer ReLU MLPs in four
 shapes of about 815K parameters each, M modules of H hidden units (1x1024, 16x64, 64x16, 256x4), trained
@@ -104,7 +104,8 @@ def main(
     quick: bool = typer.Option(False, '--quick', help='Tiny data, small shapes, 1 seed: the smoke test (seconds).'),
     dataset: str = typer.Option('fashion-mnist', help='Any train_ensemble.py dataset.'),
     lambdas: str = typer.Option(','.join(f'{v:g}' for v in LAMBDAS), help='λ grid (the toolkit\'s β).'),
-    combine: str = typer.Option('logit', help='Combiner (logit: the normalized geometric mean of the paper\'s decomposition).'),
+    combine: str = typer.Option('logit', help='Combiner (logit: the normalized geometric mean '
+                                              'of the paper\'s decomposition).'),
     epochs: float = typer.Option(5, help='Epochs per run.'),
     val_size: int = typer.Option(10000, help='Training images held out for early stopping.'),
     device: str = typer.Option('auto', help='auto, cpu or cuda.'),
@@ -141,7 +142,8 @@ def main(
     for m, h in shapes:
         cells = [f'{rows[m, h, lam]["test_error"][0]:.4f} ± {rows[m, h, lam]["test_error"][1]:.4f}'
                  if (m, h, lam) in rows else '(= λ 0)' for lam in grid]
-        lines.append(f'| {m} x {h} | {parameter_count(out / f"m{m}_h{h}_lam{grid[0]:g}_s0", m):,} | ' + ' | '.join(cells) + ' |')
+        lines.append(f'| {m} x {h} | {parameter_count(out / f"m{m}_h{h}_lam{grid[0]:g}_s0", m):,} | '
+                     + ' | '.join(cells) + ' |')
     lines += ['', "The Hessian at the scalar case's stationary point (M = 4): condition number against 1/(1 − λ).", '',
               '| family | λ | smallest eigenvalue | condition number | 1/(1 − λ) |', '|---|---|---|---|---|']
     hessians = {}
@@ -151,7 +153,8 @@ def main(
             kappa = (eig.max() / eig.min()).item() if eig.min() > 0 else float('nan')
             hessians[f'{family} lambda={lam:g}'] = eig.tolist()
             lines.append(f'| {family} | {lam:g} | {eig.min().item():.4g} | '
-                         f'{"indefinite" if eig.min() < 0 else f"{kappa:.4g}"} | {1 / (1 - lam) if lam < 1 else float("nan"):.4g} |')
+                         f'{"indefinite" if eig.min() < 0 else f"{kappa:.4g}"} | '
+                         f'{1 / (1 - lam) if lam < 1 else float("nan"):.4g} |')
     lines.append(f'\n{time.perf_counter() - start:.0f} s in all (runs read back count nothing).')
     out.mkdir(parents=True, exist_ok=True)
     results.update(rows={f'{m}x{h} lambda={lam:g}': r for (m, h, lam), r in rows.items()}, hessian_eigenvalues=hessians)

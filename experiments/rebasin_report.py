@@ -10,8 +10,9 @@ one subcommand each, with seeds and error bars.
 
 Every model is an airbench network (the report's hlb-CIFAR10 is its ancestor), by default at --width 0.25,
 trained 5 epochs on 5,000 Fashion-MNIST images, so that the whole report runs on a CPU in about an hour;
---dataset cifar10 --width 1 --subset 0 --epochs 10 is the report's own setting, for a GPU. Independent models are the members of a β = 0
-ensemble (exactly as if trained alone: tests/test_train_ensemble.py), member j from its own seed.
+--dataset cifar10 --width 1 --subset 0 --epochs 10 is the report's own setting, for a GPU.
+Independent models are the members of a β = 0 ensemble (exactly as if trained alone:
+tests/test_train_ensemble.py), member j from its own seed.
 
 - kernel-size, weight-decay: two models per seed; along A → B, A → π(B) and B → π(B) (π from weight
   matching), the test loss and error barriers max_λ L(λ) − ((1 − λ)·L(0) + λ·L(1)), as trained and
@@ -51,7 +52,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="The git re-basin report's experiments: kernel-size, weight-decay, merge-many, "
                        'train-merge-train, shards.')
 # The options every subcommand shares, each written once.
-Out = Annotated[Optional[Path], typer.Option(help='Where the runs and results go (default: runs/rebasin_report/<subcommand>).')]
+Out = Annotated[Optional[Path], typer.Option(help='Where the runs and results go '
+                                                  '(default: runs/rebasin_report/<subcommand>).')]
 Seeds = Annotated[int, typer.Option(help='Seeds per setting.')]
 Quick = Annotated[bool, typer.Option('--quick', help='Tiny networks and data, 1 seed, small grids: the smoke test.')]
 Dataset = Annotated[str, typer.Option(help='Any train_ensemble.py image dataset.')]
@@ -66,12 +68,14 @@ class Experiment:
     """The settings one subcommand shares with the others, and the runs it trains."""
 
     def __init__(self, name, out, seeds, quick, dataset, width, subset, examples, device, epochs=None):
-        settings = dict(seeds=seeds, width=width, subset=subset, examples=examples, epochs=epochs, steps=analyze.INTERP_STEPS)
+        settings = dict(seeds=seeds, width=width, subset=subset, examples=examples, epochs=epochs,
+                        steps=analyze.INTERP_STEPS)
         if quick:
             settings.update(QUICK)
         self.name, self.quick, self.start = name, quick, time.perf_counter()
         self.out = Path(out or f'runs/rebasin_report/{name}')
-        self.seeds, self.examples, self.steps, self.epochs = (settings[k] for k in ('seeds', 'examples', 'steps', 'epochs'))
+        self.seeds, self.examples, self.steps, self.epochs = (settings[k]
+                                                              for k in ('seeds', 'examples', 'steps', 'epochs'))
         self.base = dict(dataset=dataset, arch='airbench', width=settings['width'], subset=settings['subset'] or None,
                          device=device, beta=0.0)
         self.device = te.resolve_device(device)
@@ -105,7 +109,8 @@ class Experiment:
         if path is not None and Path(path).exists():
             return te.load_member_state(path)[1]
         net = self.module(spec, states[0])
-        merged, _ = rebasin.merge_many(rebasin.permutation_spec(net, torch.zeros(1, *te.input_shape(spec), device=self.device)),
+        merged, _ = rebasin.merge_many(rebasin.permutation_spec(net, torch.zeros(1, *te.input_shape(spec),
+                                                                                 device=self.device)),
                                        states, device=self.device)
         net.load_state_dict(merged)
         x = analyze.run_data(te.read_config(run_dir)).x_train[:rebasin.BN_EXAMPLES]
@@ -132,8 +137,10 @@ class Experiment:
     def report(self, title, lines, results, figure):
         """Write results.md (the title, then `lines`), results.json and the figure (figure(path) draws it)."""
         lines = [f'# {title}: {self.base["dataset"]}, airbench width {self.base["width"]:g}, '
-                 f'{self.base["subset"] or "all"} training images, {self.seeds} seed(s), {time.strftime("%Y-%m-%d")}'] + lines
-        lines.append(f'\n{time.perf_counter() - self.start:.0f} s in all (runs read back count only their measurements).')
+                 f'{self.base["subset"] or "all"} training images, {self.seeds} seed(s), '
+                 f'{time.strftime("%Y-%m-%d")}'] + lines
+        lines.append(f'\n{time.perf_counter() - self.start:.0f} s in all '
+                     '(runs read back count only their measurements).')
         self.out.mkdir(parents=True, exist_ok=True)
         te.write_json(self.out / 'results.json', dict(settings=self.settings, **results))
         te.write_text(self.out / 'results.md', '\n'.join(lines) + '\n')   # after results.json: the table last
@@ -163,7 +170,8 @@ def fmt(v, digits=4):
 
 def markdown(columns, rows):
     """A markdown table: a header of `columns`, then one line per row (cells already text)."""
-    return ['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)] + ['| ' + ' | '.join(r) + ' |' for r in rows]
+    return (['| ' + ' | '.join(columns) + ' |', '|' + '---|' * len(columns)]
+            + ['| ' + ' | '.join(r) + ' |' for r in rows])
 
 
 def _axes(panels):
@@ -197,7 +205,8 @@ def barrier_sweep(exp, label, tag, values, options_of):
     for key in ('loss', 'error'):
         lines += ['', f'Test {key} barriers, as trained and with the BatchNorm statistics reset at each inner λ:', '']
         lines += markdown([label, 'member acc', *CURVES, *(f'{c}, BN reset' for c in CURVES)],
-                          [[f'{v:g}', fmt(r['member_acc']), *(fmt(r[f'{c} {key}{s}']) for s in ('', ' reset') for c in CURVES)]
+                          [[f'{v:g}', fmt(r['member_acc']),
+                            *(fmt(r[f'{c} {key}{s}']) for s in ('', ' reset') for c in CURVES)]
                            for v, r in rows.items()])
 
     def figure(path):
@@ -229,8 +238,9 @@ def kernel_size(kernel_sizes: str = typer.Option('3,5,7', help='Conv kernel size
 
 
 @app.command('weight-decay')
-def weight_decay(weight_decays: str = typer.Option('0,0.005,0.015,0.05', help="Weight decays (fraction of the weights removed "
-                                                                             "per 1024 examples; airbench's is 0.0153)."),
+def weight_decay(weight_decays: str = typer.Option('0,0.005,0.015,0.05',
+                                                   help="Weight decays (fraction of the weights removed "
+                                                        "per 1024 examples; airbench's is 0.0153)."),
                  out: Out = None, seeds: Seeds = 3, quick: Quick = False, dataset: Dataset = 'fashion-mnist',
                  width: Width = 0.25, subset: Subset = 5000, epochs: Epochs = 5, examples: Examples = 2000,
                  device: Device = 'auto'):
@@ -267,12 +277,14 @@ def merge_many(models: str = typer.Option('3,6,9,12', help='How many models Merg
                 members = [exp.evaluate(spec, [s], x, y) for s in states[:n]]
                 ensemble = exp.evaluate(spec, states[:n], x, y)
                 per_seed[n].append(dict(merged_loss=merged[0], merged_acc=merged[1],
-                                        member_loss=sum(m[0] for m in members) / n, member_acc=sum(m[1] for m in members) / n,
+                                        member_loss=sum(m[0] for m in members) / n,
+                                        member_acc=sum(m[1] for m in members) / n,
                                         ensemble_loss=ensemble[0], ensemble_acc=ensemble[1]))
         for n in ns:
             rows[k, n] = summarize(per_seed[n])
             exp.console.print(f"k={k}, n={n}: merged acc {rows[k, n]['merged_acc'][0]:.4f}, members "
-                              f"{rows[k, n]['member_acc'][0]:.4f}, ensemble {rows[k, n]['ensemble_acc'][0]:.4f}", highlight=False)
+                              f"{rows[k, n]['member_acc'][0]:.4f}, ensemble {rows[k, n]['ensemble_acc'][0]:.4f}",
+                              highlight=False)
     keys = ('merged_acc', 'member_acc', 'ensemble_acc', 'merged_loss', 'member_loss', 'ensemble_loss')
     lines = [''] + markdown(['kernel size', 'models', *(k.replace('_', ' ') for k in keys)],
                             [[str(k), str(n), *(fmt(r[key]) for key in keys)] for (k, n), r in rows.items()])
@@ -296,7 +308,8 @@ def merge_many(models: str = typer.Option('3,6,9,12', help='How many models Merg
 @app.command('train-merge-train')
 def train_merge_train(models: str = typer.Option('3,6', help='How many models are merged (n).'),
                       kernel_sizes: str = typer.Option('3', help='Conv kernel sizes k.'),
-                      epochs: float = typer.Option(5, help='Epochs e of each phase (the control trains 2e; the report: 5).'),
+                      epochs: float = typer.Option(5, help='Epochs e of each phase '
+                                                           '(the control trains 2e; the report: 5).'),
                       out: Out = None, seeds: Seeds = 3, quick: Quick = False, dataset: Dataset = 'fashion-mnist',
                       width: Width = 0.25, subset: Subset = 5000, examples: Examples = 2000, device: Device = 'auto'):
     """n models trained e epochs, merged, trained e more; against one model trained 2e epochs (the report's table)."""
@@ -314,12 +327,17 @@ def train_merge_train(models: str = typer.Option('3,6', help='How many models ar
                 spec, states = load_members(te.member_paths(first))
                 merged_path = exp.out / f'k{k}_n{n}_s{seed}_merged.safetensors'
                 exp.merge(states, spec, first, merged_path)
-                _, then = exp.train(f'k{k}_n{n}_s{seed}_then', members=1, seed=100 * seed, kernel_size=k, init=str(merged_path))
-                _, control = exp.train(f'k{k}_s{seed}_control', members=1, seed=100 * seed + 99, kernel_size=k, epochs=2 * e)
-                per_seed.append(dict(L=then['test_loss'], LC=control['test_loss'], L_LC=then['test_loss'] / control['test_loss'],
-                                     A=then['test_acc'], AC=control['test_acc'], A_AC=then['test_acc'] / control['test_acc']))
+                _, then = exp.train(f'k{k}_n{n}_s{seed}_then', members=1, seed=100 * seed, kernel_size=k,
+                                    init=str(merged_path))
+                _, control = exp.train(f'k{k}_s{seed}_control', members=1, seed=100 * seed + 99, kernel_size=k,
+                                       epochs=2 * e)
+                per_seed.append(dict(L=then['test_loss'], LC=control['test_loss'],
+                                     L_LC=then['test_loss'] / control['test_loss'],
+                                     A=then['test_acc'], AC=control['test_acc'],
+                                     A_AC=then['test_acc'] / control['test_acc']))
             rows[k, n] = summarize(per_seed)
-            exp.console.print(f"k={k}, n={n}: A/AC {rows[k, n]['A_AC'][0]:.4f}, L/LC {rows[k, n]['L_LC'][0]:.4f}", highlight=False)
+            exp.console.print(f"k={k}, n={n}: A/AC {rows[k, n]['A_AC'][0]:.4f}, L/LC {rows[k, n]['L_LC'][0]:.4f}",
+                              highlight=False)
     keys = ('L', 'LC', 'L_LC', 'A', 'AC', 'A_AC')
     lines = ['', f'L, A: test loss and accuracy of n models trained {e:g} epochs, merged, then trained {e:g} more; '
                  f'LC, AC: one model trained {2 * e:g} epochs.', '']
@@ -331,7 +349,8 @@ def train_merge_train(models: str = typer.Option('3,6', help='How many models ar
         for ax, key in zip(axes, ('L_LC', 'A_AC')):
             for i, k in enumerate(ks):
                 r = [rows[k, n][key] for n in ns]
-                ax.errorbar(ns, [m for m, _ in r], [s for _, s in r], marker='o', capsize=3, color=f'C{i}', label=f'k={k}')
+                ax.errorbar(ns, [m for m, _ in r], [s for _, s in r], marker='o', capsize=3, color=f'C{i}',
+                            label=f'k={k}')
             ax.axhline(1, color='gray', linestyle=':')
             ax.set(xlabel='models merged (n)', ylabel=key.replace('_', ' / '))
             ax.grid(alpha=0.3)
@@ -341,7 +360,8 @@ def train_merge_train(models: str = typer.Option('3,6', help='How many models ar
 
 
 @app.command('shards')
-def shards(models: str = typer.Option('2,4,8', help='How many models are merged (n); the data is cut into n + 1 parts.'),
+def shards(models: str = typer.Option('2,4,8', help='How many models are merged (n); '
+                                                   'the data is cut into n + 1 parts.'),
            epochs_list: str = typer.Option('2,5', '--epochs', help='Epochs e of each model.'),
            batch_size: int = typer.Option(128, help="Batch size (airbench's 1024 would leave a part of a few hundred "
                                                      'images one step an epoch).'),
@@ -359,34 +379,42 @@ def shards(models: str = typer.Option('2,4,8', help='How many models are merged 
     for e in es:
         for n in ns:
             per_seed = []
-            # --subset is the whole training set: each of the n + 1 disjoint parts keeps a class-balanced 1/(n + 1) of it
+            # --subset is the whole training set: each of the n + 1 disjoint parts keeps a class-balanced
+            # 1/(n + 1) of it
             part = dict(members=1, epochs=e, batch_size=batch_size,
                         subset=exp.base['subset'] and max(1, exp.base['subset'] // (n + 1)))
             for seed in range(exp.seeds):
                 name, last = f'n{n}_e{e:g}_s{seed}', f'{n}/{n + 1}'
-                runs = [exp.train(f'{name}_model{i}', seed=100 * seed + i, shard=f'{i}/{n + 1}', **part)[0] for i in range(n)]
+                runs = [exp.train(f'{name}_model{i}', seed=100 * seed + i, shard=f'{i}/{n + 1}', **part)[0]
+                        for i in range(n)]
                 spec, states = first_members(runs)
                 control_1, _ = exp.train(f'{name}_control1', seed=100 * seed + 50, shard=last, **part)
                 merged_path = exp.out / f'{name}_merged.safetensors'
                 merged = exp.merge(states, spec, control_1, merged_path)   # statistics on the last part's images
-                trained, _ = exp.train(f'{name}_merged_trained', seed=100 * seed + 50, shard=last, init=str(merged_path), **part)
-                control_n, _ = exp.train(f'{name}_control{n}', seed=100 * seed + 50, shard=last, **dict(part, epochs=n * e))
+                trained, _ = exp.train(f'{name}_merged_trained', seed=100 * seed + 50, shard=last,
+                                       init=str(merged_path), **part)
+                control_n, _ = exp.train(f'{name}_control{n}', seed=100 * seed + 50, shard=last,
+                                         **dict(part, epochs=n * e))
                 models = [exp.evaluate(spec, [s], x, y) for s in states]
                 _, finals = first_members([trained, control_1, control_n])
                 numbers = dict(models=(sum(m[0] for m in models) / n, sum(m[1] for m in models) / n),
                                merged=exp.evaluate(spec, [merged], x, y),
                                **{kind: exp.evaluate(spec, [state], x, y) for kind, state in
                                   zip(('merged_trained', 'control_1', 'control_n'), finals)})
-                per_seed.append({f'{kind}_{what}': numbers[kind][i] for kind in kinds for i, what in enumerate(('loss', 'acc'))})
+                per_seed.append({f'{kind}_{what}': numbers[kind][i]
+                                 for kind in kinds for i, what in enumerate(('loss', 'acc'))})
             rows[e, n] = summarize(per_seed)
-            exp.console.print(f"e={e:g}, n={n}: merged+trained acc {rows[e, n]['merged_trained_acc'][0]:.4f}, control 1 "
-                              f"{rows[e, n]['control_1_acc'][0]:.4f}, control n {rows[e, n]['control_n_acc'][0]:.4f}", highlight=False)
-    lines = ['', f"The training set cut into n + 1 disjoint parts. Test accuracy on {len(y)} test images (loss below): the "
+            exp.console.print(f"e={e:g}, n={n}: merged+trained acc {rows[e, n]['merged_trained_acc'][0]:.4f}, "
+                              f"control 1 {rows[e, n]['control_1_acc'][0]:.4f}, "
+                              f"control n {rows[e, n]['control_n_acc'][0]:.4f}", highlight=False)
+    lines = ['', f"The training set cut into n + 1 disjoint parts. Test accuracy on {len(y)} test images "
+                 "(loss below): the "
                  "n models (mean, each trained on its own part), their merge, the merge trained e epochs on the last "
                  "part, and one model trained on the last part for e (control 1) and n·e epochs (control n).", '']
     for what in ('acc', 'loss'):
         lines += markdown(['epochs e', 'models n', *(k.replace('_', ' ') for k in kinds)],
-                          [[f'{e:g}', str(n), *(fmt(r[f'{k}_{what}']) for k in kinds)] for (e, n), r in rows.items()]) + ['']
+                          [[f'{e:g}', str(n), *(fmt(r[f'{k}_{what}']) for k in kinds)]
+                           for (e, n), r in rows.items()]) + ['']
 
     def figure(path):
         plt, fig, axes = _axes(2)

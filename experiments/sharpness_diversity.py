@@ -1,7 +1,8 @@
-"""Sharpness against diversity: plain, SAM and SharpBalance ensembles over a ρ grid (SharpBalance, Lu et al. 2024; issue 9)
+"""Sharpness against diversity: plain, SAM and SharpBalance ensembles over a ρ grid (SharpBalance, Lu et al.
+2024; issue 9)
 
-    python experiments/sharpness_diversity.py              # Fashion-MNIST, 3-member MLP 256, ρ ∈ {0.02, 0.05, 0.1}, 3 seeds
-    python experiments/sharpness_diversity.py --quick      # the smoke size the tests run
+    python experiments/sharpness_diversity.py          # Fashion-MNIST, 3-member MLP 256, ρ ∈ {0.02, 0.05, 0.1}, 3 seeds
+    python experiments/sharpness_diversity.py --quick  # the smoke size the tests run
 
 SharpBalance's claim: sharpness-aware training (SAM) flattens every member but also makes them alike
 (lower diversity), which costs the ensemble; SharpBalance gives each member SAM only on the examples the
@@ -60,7 +61,8 @@ def plot(path, rows):
             continue
         axes[0].errorbar([r['sharpness'][0] for _, r in points], [r['div'][0] for _, r in points],
                          xerr=[r['sharpness'][1] for _, r in points], yerr=[r['div'][1] for _, r in points],
-                         marker=marker, color=colour, linestyle='-' if len(points) > 1 else 'none', capsize=3, label=method)
+                         marker=marker, color=colour, linestyle='-' if len(points) > 1 else 'none', capsize=3,
+                         label=method)
         for rho, r in points:
             if rho:
                 axes[0].annotate(f'ρ={rho:g}', (r['sharpness'][0], r['div'][0]), fontsize=6)
@@ -95,7 +97,8 @@ def main(
 ):
     """Plain vs SAM vs SharpBalance over ρ: members' sharpness, DIV, disagreement, improvement rate, accuracy."""
     console, quiet = Console(), Console(quiet=True)
-    common = dict(dataset=dataset, arch=arch, hidden=te.parse_ints(hidden), members=members, epochs=epochs, device=device)
+    common = dict(dataset=dataset, arch=arch, hidden=te.parse_ints(hidden), members=members, epochs=epochs,
+                  device=device)
     grid, examples = [float(r) for r in rhos.split(',')], SHARP_EXAMPLES
     if quick:
         common.update(hidden=[32], epochs=2, subset=1500)
@@ -117,7 +120,8 @@ def main(
                           highlight=False)
 
     fmt = lambda v, digits=4: f'{v[0]:.{digits}f} ± {v[1]:.{digits}f}'  # noqa: E731
-    lines = [f'# Sharpness and diversity: {dataset}, {members}-member {arch} {common["hidden"] if arch == "mlp" else ""}, '
+    lines = [f'# Sharpness and diversity: {dataset}, {members}-member {arch} '
+             f'{common["hidden"] if arch == "mlp" else ""}, '
              f'{seeds} seed(s), SharpBalance flat ratio {flat_ratio:g}, {time.strftime("%Y-%m-%d")}', '',
              '| method | ρ | sharpness | test DIV | disagreement | improvement rate | ensemble acc | member acc |',
              '|---|---|---|---|---|---|---|---|']

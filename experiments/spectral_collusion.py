@@ -92,7 +92,8 @@ def main(
     quick: bool = typer.Option(False, '--quick', help='Tiny data, 1 seed, 2 learning rates: the smoke test (seconds).'),
     dataset: str = typer.Option('fashion-mnist', help='Any train_ensemble.py dataset.'),
     members: int = typer.Option(4, help='Ensemble size M.'),
-    arch: str = typer.Option('mlp', help='mlp or airbench (its recipe otherwise: batch 1024, label smoothing, Lookahead).'),
+    arch: str = typer.Option('mlp', help='mlp or airbench '
+                                         '(its recipe otherwise: batch 1024, label smoothing, Lookahead).'),
     hidden: str = typer.Option('256,256', help='MLP hidden sizes.'),
     width: float = typer.Option(0.25, help='airbench width multiplier.'),
     subset: int = typer.Option(None, help='Training (and test) images; default all for mlp, 20,000 for airbench.'),
@@ -138,14 +139,16 @@ def main(
                 raise te.EnsembleError(f'{method} at beta={beta:g} diverged at every learning rate: widen the sweep')
             rows[method, beta] = dict(row_of(summaries), diverged=seeds - len(summaries))
             console.print(f'{method} β={beta:g}: best lr {best[method, beta]:g}; ensemble error '
-                          f"{rows[method, beta]['ensemble_error'][0]:.4f}, test DIV {rows[method, beta]['test_div'][0]:.4f}",
+                          f"{rows[method, beta]['ensemble_error'][0]:.4f}, "
+                          f"test DIV {rows[method, beta]['test_div'][0]:.4f}",
                           highlight=False)
 
     fmt = lambda v: f'{v[0]:.4f} ± {v[1]:.4f}'  # noqa: E731
     network = f'airbench width {common["width"]:g}' if airbench else f'MLP {common["hidden"]}'
     lines = [f'# Spectral hypothesis: {dataset}, {common["members"]}-member {network}, '
              f'{common["epochs"]:g} epochs, {seeds} seed(s), {time.strftime("%Y-%m-%d")}', '',
-             '| method | β | best lr | ensemble test error | member test error | train DIV | test DIV | gap (test − train loss) |',
+             '| method | β | best lr | ensemble test error | member test error | train DIV | test DIV '
+             '| gap (test − train loss) |',
              '|---|---|---|---|---|---|---|---|']
     for (method, beta), r in rows.items():
         diverged = f' ({r["diverged"]} seed(s) diverged)' if r['diverged'] else ''
@@ -155,8 +158,9 @@ def main(
               '| method | β | ' + ' | '.join('lr' for _ in range(max(map(len, lrs.values())))) + ' |',
               '|---|---|' + '---|' * max(map(len, lrs.values()))]
     for (method, beta) in rows:
-        lines.append(f'| {method} | {beta:g} | ' + ' | '.join(f'{lr:g}: {sweep[method, beta, lr]:.4f}'.replace('inf', 'diverged')
-                                                        for lr in lrs[method]) + ' |')
+        lines.append(f'| {method} | {beta:g} | '
+                     + ' | '.join(f'{lr:g}: {sweep[method, beta, lr]:.4f}'.replace('inf', 'diverged')
+                                  for lr in lrs[method]) + ' |')
     lines.append(f'\n{time.perf_counter() - start:.0f} s in all (runs read back count nothing).')
     out.mkdir(parents=True, exist_ok=True)
     results.update(best_lr={f'{m} beta={b:g}': lr for (m, b), lr in best.items()},

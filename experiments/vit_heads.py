@@ -73,12 +73,14 @@ def main(runs: List[Path] = typer.Argument(..., help='ViT runs (train_ensemble.p
     except (te.EnsembleError, rebasin.RebasinError) as e:
         console.print(f'[red]error:[/red] {e}')
         raise typer.Exit(2)
-    lines = ['| pair | unaligned midpoint loss / error | ' + ' | '.join(f'{s}: {c}' for s in SPECS for c in COLUMNS) + ' |',
+    lines = ['| pair | unaligned midpoint loss / error | '
+             + ' | '.join(f'{s}: {c}' for s in SPECS for c in COLUMNS) + ' |',
              '|---' * (2 + len(SPECS) * len(COLUMNS)) + '|']
     for pair, r in results.items():
         lines.append(f"| {pair} | {r['unaligned']['midpoint loss']:.3f} / {r['unaligned']['midpoint error']:.3f} | "
                      + ' | '.join(f'{r[s][c]:.4g}' for s in SPECS for c in COLUMNS) + ' |')
-    summary = {s: {c: analyze.mean_std([r[s][c] for r in results.values()]) for c in COLUMNS} for s in ('unaligned', *SPECS)}
+    summary = {s: {c: analyze.mean_std([r[s][c] for r in results.values()]) for c in COLUMNS}
+               for s in ('unaligned', *SPECS)}
     lines += ['', '| spec | ' + ' | '.join(COLUMNS) + ' |', '|---' * (1 + len(COLUMNS)) + '|']
     lines += [f'| {s} | ' + ' | '.join(f'{m:.4g} ± {sd:.2g}' for m, sd in summary[s].values()) + ' |' for s in summary]
     out.mkdir(parents=True, exist_ok=True)

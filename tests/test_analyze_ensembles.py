@@ -210,10 +210,13 @@ def test_a_metric_added_as_one_row_shows_in_evaluate_compare_and_their_json(runs
 def test_the_combiners_copied_into_analyze_equal_train_ensembles():
     g = torch.Generator().manual_seed(0)
     logits, y = 3 * torch.randn(4, 50, 7, generator=g, dtype=torch.float64), torch.randint(0, 7, (50,), generator=g)
-    combiners = getattr(te, 'COMBINERS', None) or ('prob', 'logit', 'mean')
-    assert set(combiners) <= set(analyze._COMBINE), 'a combiner of train_ensemble.py that analyze.py lacks'
-    for combiner in combiners:
-        torch.testing.assert_close(analyze._combine(logits, combiner), te.combine(logits, combiner), rtol=0, atol=0)
+    assert set(analyze._COMBINE) <= set(te.COMBINERS), 'the copy has a combiner train_ensemble.py lacks'
+    for combiner, (task, predict) in analyze._COMBINE.items():   # the copy, used when analyze.py is alone
+        assert task == te.COMBINERS[combiner].task
+        log_p = None if task == 'regression' else torch.log_softmax(logits, -1)
+        torch.testing.assert_close(predict(logits, log_p), te.combine(logits, combiner), rtol=0, atol=0)
+    assert analyze._combiners().keys() == te.COMBINERS.keys()   # beside train_ensemble.py: its registry
+    for combiner in te.COMBINERS:
         if combiner != 'mean':
             theirs = te.ensemble_terms(logits, y, combiner)[:2]   # member losses, the ensemble's
             for ours, expected in zip(analyze._ensemble_terms(logits, y, combiner), theirs):

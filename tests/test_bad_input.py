@@ -57,7 +57,8 @@ def inputs(tmp_path_factory):
     x = rng.normal(size=(200, 3))
     y = x @ np.array([1.0, 2.0, 3.0])
     images = rng.integers(0, 256, size=(10, 1, 8, 8), dtype=np.uint8)
-    np.savez(folder / 'ten_images.npz', x_train=images, y_train=np.arange(10) % 2, x_test=images, y_test=np.arange(10) % 2)
+    np.savez(folder / 'ten_images.npz', x_train=images, y_train=np.arange(10) % 2, x_test=images,
+             y_test=np.arange(10) % 2)
     paths = dict(
         tiny_targets=regression_table(folder, 'tiny', x, y * 1e-30),
         no_targets=regression_table(folder, 'noy', x, np.zeros((200, 0))),
@@ -89,7 +90,8 @@ CASES = [   # (app, arguments: {name} is an input's path, what the one line must
     ('train', REGRESSION + ['{huge_targets}'], 'overflow float32'),
     ('train', REGRESSION + ['{beyond_float32}'], 'beyond float32'),
     ('train', REGRESSION + ['{complex_features}'], 'real numbers'),
-    ('train', ['--dataset', '{ten_images}', '--arch', 'mlp', '--shard', '9/10', '--device', 'cpu'], 'no training examples'),
+    ('train', ['--dataset', '{ten_images}', '--arch', 'mlp', '--shard', '9/10', '--device', 'cpu'],
+     'no training examples'),
     ('train', ['--resume', '{config_lost}'], 'config.json is missing'),
     ('train', ['--dataset', '{ten_images}', '--classes', '0-4', '--device', 'cpu'], 'distinct classes of'),
     ('train', ['--dataset', '{ten_images}', '--classes', '', '--device', 'cpu'], 'distinct classes of'),

@@ -86,7 +86,8 @@ def test_compiled_training_matches_eager_and_writes_the_same_run_directory(tmp_p
     options = dict(SMALL_MLP, subset=512, epochs=2, members=2, beta=0.5)
     eager = run(tmp_path, 'eager', **options)
     compiled = run(tmp_path, 'compiled', compile=True, **options)
-    assert sorted(p.name for p in (tmp_path / 'eager').iterdir()) == sorted(p.name for p in (tmp_path / 'compiled').iterdir())
+    assert (sorted(p.name for p in (tmp_path / 'eager').iterdir())
+            == sorted(p.name for p in (tmp_path / 'compiled').iterdir()))
     assert compiled['test_loss'] == pytest.approx(eager['test_loss'], abs=1e-4)
     for a, b in zip(member_states(tmp_path / 'eager'), member_states(tmp_path / 'compiled')):
         for key in a:

@@ -15,7 +15,8 @@ def run_experiment(name, *args, monkeypatch):
         assert e.code in (0, None)
 
 
-def test_spectral_collusion_quick_writes_its_table_and_figures_and_reuses_finished_runs(tmp_path, monkeypatch, fashion_mnist):
+def test_spectral_collusion_quick_writes_its_table_and_figures_and_reuses_finished_runs(tmp_path, monkeypatch,
+                                                                                        fashion_mnist):
     out = tmp_path / 'sc'
     run_experiment('spectral_collusion.py', '--quick', '--out', out, '--device', 'cpu', monkeypatch=monkeypatch)
     table = (out / 'results.md').read_text()
@@ -97,22 +98,26 @@ def test_sharpness_diversity_quick_writes_its_table_and_tradeoff_plot(tmp_path, 
 
 def test_collusion_quick_runs_the_regression_half(tmp_path, monkeypatch):
     out = tmp_path / 'regression'
-    run_experiment('collusion.py', '--quick', '--task', 'regression', '--out', out, '--device', 'cpu', monkeypatch=monkeypatch)
+    run_experiment('collusion.py', '--quick', '--task', 'regression', '--out', out, '--device', 'cpu',
+                   monkeypatch=monkeypatch)
     table = (out / 'results.md').read_text()
     assert 'ensemble test RMSE' in table and '| mean | 0 |' in table and '| mean | 1 |' in table
     rows = json.loads((out / 'results.json').read_text())['rows']
     # Two members, half dropped: the MSE rises by exactly DIV (the ensemble's MSE is the mean member's minus DIV).
-    assert abs(rows['mean beta=1']['drop_half_loss'][0] - rows['mean beta=1']['test_div'][0]) < 1e-3 * rows['mean beta=1']['test_div'][0]
+    assert (abs(rows['mean beta=1']['drop_half_loss'][0] - rows['mean beta=1']['test_div'][0])
+            < 1e-3 * rows['mean beta=1']['test_div'][0])
     assert rows['mean beta=1']['test_div'][0] > rows['mean beta=0']['test_div'][0]
 
 
 def test_rebasin_report_quick_runs_every_experiment_of_the_report(tmp_path, monkeypatch, fashion_mnist):
     """Each subcommand at its smoke size: the table's rows, every number, the figure."""
-    expected = {'kernel-size': {'k=3', 'k=5'}, 'weight-decay': {'wd=0', 'wd=0.05'}, 'merge-many': {'k=3 n=2', 'k=3 n=3'},
+    expected = {'kernel-size': {'k=3', 'k=5'}, 'weight-decay': {'wd=0', 'wd=0.05'},
+                'merge-many': {'k=3 n=2', 'k=3 n=3'},
                 'train-merge-train': {'k=3 n=2'}, 'shards': {'e=1 n=2'}}
     for command, rows in expected.items():
         out = tmp_path / command
-        run_experiment('rebasin_report.py', command, '--quick', '--out', out, '--device', 'cpu', monkeypatch=monkeypatch)
+        run_experiment('rebasin_report.py', command, '--quick', '--out', out, '--device', 'cpu',
+                       monkeypatch=monkeypatch)
         results = json.loads((out / 'results.json').read_text())
         assert set(results['rows']) == rows, command
         assert (out / 'results.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

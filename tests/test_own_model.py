@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import train_ensemble as te
-from test_train_ensemble import float64, quiet_console  # noqa: F401 - a fixture
+from test_train_ensemble import quiet_console
 
 
 class TinyNet(nn.Module):

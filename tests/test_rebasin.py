@@ -121,7 +121,8 @@ def test_the_spec_shares_one_permutation_along_a_residual_stream_and_never_touch
     axes = spec.axes
     assert len(spec.perms) == 12           # 4 residual streams + 8 inner convolutions
     assert axes['1.weight'][0] == axes['2.running_var'][0] == axes['4.conv2.weight'][0] == axes['5.conv2.weight'][0]
-    stage2 = {axes['6.shortcut.0.weight'][0], axes['6.conv2.weight'][0], axes['7.conv2.weight'][0], axes['8.conv1.weight'][1]}
+    stage2 = {axes['6.shortcut.0.weight'][0], axes['6.conv2.weight'][0], axes['7.conv2.weight'][0],
+              axes['8.conv1.weight'][1]}
     assert len(stage2) == 1 and None not in stage2
     assert axes['1.weight'][1] is None and axes['14.weight'][0] is None and axes['14.bias'] == (None,)
     assert 'network input' in spec.unpermuted['0.mean'] and 'network output' in spec.unpermuted['14.weight']
@@ -219,7 +220,8 @@ def test_weight_matching_stops_where_no_single_permutation_can_gain(pair):
     from scipy.optimize import linear_sum_assignment
     a, b, spec = pair()
     g = torch.Generator().manual_seed(0)
-    a, b = ({k: v.std() * torch.randn(v.shape, generator=g) if k in rebasin._matched_keys(spec, params(net)) and v.numel() > 1 else v
+    a, b = ({k: v.std() * torch.randn(v.shape, generator=g)
+             if k in rebasin._matched_keys(spec, params(net)) and v.numel() > 1 else v
              for k, v in params(net).items()} for net in (a, b))   # Gaussian weights: the most sweeps
     perm = rebasin.weight_matching(spec, a, b, seed=2)
     assert len(perm.objective) >= 3   # a second sweep: the incremental updates and warm starts were used
@@ -422,14 +424,17 @@ def test_cli_spec_align_and_merge_write_runs_that_load(tmp_path):
     assert config['sources'] == [str(r / 'member_0.safetensors') for r in runs] and config['passes'] >= 1
     assert config['reset_bn'] and config['dataset'] == 'fashion-mnist' and config['subset'] == 500
     te.load_member(tmp_path / 'merged' / 'member_0.safetensors')
-    result = cli('align', runs[0], runs[1], '--out', tmp_path / 'by_activation', '--method', 'activation', '--examples', 200)
+    result = cli('align', runs[0], runs[1], '--out', tmp_path / 'by_activation', '--method', 'activation',
+                 '--examples', 200)
     assert result.exit_code == 0, result.output
     by_activation = te.load_member(tmp_path / 'by_activation' / 'member_0.safetensors')
     torch.testing.assert_close(by_activation(x), te.load_member(runs[1] / 'member_0.safetensors')(x))
     assert json.loads((tmp_path / 'by_activation' / 'config.json').read_text())['method'] == 'activation'
-    result = cli('merge', *runs, '--out', tmp_path / 'merged_by_activation', '--method', 'activation', '--examples', 200)
+    result = cli('merge', *runs, '--out', tmp_path / 'merged_by_activation', '--method', 'activation',
+                 '--examples', 200)
     assert result.exit_code == 0 and 'by activation matching on 200 training images' in result.output, result.output
-    assert one_line_error(cli('align', runs[0], runs[1], '--out', tmp_path / 'no', '--method', 'magic')).count('--method')
+    assert one_line_error(cli('align', runs[0], runs[1], '--out', tmp_path / 'no',
+                              '--method', 'magic')).count('--method')
 
 
 def one_line_error(result):

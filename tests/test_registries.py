@@ -9,7 +9,7 @@ import torch
 
 import rebasin
 import train_ensemble as te
-from test_train_ensemble import float64, member_states, run  # noqa: F401 - float64 is a fixture
+from test_train_ensemble import member_states, run
 
 
 def tiny(name):

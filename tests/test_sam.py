@@ -158,7 +158,8 @@ def test_sharpbalance_trains_resumes_exactly_and_records_its_options(tmp_path):
     (['--flat-ratio', '0.5', '--members', '3'], 'pass --sam-rho'),
     (['--sam-rho', '0.1', '--flat-ratio', '0.5'], '--members 2 or more'),
     (['--sam-rho', '0.1', '--sam-start-epoch', '2'], 'pass --flat-ratio'),
-    (['--sam-rho', '0.1', '--flat-ratio', '0.5', '--members', '3', '--epochs', '4', '--sam-start-epoch', '4'], 'last epoch'),
+    (['--sam-rho', '0.1', '--flat-ratio', '0.5', '--members', '3', '--epochs', '4', '--sam-start-epoch', '4'],
+     'last epoch'),
 ])
 def test_bad_sharpness_options_get_a_one_line_error(args, message, tmp_path):
     result = CliRunner().invoke(cli(), args + ['--out', str(tmp_path / 'x')])

@@ -8,6 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from conftest import ROOT
+
 import train_ensemble as te
 
 def quiet_console():
@@ -88,15 +90,6 @@ def test_objective_at_beta1_is_M_times_the_ensemble_loss_and_bagging_weights_mem
 
 # ---- training ----
 
-@pytest.fixture
-def float64():
-    """Exact arithmetic for equivalence claims: in float32 the recipes' high learning rates amplify
-    rounding differences (grouped vs single convs) to ~1e-3 within a few epochs."""
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
-
-
 def assert_members_train_as_if_alone(tmp_path, members, options, **tolerance):
     """An M-member β=0 run ends with member j's weights equal to a single-member run with member j's
     init seed (seed + j) and the ensemble's batches (data seed)."""
@@ -165,7 +158,8 @@ def test_resume_after_interruption_finishes_with_the_same_weights(tmp_path):
         if epoch == 2:
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
-        te.train(te.Config(out=str(tmp_path / 'resumed'), device='cpu', **options), console=quiet_console(), on_epoch_end=interrupt)
+        te.train(te.Config(out=str(tmp_path / 'resumed'), device='cpu', **options), console=quiet_console(),
+                 on_epoch_end=interrupt)
     assert not (tmp_path / 'resumed' / 'member_0.safetensors').exists()
     result = CliRunner().invoke(cli(), ['--resume', str(tmp_path / 'resumed')])
     assert result.exit_code == 0, result.output
@@ -204,13 +198,15 @@ def test_npz_datasets_load_in_nhwc_and_nchw(tmp_path):
     x = rng.integers(0, 255, (20, 8, 8, 3), dtype=np.uint8)
     y = rng.integers(0, 4, 20)
     np.savez(tmp_path / 'nhwc.npz', x_train=x, y_train=y, x_test=x[:5], y_test=y[:5])
-    np.savez(tmp_path / 'nchw.npz', x_train=x.transpose(0, 3, 1, 2), y_train=y, x_test=x[:5].transpose(0, 3, 1, 2), y_test=y[:5])
+    np.savez(tmp_path / 'nchw.npz', x_train=x.transpose(0, 3, 1, 2), y_train=y, x_test=x[:5].transpose(0, 3, 1, 2),
+             y_test=y[:5])
     a, b = te.load_data(str(tmp_path / 'nhwc.npz')), te.load_data(str(tmp_path / 'nchw.npz'))
     assert a.x_train.shape == (20, 3, 8, 8) and torch.equal(a.x_train, b.x_train)
 
 
 def test_synthetic_data_is_deterministic_and_learnable_but_not_trivial(tmp_path):
-    assert torch.equal(te.load_data('synthetic', seed=3, subset=100).x_train, te.load_data('synthetic', seed=3, subset=100).x_train)
+    assert torch.equal(te.load_data('synthetic', seed=3, subset=100).x_train,
+                       te.load_data('synthetic', seed=3, subset=100).x_train)
     summary = run(tmp_path, 'syn', members=1, dataset='synthetic', arch='mlp', hidden=[128], subset=2000, epochs=3)
     assert 0.5 < summary['test_acc'] < 0.995
 
@@ -262,7 +258,8 @@ def test_corrupt_or_missing_checkpoints_get_a_one_line_error(tmp_path):
     for args, message in [(['--init', str(bad)], 'not a readable safetensors'),
                           (['--init', str(tmp_path / 'nope.safetensors')], 'does not exist'),
                           (['--resume', str(tmp_path / 'nothing')], 'no config.json')]:
-        result = CliRunner().invoke(cli(), args + ['--dataset', 'synthetic', '--subset', '64', '--out', str(tmp_path / 'o')])
+        result = CliRunner().invoke(cli(), args + ['--dataset', 'synthetic', '--subset', '64',
+                                                   '--out', str(tmp_path / 'o')])
         assert result.exit_code == 2 and message in result.output, result.output
     run(tmp_path, 'r', members=1, **SMALL_AIRBENCH)
     (tmp_path / 'r' / 'state.safetensors').write_bytes(b'\x00' * 10)
@@ -295,8 +292,8 @@ def test_a_run_killed_while_writing_its_members_is_finished_without_training(tmp
     (and summary.json, last) from the state; the weights are those of the finished run."""
     last_state = tmp_path / 'last_state.safetensors'
     cfg = te.Config(out=str(tmp_path / 'done'), device='cpu', members=2, beta=1.0, **TINY_MLP)
-    te.train(cfg, console=quiet_console(), on_epoch_end=lambda epoch: shutil.copy(tmp_path / 'done' / 'state.safetensors',
-                                                                                  last_state))
+    te.train(cfg, console=quiet_console(),
+             on_epoch_end=lambda epoch: shutil.copy(tmp_path / 'done' / 'state.safetensors', last_state))
     before = member_states(tmp_path / 'done')
     summary = json.loads((tmp_path / 'done' / 'summary.json').read_text())
     for name in ['summary.json', 'member_1.safetensors', 'member_0.safetensors']:
@@ -360,7 +357,8 @@ def npz(path, **overrides):
     (lambda p: npz(p, y_train=np.zeros((40, 2), dtype=np.int64)), '1-D array of integer labels'),
     (lambda p: npz(p, y_train=(np.arange(40) % 4).astype(np.float32)), '1-D array of integer labels'),
     (lambda p: npz(p, y_train=np.arange(30) % 4), 'must match'),
-    (lambda p: npz(p, x_train=np.zeros((0, 8, 8, 3), np.uint8), y_train=np.zeros(0, np.int64)), 'must match and not be empty'),
+    (lambda p: npz(p, x_train=np.zeros((0, 8, 8, 3), np.uint8), y_train=np.zeros(0, np.int64)),
+     'must match and not be empty'),
     (lambda p: npz(p, x_test=np.zeros((12, 6, 6, 3), np.uint8)), 'test images are'),
     (lambda p: npz(p, y_test=np.full(12, 12)), 'no image of class'),
     (lambda p: (np.save(str(p) + '.npy', np.zeros(3)), (p.parent / (p.name + '.npy')).rename(p))[1], 'cannot read'),
@@ -395,7 +393,8 @@ def test_edited_checkpoint_metadata_is_refused_before_anything_is_allocated(tmp_
                 mean=[0.5], std=[0.25])
     net = te.build_model(spec)
     for edit, message in [(dict(hidden=[10**6, 10**6]), 'over the limit'), (dict(arch='transformer'), "known 'arch'"),
-                          (dict(arch='vit'), "needs 'depth'"), (dict(hidden=[0]), "'hidden'"), (dict(mean=[0.5, 0.5]), "'mean'")]:
+                          (dict(arch='vit'), "needs 'depth'"), (dict(hidden=[0]), "'hidden'"),
+                          (dict(mean=[0.5, 0.5]), "'mean'")]:
         metadata = {'format': te.FORMAT, 'model': json.dumps({**spec, **edit})}   # as if edited by hand
         save_file(net.state_dict(), str(tmp_path / 'm.safetensors'), metadata=metadata)
         with pytest.raises(te.EnsembleError, match=message):
@@ -454,7 +453,7 @@ def test_complete_run_trains_reads_back_resumes_and_never_mixes_options(tmp_path
     stamp = (tmp_path / 'r' / 'summary.json').stat().st_mtime
     assert te.complete_run(cfg, quiet_console()) == json.loads((tmp_path / 'r' / 'summary.json').read_text())
     assert (tmp_path / 'r' / 'summary.json').stat().st_mtime == stamp and first['test_acc'] > 0
-    with pytest.raises(te.EnsembleError, match='other options \\(beta\\)'):
+    with pytest.raises(te.EnsembleError, match='other options \\(beta: 0.0 there, 1.0 here\\)'):
         te.complete_run(te.Config(out=str(tmp_path / 'r'), device='cpu', beta=1.0, **TINY_MLP), quiet_console())
     (tmp_path / 'r' / 'summary.json').unlink()   # as if stopped while writing its members
     assert te.complete_run(cfg, quiet_console())['test_acc'] == first['test_acc']
@@ -481,5 +480,28 @@ def test_a_run_on_a_label_subset_sees_only_those_labels_and_keeps_every_output(t
     data = te.load_run_data(config)
     for y in (data.y_train, data.y_val, data.y_test):
         assert set(y.unique().tolist()) == {0, 1, 2, 7}
-    assert config['classes'] == [0, 1, 2, 7] and data.num_classes == 10 and nets[0](data.x_test[:5].float()).shape == (5, 10)
+    assert (config['classes'] == [0, 1, 2, 7] and data.num_classes == 10
+            and nets[0](data.x_test[:5].float()).shape == (5, 10))
     assert len(data.y_train) == 1000 and len(data.y_val) == 100 and len(data.y_test) == 1000
+
+
+def test_the_command_line_helps_first_and_runs_that_differ_get_different_names(tmp_path):
+    """No arguments print the help (never a CIFAR-10 run); -h, --version; options in their panels, choices
+    listed; a default name tells runs with other options apart, and a collision says what differs."""
+    import subprocess
+    import sys
+    bare = subprocess.run([sys.executable, 'train_ensemble.py'], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bare.returncode == 0 and 'Usage' in bare.stdout and '╭─ The network' in bare.stdout
+    assert 'prob|logit|mean' in bare.stdout and '…' not in bare.stdout
+    short = subprocess.run([sys.executable, 'train_ensemble.py', '-h'], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+    version = subprocess.run([sys.executable, 'train_ensemble.py', '--version'], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+    assert short.stdout == bare.stdout and version.stdout.startswith('train_ensemble.py: checkpoints deep-ensembles/1')
+    names = {te.resolve_config(te.Config(dataset='synthetic', arch='mlp', **given)).out
+             for given in (dict(), dict(hidden=[64]), dict(hidden=[128]), dict(epochs=2), dict(lr=0.1))}
+    assert len(names) == 5 and 'runs/synthetic_mlp_m1_beta0_prob_s0' in names
+    run(tmp_path, 'r', **TINY_MLP)
+    result = CliRunner().invoke(cli(), ['--dataset', 'synthetic', '--arch', 'mlp', '--hidden', '64', '--subset', '256',
+                                        '--batch-size', '64', '--epochs', '3', '--out', str(tmp_path / 'r')])
+    assert result.exit_code == 2 and 'hidden: [32] there, [64] here' in result.output

@@ -13,7 +13,8 @@ import train_ensemble as te
 
 SPEC = dict(arch='vit', in_channels=1, image_size=28, num_classes=10, width=0.5, kernel_size=3, hidden=[], depth=2,
             heads=4, patch_size=7, mean=[0.3], std=[0.35])
-TINY = dict(dataset='synthetic', arch='vit', width=0.25, depth=1, heads=2, patch_size=8, subset=256, batch_size=64, epochs=2)
+TINY = dict(dataset='synthetic', arch='vit', width=0.25, depth=1, heads=2, patch_size=8, subset=256, batch_size=64,
+            epochs=2)
 
 
 def member(seed, spec=SPEC):
@@ -91,8 +92,9 @@ def test_vits_learn_and_align_and_merge_from_the_command_line(tmp_path, fashion_
                    batch_size=64, device='cpu')
     summary = te.train(te.Config(out=str(tmp_path / 'vit'), members=2, **options), console=quiet())
     assert min(summary['member_test_acc']) > 0.6   # chance is 0.1
-    result = CliRunner().invoke(analyze.app, ['interpolate', str(tmp_path / 'vit'), str(tmp_path / 'vit'), '--member', '0,1',
-                                              '--align', '--steps', '5', '--examples', '500', '--json', str(tmp_path / 'i.json')])
+    result = CliRunner().invoke(analyze.app, ['interpolate', str(tmp_path / 'vit'), str(tmp_path / 'vit'),
+                                              '--member', '0,1', '--align', '--steps', '5', '--examples', '500',
+                                              '--json', str(tmp_path / 'i.json')])
     assert result.exit_code == 0, result.output
     curves = json.loads((tmp_path / 'i.json').read_text())['curves']
     assert curves['aligned']['barrier']['test_loss'] < curves['naive']['barrier']['test_loss']
@@ -101,7 +103,8 @@ def test_vits_learn_and_align_and_merge_from_the_command_line(tmp_path, fashion_
     assert len(te.member_paths(tmp_path / 'merged')) == 1
     result = CliRunner().invoke(rebasin.make_app(), ['align', str(tmp_path / 'vit'), str(tmp_path / 'vit'),
                                                      '--out', str(tmp_path / 'aligned')])
-    assert result.exit_code == 0 and 'of 424 channels moved' in result.output, result.output   # 32 + 2 x (4 + 2 x 4 x 8 + 128)
+    # 32 + 2 x (4 + 2 x 4 x 8 + 128)
+    assert result.exit_code == 0 and 'of 424 channels moved' in result.output, result.output
     result = CliRunner().invoke(rebasin.make_app(), ['spec', str(tmp_path / 'vit' / 'member_0.safetensors'),
                                                      '--json', str(tmp_path / 'spec.json')])
     assert result.exit_code == 0 and 'QK2 (in each block of H2)' in result.output, result.output
@@ -128,7 +131,8 @@ def test_members_whose_shared_tensors_differ_are_refused_side_by_side():
     an unaligned member would silently give it the other's positions."""
     a, b = member(0), member(1)
     spec = rebasin.permutation_spec(b, images(1))
-    aligned = rebasin.apply_permutation(spec, rebasin.weight_matching(spec, a.state_dict(), b.state_dict()), b.state_dict())
+    aligned = rebasin.apply_permutation(spec, rebasin.weight_matching(spec, a.state_dict(), b.state_dict()),
+                                        b.state_dict())
     wide = te.build_model(SPEC, members=2)
     with pytest.raises(te.EnsembleError, match="differ in '1.pos'"):
         te.stack_members([a.state_dict(), aligned], wide.state_dict())
@@ -139,7 +143,8 @@ def test_merging_permuted_copies_of_one_vit_returns_that_vit():
     in the first one's basin."""
     net = member(0)
     spec = rebasin.permutation_spec(net, images(1))
-    copies = [net.state_dict()] + [rebasin.apply_permutation(spec, rebasin.random_permutation(spec, i), net.state_dict())
+    copies = [net.state_dict()] + [rebasin.apply_permutation(spec, rebasin.random_permutation(spec, i),
+                                                             net.state_dict())
                                    for i in range(1, 4)]
     merged, perms = rebasin.merge_many(spec, copies, seed=0)
     for k, v in net.state_dict().items():
@@ -163,7 +168,8 @@ def test_the_heads_and_their_dimensions_are_solved_jointly_and_exactly():
 
     orders = [torch.tensor(o) for o in itertools.permutations(range(2))]
     best = max(objective({**found, 'H2': heads, 'QK2': torch.stack(qk), 'V2': torch.stack(v)})
-               for heads in orders for qk in itertools.product(orders, repeat=2) for v in itertools.product(orders, repeat=2))
+               for heads in orders for qk in itertools.product(orders, repeat=2)
+               for v in itertools.product(orders, repeat=2))
     assert objective(found) == pytest.approx(best, rel=1e-6)
 
 
