@@ -993,7 +993,7 @@ def _typer_command(function, typer):
 def make_app():
     """The typer application: every command in COMMANDS."""
     import typer
-    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                       context_settings=dict(help_option_names=['-h', '--help']),
                       help='Metrics, diversity, collusion diagnostics, interpolation and sharpness of trained '
                            'ensembles.')

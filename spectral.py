@@ -486,7 +486,7 @@ def make_app():
     import typer
     from rich.console import Console
 
-    app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                       help='Spectral norms, the spectral parametrization, and coordinate checks.')
     console = Console()
     for add_command in (_add_report, _add_coord_check, _add_lr_sweep):

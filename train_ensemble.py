@@ -2999,7 +2999,7 @@ def main():
     import typer.rich_utils
     if not sys.stdout.isatty() and typer.rich_utils.MAX_WIDTH is None:   # a pipe's 80 columns cut the help's words
         typer.rich_utils.MAX_WIDTH = 110
-    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+    app = typer.Typer(add_completion=True, pretty_exceptions_enable=False,
                       context_settings=dict(help_option_names=['-h', '--help']))
     app.command()(command())
     app(args=sys.argv[1:] or ['--help'])
