@@ -613,8 +613,7 @@ def corrupt(x_uint8, name, severity, generator=None):
         raise EnsembleError(f'severity must be 1..5, got {severity}')
     if x_uint8.dtype != torch.uint8 or x_uint8.dim() != 4:
         raise EnsembleError(f'corrupt takes uint8 images (N, C, H, W), got {x_uint8.dtype} {tuple(x_uint8.shape)}')
-    c, g = SEVERITY[name][severity - 1], generator
-    n, channels, h, w = x_uint8.shape
+    c, g, (n, channels, h, w) = SEVERITY[name][severity - 1], generator, x_uint8.shape
     if name == 'jpeg_compression':
         from torchvision.io import decode_jpeg, encode_jpeg
         images = [decode_jpeg(encode_jpeg(image, quality=c)) for image in x_uint8.cpu()]
