@@ -897,7 +897,7 @@ def plot_interpolation(path, curves, title, names=('loss', 'error')):
                 ax.plot(lams, [r[f'{split}_{key}'] for r in rows], style, marker='o', ms=3, color=f'C{i}',
                         label=f'{name} ({split})')
     for ax, name in zip(axes, names):
-        _label(ax, 'λ (0 = A, 1 = B)', f'{name} (solid: train, dashed: test)', legend=False)
+        _label(ax, 'λ (0: each curve\'s start, 1: its end)', f'{name} (solid: train, dashed: test)', legend=False)
     _legend_beside(fig, axes[-1])   # the curves peak mid-line and end anywhere: no corner is free
     _save(plt, fig, path, title)
 
@@ -1295,7 +1295,8 @@ def compare_row(run, recompute=False, device='auto', examples=None, console=None
                     'member_test_loss': sum(summary['member_test_loss']) / len(summary['member_test_loss']),
                     'train_loss': summary['train_loss'], 'train_div': summary['train_div'],
                     'test_div': summary['test_div']})
-    if (row['task'] == 'regression' or row['members'] == 1) and 'source' in row:   # no diversity numbers to add
+    own = (config.get('model') or {}).get('arch') == 'own'   # your own module: only train(model=...) rebuilds it
+    if (row['task'] == 'regression' or row['members'] == 1 or own) and 'source' in row:   # nothing more to add
         return dict(row, gap=row['test_loss'] - row['train_loss'])
     config, nets, data = _load(run, device, None)
     for split in ('train', 'test') if 'source' not in row else ('test',):
@@ -1339,23 +1340,29 @@ def sweep_groups(rows):
 
 
 def _compare_table(rows, regression, shifted):
-    """compare's columns and rows: settings, test score and loss of ensemble and mean member, DIV, every other
-    ENSEMBLE_METRICS number on the test split (classification), the gap, seconds and the shifted numbers."""
+    """compare's tables, each (columns, rows): settings (those that differ between runs), test score and
+    loss of ensemble and mean member, DIV, the gap, seconds and the shifted numbers; then every other
+    ENSEMBLE_METRICS number on the test split (classification), in a table of their own so neither is too
+    wide to read."""
     score, diverse = 'rmse' if regression else 'acc', any(r['members'] > 1 for r in rows)   # one member: no diversity
-    metrics = [m for m in ENSEMBLE_METRICS if m.key != 'div' and diverse and not regression]
-    columns = ['run', 'M', 'β', 'combine', 'bagging', 'param', *(('test RMSE', 'member RMSE', 'test MSE', 'member MSE')
-               if regression else ('test acc', 'member acc', 'test loss', 'member loss')),
-               *(('train DIV', 'test DIV') if diverse else ()), *(m.label for m in metrics), 'gap', 'seconds']
-    table = [(r['name'], str(r['members']), '–' if r['beta'] is None else f"{r['beta']:g}", r['combine'],
-              'yes' if r['bagging'] else 'no', r['param'], r[f'test_{score}'], r[f'member_test_{score}'],
-              r['test_loss'], r['member_test_loss'], *((r['train_div'], r['test_div']) if diverse else ()),
-              *(_cell(r.get(f'test_{m.key}'), m.format) for m in metrics), r['gap'],
+    settings = [(label, key) for label, key in (('combine', 'combine'), ('bagging', 'bagging'), ('param', 'param'))
+                if len({r[key] for r in rows}) > 1]
+    columns = ['run', 'M', 'β', *(label for label, _ in settings),
+               *(('test RMSE', 'member RMSE', 'test MSE', 'member MSE') if regression
+                 else ('test acc', 'member acc', 'test loss', 'member loss')),
+               *(('train DIV', 'test DIV') if diverse else ()), 'gap', 'seconds']
+    table = [(r['name'], str(r['members']), '–' if r['beta'] is None else f"{r['beta']:g}",
+              *(str(r[key]) for _, key in settings), r[f'test_{score}'], r[f'member_test_{score}'],
+              r['test_loss'], r['member_test_loss'], *((r['train_div'], r['test_div']) if diverse else ()), r['gap'],
               '–' if r['train_time_s'] is None else f"{r['train_time_s']:.1f}") for r in rows]
     if shifted:
         auroc_keys = [k for k in rows[0] if k.startswith('ood_auroc_')]
         columns += ['corrupted acc'] + [f"AUROC {OOD_SCORES[k[len('ood_auroc_'):]]}" for k in auroc_keys]
         table = [t + (r['corrupted_acc'], *(r[k] for k in auroc_keys)) for t, r in zip(table, rows)]
-    return columns, table
+    metrics = [m for m in ENSEMBLE_METRICS if m.key != 'div' and diverse and not regression]
+    diversity = (['run', *(m.label for m in metrics)],
+                 [(r['name'], *(_cell(r.get(f'test_{m.key}'), m.format) for m in metrics)) for r in rows])
+    return [(columns, table)] + ([diversity] if metrics else [])
 
 
 @_command()
@@ -1391,8 +1398,10 @@ def compare(
         rows.sort(key=lambda r: (r['beta'] is None, r['beta'] or 0.0, r['name']))
         sources = sorted({r['source'] for r in rows})
         running = ' (running averages: --recompute for a clean pass)' if 'summary.json' in sources else ''
-        console.print(_table(f'{len(rows)} runs; train numbers from {" and ".join(sources)}{running}',
-                             *_compare_table(rows, tasks == ['regression'], shifted)))
+        tables = _compare_table(rows, tasks == ['regression'], shifted)
+        console.print(_table(f'{len(rows)} runs; train numbers from {" and ".join(sources)}{running}', *tables[0]))
+        for columns, table in tables[1:]:
+            console.print(_table('diversity on the test split', columns, table))
         groups = sweep_groups(rows)
         configs = [r.pop('config') for r in rows]
         for r in rows:

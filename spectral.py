@@ -487,6 +487,7 @@ def make_app():
     from rich.console import Console
 
     app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
+                      context_settings=dict(help_option_names=['-h', '--help']),
                       help='Spectral norms, the spectral parametrization, and coordinate checks.')
     console = Console()
     for add_command in (_add_report, _add_coord_check, _add_lr_sweep):
@@ -556,8 +557,9 @@ def _add_report(app, typer, console):
             rows.append(dict(name=name, kind=kind, trainable=w.requires_grad, shape=list(w.shape), fan_in=fan_in,
                              fan_out=fan_out, spectral_norm=norm, target=target, ratio=norm / target))
         from rich import box
+        frozen = not all(r['trainable'] for r in rows)   # the footnote only where a row carries its mark
         table = Table(title=f'spectral norms of {model}', box=box.SIMPLE_HEAD, pad_edge=False,
-                      caption='* frozen (not trained, not rescaled)')
+                      caption='kind*: frozen (not trained, not rescaled)' if frozen else None)
         for col in ('layer', 'kind', 'shape', 'fan_in', 'fan_out', '‖W‖_*', 'target', 'ratio'):
             table.add_column(col, justify='left' if col in ('layer', 'kind') else 'right', no_wrap=True)
         for r in rows:
