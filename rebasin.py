@@ -4,6 +4,9 @@ BatchNorm repair after averaging.
     python rebasin.py spec runs/a/member_0.safetensors   # which permutation acts where
     python rebasin.py align runs/a runs/b                  # B's members, moved into A's basin: aligned/b_aligned
     python rebasin.py merge runs/* --reset-bn              # every finished run in one model: merges/<name>_merge<N>
+    python rebasin.py merge A B --method zip               # ZipIt: features merged within and across models
+    python rebasin.py merge A B --method zip --partial 2   # zip the first 2 groups; the rest stay branches
+    python rebasin.py merge runs/* --method ste --reset-bn # permutations learned for the merged model's loss
 
 Outputs go to aligned/ and merges/, outside a glob over runs/; merge skips (and names) what is not a
 finished training run, and prints the result's test accuracy beside its sources'.
@@ -13,7 +16,9 @@ layer that reads them) gives the same function with different weights. Weight ma
 Hayase, Srinivasa 2022, arXiv 2209.04836) picks the renaming of B that brings its weights closest to
 A's, so the two can be interpolated or averaged; MergeMany does it for N models at once. Averaged
 weights shrink activation variance, which resetting BatchNorm statistics or REPAIR (Jordan et al.
-2022, arXiv 2211.08403) undoes.
+2022, arXiv 2211.08403) undoes. Beyond permutations of weights: learned matching (--method ste) trains the
+permutations for the loss of the merged model itself, and zipping (--method zip, ZipIt, Stoica et al. 2023)
+merges features within and across models, fully or (--partial K) up to a layer, the rest kept as branches.
 
 The core functions take and return dicts of tensors and need only torch and scipy: copy this file into
 another project. Only the command line at the bottom imports train_ensemble. The ways of matching channels
@@ -831,14 +836,355 @@ def merge_many(spec, params_list, max_iter=MAX_SWEEPS, seed=0, device=None, max_
 
 
 #############################################
+#        Zipping (ZipIt, Stoica 2023)       #
+#############################################
+# Weight matching pairs each channel of B with one of A. ZipIt (Stoica et al. 2023, arXiv 2305.03053)
+# instead pools the N·n channels of a permutation group over all N models and greedily joins the most
+# correlated pair of clusters, either model's, until n clusters are left: features the models share are
+# averaged, and a feature only one model has may join a redundant one of its own model instead of a
+# stranger. A merge matrix M (n × N·n) averages each cluster, an unmerge matrix U (N·n × n) copies the
+# merged feature back to each member; layer W of model m contributes M_out^(m) W_m U_in^(m), folded into
+# weights of the original shape. The groups the spec leaves fixed are shared: the first layer reads the
+# same images, and the last layer's outputs (the logits) are averaged.
+
+ZIP_ALPHA = 0.5     # a pair within one model counts this fraction of its correlation (ZipIt's α; 1: no preference)
+ZIP_CHUNK = 100     # images per forward pass while correlating: every model's activations are held at once
+
+
+def _input_axes(model):
+    """{weight key: its input axis}: axis 1 of a Conv/Linear weight (0 for a transposed convolution)."""
+    return {f'{name}.weight': 0 if getattr(m, 'transposed', False) else 1 for name, m in model.named_modules()
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))}
+
+
+def _refuse_unzippable(spec, model):
+    if hasattr(model, 'permutation_table') or spec.within:
+        raise RebasinError(f'{type(model).__name__} names its own permutations inside a module (attention heads), '
+                           'which zipping cannot follow: merge it with --method weight')
+
+
+@torch.no_grad()
+def feature_correlations(spec, models, batches, device=None, chunk=ZIP_CHUNK):
+    """{permutation: (N·n × N·n) Pearson correlation of the N models' channels}, model m's at rows m·n to
+    (m+1)·n: the outputs of every Conv, Linear and norm layer the permutation reorders, on the same training
+    inputs, in eval mode (a residual stream: the mean over the layers that write it)."""
+    device = _device(device)
+    layers = _output_permutations(spec, models[0])
+    seen, stats = {}, {}
+
+    def hook(i, name):
+        def record(module, inputs, out):
+            seen[i, name] = out.detach().transpose(0, 1).reshape(out.size(1), -1).double()
+        return record
+
+    handles = [m.get_submodule(name).register_forward_hook(hook(i, name))
+               for i, m in enumerate(models) for name in layers]
+    try:
+        for m in models:
+            m.eval()
+        for x in batches:
+            for part in x.to(device).split(chunk):
+                for m in models:
+                    m(part)
+                for name in layers:   # sums of f and f·fᵀ over all models' channels at once, and the count
+                    f = torch.cat([seen.pop((i, name)) for i in range(len(models))])
+                    terms = (f.sum(1), f @ f.T, f.size(1))
+                    stats[name] = terms if name not in stats else tuple(s + t for s, t in zip(stats[name], terms))
+    finally:
+        for h in handles:
+            h.remove()
+    if not stats:
+        raise RebasinError('zipping needs at least one batch of training inputs')
+    corr, count = {}, {}
+    for name, (s, ss, n) in stats.items():
+        mean = s / n
+        cov = ss / n - torch.outer(mean, mean)
+        std = cov.diagonal().clamp_min(0).sqrt()
+        p = layers[name]
+        corr[p] = corr.get(p, 0) + cov / (torch.outer(std, std) + 1e-12)   # a constant channel correlates 0
+        count[p] = count.get(p, 0) + 1
+    return {p: c / count[p] for p, c in corr.items()}
+
+
+def zip_clusters(corr, models, alpha=ZIP_ALPHA):
+    """ZipIt's greedy matching of one group: the N·n channels (corr's rows, model by model) joined into n
+    clusters, each time the two most correlated clusters (complete linkage: a cluster is as correlated with
+    another as its least correlated pair of channels), a pair within one model weighted by alpha. The
+    clusters (lists of channel indices) come ordered by their first channel: model 0's order where it can."""
+    total = corr.shape[0]
+    c, owner = corr.double().clone(), torch.arange(total) // (total // models)
+    c[owner[:, None] == owner[None, :]] *= alpha
+    c.fill_diagonal_(-math.inf)
+    members = {i: [i] for i in range(total)}
+    for _ in range(total - total // models):
+        i, j = sorted(divmod(int(torch.argmax(c)), total))
+        members[i] += members.pop(j)
+        c[i] = c[:, i] = torch.minimum(c[i], c[j])
+        c[j] = c[:, j] = -math.inf
+        c[i, i] = -math.inf
+    return sorted((sorted(m) for m in members.values()), key=lambda m: m[0])
+
+
+def greedy_pairs(corr, models):
+    """{model m: the index that pairs model m's channels with model 0's} from an (N·n × N·n) correlation:
+    the most correlated pair across the two models first, as ZipIt matches, but across models only."""
+    n = corr.shape[0] // models
+    pairs = {}
+    for m in range(1, models):
+        c, index = corr[:n, m * n:(m + 1) * n].double().clone(), torch.empty(n, dtype=torch.long)
+        for _ in range(n):
+            i, j = divmod(int(torch.argmax(c)), n)
+            index[i] = j
+            c[i], c[:, j] = -math.inf, -math.inf
+        pairs[m] = index
+    return pairs
+
+
+def zip_matrices(clusters):
+    """(M, U) of one group: M (n × N·n) averages each cluster's channels, U (N·n × n) copies each merged
+    channel back to every member of its cluster."""
+    merge = torch.zeros(len(clusters), sum(map(len, clusters)), dtype=torch.float64)
+    unmerge = torch.zeros_like(merge.T)
+    for k, cluster in enumerate(clusters):
+        merge[k, cluster], unmerge[cluster, k] = 1 / len(cluster), 1
+    return merge, unmerge
+
+
+def _contract(t, axis, matrix):
+    """t with `axis` mapped by matrix (new × old); a flattened axis (old·k entries) moves in blocks of k."""
+    k = t.shape[axis] // matrix.shape[1]
+    if k > 1:
+        matrix = torch.kron(matrix, torch.eye(k, dtype=matrix.dtype))
+    return torch.tensordot(matrix.to(t), t, dims=([1], [axis])).movedim(0, axis)
+
+
+def _fold(spec, key, t, m, models, mats, input_axes, shared=True):
+    """Model m's share of tensor `key` in the zipped model: its output channels merged by m's block of M,
+    its input channels (a weight's input axis) unmerged by m's block of U, for the permutations in `mats`.
+    A tensor whose outputs are a fixed group (the logits) is divided by the N models when shared, so that
+    the shares add up to the average; a branch's own (shared=False) is kept whole."""
+    t, names = t.double(), spec.axes[key]
+    inp = input_axes.get(key) if t.dim() >= 2 else None
+    outputs = [axis for axis, p in enumerate(names) if p is not None and axis != inp]
+    for axis in outputs:
+        if names[axis] in mats:
+            merge = mats[names[axis]][0]
+            n = merge.shape[0]
+            t = _contract(t, axis, merge[:, m * n:(m + 1) * n])
+    if inp is not None and names[inp] in mats:
+        unmerge = mats[names[inp]][1]
+        n = unmerge.shape[1]
+        t = _contract(t, inp, unmerge[m * n:(m + 1) * n].T)
+    return t if outputs or not shared else t / models
+
+
+def _zip_setup(spec, params_list, module, batches, groups, alpha, device):
+    """The models as modules, (M, U) of each of the named groups, and the feature correlations."""
+    check_compatible(spec, params_list)
+    nets = [module(p) for p in params_list]
+    _refuse_unzippable(spec, nets[0])
+    corr = feature_correlations(spec, nets, batches, device) if groups else {}
+    unseen = [p for p in groups if p not in corr]
+    if unseen:
+        raise RebasinError(f'zipping sees no layer output of {unseen[0]}: no Conv, Linear or norm layer writes it')
+    return nets, {p: zip_matrices(zip_clusters(corr[p], len(params_list), alpha)) for p in groups}, corr
+
+
+def _reset_statistics(module, states, batches):
+    """Each state's BatchNorm statistics measured on the batches (merged statistics describe no network)."""
+    out = []
+    for state in states:
+        net = module(state)
+        _recompute_bn(net, batches)
+        out.append(_state(net))
+    return out
+
+
+def zip_models(spec, params_list, module, batches, alpha=ZIP_ALPHA, device=None, bn=True):
+    """ZipIt: the N models zipped into one state dict of their architecture (in model 0's order where it
+    can be), the (M, U) matrices of each permutation, and the feature correlations they came from.
+    module: state dict -> nn.Module on the device; batches: training inputs, whose activations are
+    correlated and on which (bn) the zipped model's BatchNorm statistics are recomputed or, without
+    BatchNorm, its hidden channels given their clusters' mean and std (REPAIR)."""
+    nets, mats, corr = _zip_setup(spec, params_list, module, batches, list(spec.perms), alpha, device)
+    input_axes, n = _input_axes(nets[0]), len(params_list)
+    merged = {k: sum(_fold(spec, k, p[k].cpu(), m, n, mats, input_axes) for m, p in enumerate(params_list)).to(t.dtype)
+              if t.is_floating_point() else t.clone() for k, t in params_list[0].items()}
+    if bn and _batchnorms(nets[0]):
+        merged = _reset_statistics(module, [merged], batches)[0]
+    elif bn:
+        merged = _zip_repair(spec, nets, module(merged), mats, batches)
+    return merged, mats, corr
+
+
+@torch.no_grad()
+def _zip_repair(spec, nets, zipped, mats, batches):
+    """REPAIR for a zipped network without BatchNorm: each merged channel of a hidden Conv/Linear gets the
+    mean of its cluster's channel means and stds (the channels it averages), layer by layer."""
+    layers = {name: p for name, p in _output_permutations(spec, zipped).items()
+              if isinstance(zipped.get_submodule(name), (nn.Linear, nn.modules.conv._ConvNd))}
+    if not layers:
+        return _state(zipped)
+    stats = [_channel_stats(net, list(layers), batches) for net in nets]
+    goal = {name: [mats[p][0].to(stats[0][name][j]) @ torch.cat([s[name][j] for s in stats]) for j in (0, 1)]
+            for name, p in layers.items()}
+    return _match_statistics(zipped, goal, batches)
+
+
+def _trunk(spec, key, t, input_axes, zipped):
+    """Whether tensor `key` belongs to a partial zip's trunk (it writes a zipped group), and the group its
+    input axis reads (None: none, or a fixed one)."""
+    names = spec.axes[key]
+    inp = input_axes.get(key) if t.dim() >= 2 else None
+    trunk = t.is_floating_point() and any(p in zipped for axis, p in enumerate(names) if axis != inp)
+    return trunk, names[inp] if inp is not None else None
+
+
+def partial_cuts(spec, params, input_axes):
+    """The K at which a partial zip may stop: every K whose trunk reads no branch (a residual stream is
+    zipped whole: for a ResNet, the ends of its stages)."""
+    order = list(spec.perms)
+    return [k for k in range(len(order) + 1) if not any(
+        trunk and reads is not None and reads not in order[:k]
+        for trunk, reads in (_trunk(spec, key, t, input_axes, order[:k]) for key, t in params.items()))]
+
+
+def partial_zip(spec, params_list, k, module, batches, alpha=ZIP_ALPHA, device=None, bn=True):
+    """Zip only the first k permutation groups (the spec's forward order) and keep the rest of each model as
+    its own branch: (branch state dicts, the keys every branch shares). Branch m has the models'
+    architecture: the zipped trunk (the same tensors in every branch), then model m's own layers, which
+    read the trunk's merged channels through m's block of U. The partially zipped model is the branches'
+    ensemble (probabilities averaged): k = 0 is the models' ensemble, k = all groups zips all but the last
+    layer. A k that cuts a residual stream (the trunk would read a branch) is refused, naming those that
+    do not (partial_cuts)."""
+    input_axes, n = _input_axes(module(params_list[0])), len(params_list)
+    cuts = partial_cuts(spec, params_list[0], input_axes)
+    if k not in cuts:
+        within = 0 <= k <= len(spec.perms)
+        raise RebasinError(f'--partial {k} ' + ('cuts a residual stream (the zipped trunk would read a branch)'
+                           if within else f'is not one of the {len(spec.perms) + 1} ends of permutation groups')
+                           + f"; use one of {', '.join(map(str, cuts))}")
+    nets, mats, _ = _zip_setup(spec, params_list, module, batches, list(spec.perms)[:k], alpha, device)
+    shared, branches = [], [{} for _ in params_list]
+    for key, t in params_list[0].items():
+        trunk, _ = _trunk(spec, key, t, input_axes, mats)
+        if trunk:
+            shared.append(key)
+            value = sum(_fold(spec, key, p[key].cpu(), m, n, mats, input_axes) for m, p in enumerate(params_list))
+        for m, p in enumerate(params_list):
+            own = _fold(spec, key, p[key].cpu(), m, n, mats, input_axes, shared=False) if t.is_floating_point() \
+                else p[key]
+            branches[m][key] = (value if trunk else own).to(t.dtype).clone()
+    if bn and _batchnorms(nets[0]):
+        branches = _reset_statistics(module, branches, batches)
+    return branches, shared
+
+
+#############################################
+#     Learned matching (straight-through)   #
+#############################################
+# Weight matching minimizes a distance between weights, a proxy for what we want: a low loss of the
+# averaged network. Ainsworth et al. (2022, sec. 3.3) learn the permutation for that loss itself: soft
+# weights θ̃ (one copy per model but the reference), whose nearest permutation of the real weights
+# (weight matching of θ̃ against them) is used in the forward pass, with the gradient passed straight
+# through to θ̃. For N models (STE-MergeMany) the averaged network is the mean of all N.
+
+STE_STEPS = 200     # optimizer steps, each on one training batch
+STE_LR = 1e-3       # Adam's learning rate for the soft weights (weights of trained nets are ~1e-2 to 1e-1)
+STE_CHECKS = 10     # times the projection's loss on all the training examples is measured; the best is kept
+
+
+def _bn_train_mode(net):
+    """Eval mode except BatchNorm, which normalizes by batch statistics: the loss an averaged network has once
+    its statistics are recomputed, as they are after every merge."""
+    net.eval()
+    for m in _batchnorms(net).values():
+        m.train()
+    return net
+
+
+def ste_matching(spec, params_list, module, batches, targets=None, steps=STE_STEPS, lr=STE_LR, seed=0, device=None,
+                 max_iter=MAX_SWEEPS, progress=None, init=None):
+    """Learned matching: one Permutation per model (model 0's the identity) that lowers the training loss of
+    the average of the permuted models, starting from weight matching (two models) or MergeMany. batches:
+    training inputs; targets: their labels, or None for the models' own mean probabilities (no labels
+    needed). The projection's loss on all the batches is measured STE_CHECKS times and the best
+    permutations are kept, so the result never has a higher loss there than its start. Deterministic
+    for a seed. progress(record) after each step: {'step', 'steps', 'loss', 'best'}. init: the Permutations
+    to start from (default: weight matching of two models, MergeMany of more)."""
+    check_compatible(spec, params_list)
+    device, n, rng = _device(device), len(params_list), random.Random(seed)
+    batches = [x.to(device) for x in batches]
+    if not batches:
+        raise RebasinError('learned matching needs at least one batch of training inputs')
+    net = _bn_train_mode(copy.deepcopy(module(params_list[0])).to(device))
+    if targets is None:
+        with torch.no_grad():
+            nets = [module(p).eval() for p in params_list]
+            targets = [torch.stack([F.softmax(m(x).float(), -1) for m in nets]).mean(0) for x in batches]
+    targets = [y.to(device) for y in targets]
+    if init is not None:
+        perms = list(init)
+    elif n == 2:
+        perms = [identity_permutation(spec), weight_matching(spec, params_list[0], params_list[1], max_iter, seed,
+                                                             device=device)]
+    else:
+        perms = merge_many(spec, params_list, max_iter, seed, device)[1]
+    keys = _matched_keys(spec, params_list[0])
+    models = [{k: v.to(device, torch.float32) if v.is_floating_point() else v.to(device) for k, v in p.items()}
+              for p in params_list]
+    # The soft weights start at the merged model, not at each permuted model: their nearest permutation is
+    # the same, but between the models a small step can change it (the MLP pair of experiments/merging.py,
+    # 300 steps: test barrier 0.047 against 0.050 from the permuted model and 0.050 for weight matching).
+    start = average([apply_permutation(spec, q, {k: m[k] for k in keys}) for q, m in zip(perms, models)])
+    soft = [{k: v.detach().clone().requires_grad_() for k, v in start.items()} for _ in models[1:]]
+    optimizer = torch.optim.Adam([t for s in soft for t in s.values()], lr=lr)
+
+    def averaged(perms, soft=None):
+        permuted = [apply_permutation(spec, q, m) for q, m in zip(perms, models)]
+        for p, s in zip(permuted[1:], soft or []):   # straight through: the projection forward, θ̃'s gradient back
+            p.update({k: s[k] + (p[k] - s[k]).detach() for k in keys})
+        return {k: sum(p[k] for p in permuted) / n if t.is_floating_point() else t for k, t in permuted[0].items()}
+
+    def loss(params, x, y):
+        return F.cross_entropy(torch.func.functional_call(net, params, (x,)).float(), y)
+
+    @torch.no_grad()
+    def full_loss(perms):
+        params = averaged(perms)
+        return sum(float(loss(params, x, y)) * len(x) for x, y in zip(batches, targets)) / sum(map(len, batches))
+
+    best, best_loss = list(perms), full_loss(perms)
+    checks = {max(1, round(steps * (i + 1) / STE_CHECKS)) for i in range(STE_CHECKS)}
+    for step in range(1, steps + 1):
+        i = rng.randrange(len(batches))
+        value = loss(averaged(perms, soft), batches[i], targets[i])
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        # the nearest permutation of each model's weights to its soft weights (warm-started: a few swaps)
+        perms = [perms[0]] + [weight_matching(spec, {k: s[k].detach() for k in keys}, {k: m[k] for k in keys},
+                                              max_iter, seed, init=q, device=device)
+                              for s, m, q in zip(soft, models[1:], perms[1:])]
+        if step in checks:
+            now = full_loss(perms)
+            if now < best_loss * (1 - 1e-7):   # a real gain: a tie keeps the weight-matching start
+                best, best_loss = list(perms), now
+        if progress is not None:
+            progress({'step': step, 'steps': steps, 'loss': float(value), 'best': best_loss})
+    return [Permutation({p: q.cpu() for p, q in perm.items()}) for perm in best]
+
+
+#############################################
 #              Merge methods                #
 #############################################
 # One entry per way of matching channels; `align`, `merge`, their --method help and validation, and
 # other scripts read this registry. Every caller passes the same keyword options and each method takes
 # what it uses: max_iter, seed, device, max_passes, tol, progress (weight matching); module (a function
 # from a state dict to an nn.Module on the device) and batches (a list of training inputs) for a method
-# with needs_data. A new method is one entry and its align function: without a merge function of its
-# own, merge aligns every model to the first and averages.
+# with needs_data, and targets (the batches' labels), steps, lr (ste) and alpha (zip). A new method is
+# one entry and its align function: without a merge function of its own, merge aligns every model to the
+# first and averages.
 
 @dataclass(frozen=True)
 class MergeMethod:
@@ -863,11 +1209,65 @@ def _align_activations(spec, params_a, params_b, module=None, batches=None, devi
     return activation_matching(spec, module(params_a), module(params_b), batches, device)
 
 
+def _needs(what, module, batches):
+    if module is None or batches is None:
+        raise RebasinError(f'{what} needs module= (state dict -> nn.Module) and batches= (training inputs)')
+
+
+def _zip_permutations(spec, corr, models):
+    """Each model's greedy pairing with model 0, group by group: what REPAIR needs of a zip (the endpoints'
+    channel statistics in the merged model's order), and zip's alignment of a pair."""
+    pairs = {p: greedy_pairs(c, models) for p, c in corr.items()}
+    return [identity_permutation(spec)] + [Permutation({p: pairs[p][m] for p in spec.perms}) for m in range(1, models)]
+
+
+def _align_zip(spec, params_a, params_b, module=None, batches=None, device=None, **_):
+    _needs('zipping', module, batches)
+    check_compatible(spec, [params_a, params_b])
+    nets = [module(params_a), module(params_b)]
+    _refuse_unzippable(spec, nets[0])
+    corr = feature_correlations(spec, nets, batches, device)
+    unseen = next((p for p in spec.perms if p not in corr), None)
+    if unseen:
+        raise RebasinError(f'zipping sees no layer output of {unseen}: no Conv, Linear or norm layer writes it')
+    return _zip_permutations(spec, corr, 2)[1]
+
+
+def _merge_zip(spec, params_list, module=None, batches=None, alpha=ZIP_ALPHA, device=None, **_):
+    _needs('zipping', module, batches)
+    if len(params_list) < 2:
+        raise RebasinError(f'zipping needs at least two models, got {len(params_list)}')
+    merged, _, corr = zip_models(spec, params_list, module, batches, alpha, device)
+    return merged, _zip_permutations(spec, corr, len(params_list))
+
+
+def _align_ste(spec, params_a, params_b, module=None, batches=None, targets=None, steps=STE_STEPS, lr=STE_LR, seed=0,
+               device=None, max_iter=MAX_SWEEPS, progress=None, **_):
+    _needs('learned matching', module, batches)
+    return ste_matching(spec, [params_a, params_b], module, batches, targets, steps, lr, seed, device, max_iter,
+                        progress)[1]
+
+
+def _merge_ste(spec, params_list, module=None, batches=None, targets=None, steps=STE_STEPS, lr=STE_LR, seed=0,
+               device=None, max_iter=MAX_SWEEPS, progress=None, **_):
+    _needs('learned matching', module, batches)
+    if len(params_list) < 2:
+        raise RebasinError(f'merging needs at least two models, got {len(params_list)}')
+    start = merge_many(spec, params_list, max_iter, seed, device)[1]   # as --method weight merges: STE improves it
+    perms = ste_matching(spec, params_list, module, batches, targets, steps, lr, seed, device, max_iter, progress,
+                         start)
+    return average([apply_permutation(spec, q, p) for q, p in zip(perms, params_list)]), perms
+
+
 MERGE_METHODS = {
     'weight': MergeMethod('weight matching: channels paired to bring the weights closest, MergeMany to merge',
                           _align_weights, _merge_weights),
     'activation': MergeMethod('activation matching: channels paired by how their activations on training images '
                               'correlate', _align_activations, needs_data=True),
+    'ste': MergeMethod('learned matching: permutations trained by a straight-through estimator to lower the '
+                       "averaged model's training loss, from weight matching", _align_ste, _merge_ste, needs_data=True),
+    'zip': MergeMethod('ZipIt: features merged within and across models by activation correlation, not a '
+                       'permutation; --partial K keeps branches', _align_zip, _merge_zip, needs_data=True),
 }
 
 
@@ -973,7 +1373,15 @@ def repair_many(models, weights, model_mix, batches):
         raise RebasinError('REPAIR needs BatchNorm layers or hidden Conv/Linear layers to rescale')
     stats = [_channel_stats(m, layers, batches) for m in models]
     goal = {name: [sum(w * s[name][j] for w, s in zip(weights, stats)) for j in (0, 1)] for name in layers}
-    for name in layers:
+    return _match_statistics(mix, goal, batches)
+
+
+def _match_statistics(mix, goal, batches):
+    """The new state dict of `mix` (changed in place) whose named layers' channels have the goal's
+    {name: (mean, std)}: BatchNorm's affine terms set and its statistics recomputed, or without BatchNorm
+    each Conv/Linear rescaled in forward order."""
+    norms = _batchnorms(mix)
+    for name in goal:
         m, (mean, std) = mix.get_submodule(name), goal[name]
         if norms:   # in train mode BatchNorm's output has mean = bias and std = |weight|: set them, then
             if m.affine:   # recompute the statistics that make it so (all layers at once)
@@ -1059,15 +1467,48 @@ def _known(options):
     return {k: v for k, v in options.items() if v is not None}
 
 
-def _training_batches(data, model_spec, examples, batch_size, device):
+def _training_batches(data, model_spec, examples, batch_size, device, labels=False):
+    """The first `examples` training inputs in batches (labels: and their labels, batched alike)."""
     te = _te()
-    x = te.load_run_data(data, download=False).x_train
+    loaded = te.load_run_data(data, download=False)
+    x = loaded.x_train
     expected = te.input_shape(model_spec)
     if tuple(x.shape[1:]) != expected:
         raise RebasinError(f"dataset {data['dataset']} has inputs of shape {tuple(x.shape[1:])}; "
                            f"the models expect {expected}")
-    x = x[:examples]
-    return te.float_batches(x, batch_size, device)
+    batches = te.float_batches(x[:examples], batch_size, device)
+    return (batches, list(loaded.y_train[:examples].to(device).split(batch_size))) if labels else batches
+
+
+def _data_needs(o, entry, data, model_spec, device, console):
+    """The options a method with needs_data takes from the command line: training inputs and labels, and
+    ste's and zip's settings; a progress bar for ste's steps."""
+    if not entry.needs_data:
+        return {}
+    batches, targets = _training_batches(data, model_spec, o.examples, o.batch_size, device, labels=True)
+    return dict(module=lambda state: _module(model_spec, state, device), batches=batches, targets=targets,
+                steps=o.steps, lr=o.lr, alpha=o.alpha, progress=_step_bar(console))
+
+
+def _step_bar(console):
+    """progress(record) for learned matching: a rich progress bar over its steps, with the running loss."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    state = {}
+
+    def progress(record):
+        if 'step' not in record:
+            return
+        if 'bar' not in state:
+            state['bar'] = Progress(TextColumn('learned matching'), BarColumn(), TextColumn('{task.completed}/'
+                                    '{task.total} steps, loss {task.fields[loss]:.4f}, best {task.fields[best]:.4f}'),
+                                    TimeRemainingColumn(), console=console, transient=True)
+            state['bar'].start()
+            state['task'] = state['bar'].add_task('ste', total=record['steps'], loss=record['loss'],
+                                                  best=record['best'])
+        state['bar'].update(state['task'], completed=record['step'], loss=record['loss'], best=record['best'])
+        if record['step'] == record['steps']:
+            state.pop('bar').stop()
+    return progress
 
 
 def _check_out(out, force):
@@ -1155,9 +1596,11 @@ def _why_skipped(path):
     writer = te.run_dir_writer(path)
     if writer is not None:
         return f'still being written by {writer}'
-    command = _raw_config(path).get('command')
-    if command:
-        return f'the output of rebasin.py {command}, not a training run (name its member files to merge it)'
+    config = _raw_config(path)
+    if config.get('command'):
+        return f"the output of rebasin.py {config['command']}, not a training run (name its member files to merge it)"
+    if isinstance(config.get('model'), dict) and config['model'].get('arch') == te.OWN:
+        return f"a run of your own module {config['model'].get('module')}, which only its factory rebuilds"
     try:
         te.member_paths(path)   # refuses a directory without members and an unfinished training run
     except te.EnsembleError as e:
@@ -1211,7 +1654,8 @@ def _merge_name(found, o):
     """merge's default output name: what the source runs share, how many models, and how they were merged."""
     stem = _common_stem([m.path.parent.name for m in found])
     name = f'{stem}_merge{len(found)}' if stem else f'merge{len(found)}'
-    extras = [o.method] * (o.method != next(iter(MERGE_METHODS))) + ['resetbn'] * o.reset_bn + ['repair'] * o.repair
+    extras = [o.method] * (o.method != next(iter(MERGE_METHODS))) + [f'partial{o.partial}'] * (o.partial is not None) \
+        + ['resetbn'] * o.reset_bn + ['repair'] * o.repair
     return '_'.join([name, *extras])
 
 
@@ -1296,10 +1740,16 @@ def _evaluation(console, o, data, sources, outputs, device):
 
 
 def _check_counts(o):
-    for name in ('examples', 'bn_examples', 'batch_size', 'test_examples', 'max_iter', 'max_passes'):
+    for name in ('examples', 'bn_examples', 'batch_size', 'test_examples', 'max_iter', 'max_passes', 'steps'):
         value = getattr(o, name, None)
         if value is not None and value < 1:
             raise RebasinError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if not (o.lr > 0 and math.isfinite(o.lr)):
+        raise RebasinError(f'--lr must be a positive number, got {o.lr}')
+    if not 0 <= o.alpha <= 1:
+        raise RebasinError(f'--alpha must be between 0 and 1, got {o.alpha}')
+    if getattr(o, 'partial', None) is not None and o.partial < 0:
+        raise RebasinError(f'--partial must be at least 0, got {o.partial}')
 
 
 def _align(o):
@@ -1313,9 +1763,7 @@ def _align(o):
     _, spec = _permutation_spec_of(ref.model_spec)
     check_compatible(spec, [ref.state] + [m.state for m in models], [str(m.path) for m in [ref] + models])
     data, options = _data_options(o.b, o.dataset, o.data_dir), dict(max_iter=o.max_iter, seed=o.seed, device=dev)
-    if entry.needs_data:
-        options.update(module=lambda state: _module(ref.model_spec, state, dev),
-                       batches=_training_batches(data, ref.model_spec, o.examples, o.batch_size, dev))
+    options.update(_data_needs(o, entry, data, ref.model_spec, dev, console))
     keys, states, records = _matched_keys(spec, ref.state), [], []
     for m in models:
         perm = entry.align(spec, ref.state, m.state, **options)
@@ -1333,7 +1781,7 @@ def _align(o):
     # 'alignments', not 'members': in a run's config.json 'members' is the ensemble size, and read_config checks it
     config = dict(command='align', method=o.method, reference=str(ref.path), sources=[str(m.path) for m in models],
                   model=ref.model_spec, seed=o.seed, max_iter=o.max_iter, alignments=records, **_known(data),
-                  examples=o.examples if entry.needs_data else None, evaluation=evaluation,
+                  examples=o.examples if entry.needs_data else None, **_method_settings(o), evaluation=evaluation,
                   time_s=time.perf_counter() - start, **te.environment(dev))
     _write_run(out, states, config['sources'], ref.model_spec, config, o.force)
     console.print(f'wrote {out}', markup=False)
@@ -1346,6 +1794,8 @@ def _merge(o):
     _check_counts(o)
     if o.reset_bn and o.repair:
         raise RebasinError('--reset-bn and --repair are alternatives (--repair also recomputes the statistics)')
+    if o.partial is not None and (o.method != 'zip' or o.repair):
+        raise RebasinError('--partial K zips the first K permutation groups: it needs --method zip, without --repair')
     found = _merge_sources(o.models, console)
     if len(found) < 2:
         raise RebasinError(f'merge needs at least two models; the paths given hold {len(found)}')
@@ -1357,13 +1807,14 @@ def _merge(o):
     dev, data, distance = te.resolve_device(o.device), _data_options(found[0].path, o.dataset, o.data_dir), []
     if o.reset_bn or o.repair:   # load the data first: fail before the long part
         batches = _training_batches(data, found[0].model_spec, o.bn_examples, o.batch_size, dev)
-    options = dict(max_iter=o.max_iter, seed=o.seed, device=dev, max_passes=o.max_passes, tol=o.tol,
-                   progress=lambda record: _merge_progress(console, record, distance))
-    if entry.needs_data:
-        options.update(module=lambda state: _module(found[0].model_spec, state, dev),
-                       batches=_training_batches(data, found[0].model_spec, o.examples, o.batch_size, dev))
+    options = dict(max_iter=o.max_iter, seed=o.seed, device=dev, max_passes=o.max_passes, tol=o.tol)
+    options.update(_data_needs(o, entry, data, found[0].model_spec, dev, console))
+    bar = options.get('progress', lambda record: None)
+    options['progress'] = lambda record: (_merge_progress(console, record, distance), bar(record))
     runs = len({m.path.parent for m in found})
     console.print(f'merging {len(found)} models from {runs} run{"s" * (runs != 1)}', markup=False)
+    if o.partial is not None:
+        return _partial_merge(o, console, found, spec, options, data, dev, out, start)
     merged, perms = merge_models(o.method, spec, [m.state for m in found], **options)
     if o.reset_bn or o.repair:
         net.load_state_dict(merged)
@@ -1377,12 +1828,41 @@ def _merge(o):
                   passes=len(distance) - 1 if distance else None, distance=distance,
                   sweeps=[len(q.objective) - 1 if q.objective else None for q in perms], reset_bn=o.reset_bn,
                   repair=o.repair, bn_examples=o.bn_examples if o.reset_bn or o.repair else None,
-                  examples=o.examples if entry.needs_data else None, **_known(data), evaluation=evaluation,
+                  examples=o.examples if entry.needs_data else None, **_method_settings(o), **_known(data),
+                  evaluation=evaluation,
                   time_s=time.perf_counter() - start, **te.environment(dev))
     _write_run(out, [merged], [config['sources']], found[0].model_spec, config, o.force)
     how = (f'in {len(distance) - 1} pass{"es" * (len(distance) != 2)}' if distance else f'by {o.method} matching'
            + (f' on {o.examples} training images' if entry.needs_data else ''))
     console.print(f'merged {len(found)} models {how}, {time.perf_counter() - start:.1f} s: wrote {out}', markup=False)
+
+
+def _method_settings(o):
+    """What config.json records of ste's and zip's own options (nothing for the other methods)."""
+    return dict(steps=o.steps, lr=o.lr) if o.method == 'ste' else dict(alpha=o.alpha) if o.method == 'zip' else {}
+
+
+def _partial_merge(o, console, found, spec, options, data, dev, out, start):
+    """merge --method zip --partial K: the branches of the partially zipped model, written as the members of
+    one run whose ensemble (probabilities averaged) is that model; evaluated and recorded as such."""
+    te, params = _te(), [m.state for m in found]
+    branches, shared = partial_zip(spec, params, o.partial, options['module'], options['batches'], o.alpha, dev)
+    names = {k for k, _ in _te().build_model(found[0].model_spec).named_parameters()}
+    one = sum(t.numel() for k, t in params[0].items() if k in names)
+    trunk = sum(params[0][k].numel() for k in shared if k in names)
+    count = trunk + len(branches) * (one - trunk)
+    evaluation = _evaluation(console, o, data, found, [(f'branch {i}', b) for i, b in enumerate(branches)], dev)
+    config = dict(command='merge', method='zip', partial=o.partial, sources=[str(m.path) for m in found],
+                  model=found[0].model_spec, seed=o.seed, alpha=o.alpha, examples=o.examples, members=len(branches),
+                  combine='prob', shared=shared, parameters=count, parameters_per_model=one, reset_bn=True,
+                  **_known(data), evaluation=evaluation, time_s=time.perf_counter() - start, **te.environment(dev))
+    _write_run(out, branches, [config['sources']] * len(branches), found[0].model_spec, config, o.force)
+    if evaluation and 'test_acc' in evaluation:
+        console.print(f"  partially zipped model (the branches' ensemble)  {100 * evaluation['test_acc']:.2f}%",
+                      markup=False)
+    console.print(f'zipped the first {o.partial} of {len(spec.perms)} permutation groups of {len(found)} models: '
+                  f'{len(branches)} branches averaged, {count:,} parameters ({count / one:.2f}x one model), '
+                  f'{time.perf_counter() - start:.1f} s: wrote {out}', markup=False)
 
 
 def _merge_progress(console, record, distance):
@@ -1408,6 +1888,11 @@ METHOD_HELP = 'How channels are matched, one of: ' + '; '.join(f'{k} ({m.help})'
 NO_EVAL_HELP = ("Skip the test accuracy (RMSE for regression) of the sources and the result, which is otherwise "
                 "printed and recorded in config.json's 'evaluation'.")
 TEST_EXAMPLES_HELP = 'Evaluate on at most this many test examples (default: all of them).'
+EXAMPLES_HELP = ('--method activation, ste, zip: training images whose activations are correlated (ste: whose '
+                 'loss is lowered).')
+STEPS_HELP = '--method ste: optimizer steps of learned matching, one training batch each.'
+LR_HELP = "--method ste: Adam's learning rate for the soft weights."
+ALPHA_HELP = '--method zip: weight of a pair of features within one model against a pair across models (0 to 1).'
 MATCH, BN, DATA = 'Matching', 'BatchNorm after averaging', 'Data and evaluation'   # --help's option panels
 
 
@@ -1445,8 +1930,10 @@ def _add_align(app, typer):
                                      rich_help_panel=MATCH),
         seed: int = typer.Option(0, help='Seed of the random order of the permutations within a sweep.',
                                  rich_help_panel=MATCH),
-        examples: int = typer.Option(BN_EXAMPLES, help='--method activation: training images whose activations '
-                                                       'are correlated.', rich_help_panel=MATCH),
+        examples: int = typer.Option(BN_EXAMPLES, help=EXAMPLES_HELP, rich_help_panel=MATCH),
+        steps: int = typer.Option(STE_STEPS, help=STEPS_HELP, rich_help_panel=MATCH),
+        lr: float = typer.Option(STE_LR, help=LR_HELP, rich_help_panel=MATCH),
+        alpha: float = typer.Option(ZIP_ALPHA, help=ALPHA_HELP, rich_help_panel=MATCH),
         dataset: Optional[str] = typer.Option(None, help="Data for the test accuracy and the training images "
                                                          "(default: B's run's).", rich_help_panel=DATA),
         data_dir: Optional[Path] = typer.Option(None, help="Where that dataset lives (default: the source run's, "
@@ -1483,8 +1970,14 @@ def _add_merge(app, typer):
                                                  'fraction.', rich_help_panel=MATCH),
         seed: int = typer.Option(0, help='Seed of the random orders (models within a pass, permutations within '
                                          'a sweep).', rich_help_panel=MATCH),
-        examples: int = typer.Option(BN_EXAMPLES, help='--method activation: training images whose activations '
-                                                       'are correlated.', rich_help_panel=MATCH),
+        examples: int = typer.Option(BN_EXAMPLES, help=EXAMPLES_HELP, rich_help_panel=MATCH),
+        steps: int = typer.Option(STE_STEPS, help=STEPS_HELP, rich_help_panel=MATCH),
+        lr: float = typer.Option(STE_LR, help=LR_HELP, rich_help_panel=MATCH),
+        alpha: float = typer.Option(ZIP_ALPHA, help=ALPHA_HELP, rich_help_panel=MATCH),
+        partial: Optional[int] = typer.Option(None, help='--method zip: zip only the first K permutation groups and '
+                                                         "keep the rest of each model as a branch (the output run's "
+                                                         'members, an ensemble); 0 is the ensemble.',
+                                              rich_help_panel=MATCH),
         reset_bn: bool = typer.Option(False, '--reset-bn', help='Recompute the merged BatchNorm statistics on '
                                                                 'training data.', rich_help_panel=BN),
         repair: bool = typer.Option(False, '--repair', help="REPAIR: give each channel the mean of the models' "

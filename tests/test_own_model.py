@@ -114,3 +114,20 @@ def test_a_users_cnn_learns_fashion_mnist(tmp_path, fashion_mnist):
     summary = train(tmp_path, 'cnn', small_cnn, (data.x_train, data.y_train, data.x_test, data.y_test),
                     members=2, epochs=4, batch_size=32, lr=3e-3)
     assert summary['test_acc'] > 0.65 and min(summary['member_test_acc']) > 0.6   # chance is 0.1
+
+
+def test_a_run_of_your_own_module_is_skipped_by_merge_and_read_from_its_summary_by_compare(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import analyze
+    import rebasin
+    monkeypatch.chdir(tmp_path)
+    train(tmp_path / 'runs', 'mine', lambda seed: TinyNet(), members=2, epochs=1)
+    for seed in (0, 1):
+        te.train(te.Config(dataset='synthetic', arch='mlp', hidden=[16], subset=128, epochs=1, seed=seed,
+                           out=f'runs/mlp{seed}', device='cpu'), console=quiet_console())
+    runs = sorted(f'runs/{p.name}' for p in (tmp_path / 'runs').iterdir())
+    merged = CliRunner().invoke(rebasin.make_app(), ['merge', *runs, '--no-eval'])
+    assert merged.exit_code == 0 and 'skipped runs/mine: a run of your own module' in merged.output, merged.output
+    compared = CliRunner().invoke(analyze.make_app(), ['compare', *runs])
+    assert compared.exit_code == 0 and 'mine' in compared.output, compared.output
