@@ -243,6 +243,7 @@ def figures(exp, results):
         values = [same[f'{arch} {m}'][key] for m in METHODS]
         ax.bar(METHODS, [v[0] for v in values], yerr=[v[1] for v in values], capsize=3, color='C0')
         ax.set(title=title, ylabel='midpoint test-loss barrier')
+        ax.tick_params(axis='x', labelrotation=30)   # five method names side by side would touch
         ax.grid(alpha=0.3, axis='y')
     save(plt, fig, exp.out / 'same_task.png', f"same task, mean ± std over {exp.s['seeds']} seed(s)")
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
