@@ -41,7 +41,7 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -715,51 +715,21 @@ def activation_matching(spec, model_a, model_b, batches, device=None):
     correlation of A's and B's activations channel by channel (Ainsworth et al. 2022, activation
     matching): both models run in eval mode on the same batches (an iterable of input tensors), the
     outputs of every Conv, Linear and norm layer a permutation acts on are correlated channel with
-    channel (Pearson, over examples and positions, accumulated in float64), and a residual stream sums
-    the correlations of every layer that writes into it. Memory: the (n x n) statistics of each layer,
-    never the activations. The outputs are pre-activations (before the nonlinearity that follows)."""
+    channel (Pearson, over examples and positions, accumulated in float64: feature_correlations of the
+    two, A's channels against B's), and a residual stream averages the correlations of every layer that
+    writes into it (the assignment of their sum). Memory: the (2n x 2n) statistics of each layer, never
+    the activations. The outputs are pre-activations (before the nonlinearity that follows)."""
     device = _device(device)
     if hasattr(model_a, 'permutation_table') or spec.within:   # permutations inside modules (attention heads)
         raise RebasinError(f'{type(model_a).__name__} names its own permutations, some inside a module (attention '
                            'heads), where activation matching cannot see: use weight matching')
-    layers = _output_permutations(spec, model_a)
-    if not layers:
+    if not _output_permutations(spec, model_a):
         raise RebasinError('activation matching found no layer whose outputs a permutation reorders')
-    stats, seen = {}, {}
-
-    def hook(side, name):
-        def record(module, inputs, out):
-            seen[side, name] = out.detach().transpose(0, 1).reshape(out.size(1), -1).double()
-        return record
-
-    handles = [m.get_submodule(name).register_forward_hook(hook(side, name))
-               for side, m in (('a', model_a), ('b', model_b)) for name in layers]
-    try:
-        with _eval_mode(model_a), _eval_mode(model_b):
-            for x in batches:
-                x = x.to(device)
-                model_a(x)
-                model_b(x)
-                for name in layers:   # sums of a, b, a², b², a·bᵀ and the count, per layer
-                    a, b = seen.pop(('a', name)), seen.pop(('b', name))
-                    terms = (a.sum(1), b.sum(1), (a * a).sum(1), (b * b).sum(1), a @ b.T, a.size(1))
-                    stats[name] = terms if name not in stats else tuple(s + t for s, t in zip(stats[name], terms))
-    finally:
-        for h in handles:
-            h.remove()
-    if not stats:
-        raise RebasinError('activation matching needs at least one batch of inputs')
-    cost = {p: torch.zeros(n, n, dtype=torch.float64, device=device) for p, n in spec.perms.items()}
-    for name, (sa, sb, saa, sbb, sab, count) in stats.items():
-        mean_a, mean_b = sa / count, sb / count
-        std_a = (saa / count - mean_a ** 2).clamp_min(0).sqrt()
-        std_b = (sbb / count - mean_b ** 2).clamp_min(0).sqrt()
-        covariance = sab / count - torch.outer(mean_a, mean_b)
-        cost[layers[name]] += covariance / (torch.outer(std_a, std_b) + 1e-12)   # a constant channel correlates 0
+    corr = feature_correlations(spec, [model_a, model_b], batches, device)   # A's channels, then B's
     perm = {}
-    for p, c in cost.items():
-        _, cols = linear_sum_assignment(c.cpu().numpy(), maximize=True)
-        perm[p] = torch.as_tensor(cols)
+    for p, n in spec.perms.items():   # the cross block: A's channel i against B's channel j
+        cost = corr[p][:n, n:] if p in corr else torch.zeros(n, n, dtype=torch.float64)
+        perm[p] = torch.as_tensor(linear_sum_assignment(cost.cpu().numpy(), maximize=True)[1])
     return Permutation(perm)
 
 
@@ -880,21 +850,22 @@ def feature_correlations(spec, models, batches, device=None, chunk=ZIP_CHUNK):
     handles = [m.get_submodule(name).register_forward_hook(hook(i, name))
                for i, m in enumerate(models) for name in layers]
     try:
-        for m in models:
-            m.eval()
-        for x in batches:
-            for part in x.to(device).split(chunk):
-                for m in models:
-                    m(part)
-                for name in layers:   # sums of f and f·fᵀ over all models' channels at once, and the count
-                    f = torch.cat([seen.pop((i, name)) for i in range(len(models))])
-                    terms = (f.sum(1), f @ f.T, f.size(1))
-                    stats[name] = terms if name not in stats else tuple(s + t for s, t in zip(stats[name], terms))
+        with ExitStack() as modes:
+            for m in models:
+                modes.enter_context(_eval_mode(m))
+            for x in batches:
+                for part in x.to(device).split(chunk):
+                    for m in models:
+                        m(part)
+                    for name in layers:   # sums of f and f·fᵀ over all models' channels at once, and the count
+                        f = torch.cat([seen.pop((i, name)) for i in range(len(models))])
+                        terms = (f.sum(1), f @ f.T, f.size(1))
+                        stats[name] = terms if name not in stats else tuple(s + t for s, t in zip(stats[name], terms))
     finally:
         for h in handles:
             h.remove()
     if not stats:
-        raise RebasinError('zipping needs at least one batch of training inputs')
+        raise RebasinError('correlating activations needs at least one batch of training inputs')
     corr, count = {}, {}
     for name, (s, ss, n) in stats.items():
         mean = s / n
