@@ -1814,8 +1814,8 @@ def _method_settings(o):
 
 
 def _partial_merge(o, console, found, spec, options, data, dev, out, start):
-    """merge --method zip --partial K: the branches of the partially zipped model, written as the members of
-    one run whose ensemble (probabilities averaged) is that model; evaluated and recorded as such."""
+    """merge --method zip --partial K: the partially zipped model, its branches' probabilities averaged,
+    written as the one member of a run; evaluated and recorded as such."""
     te, params = _te(), [m.state for m in found]
     branches, shared = partial_zip(spec, params, o.partial, options['module'], options['batches'], o.alpha, dev)
     names = {k for k, _ in _te().build_model(found[0].model_spec).named_parameters()}
@@ -1823,11 +1823,15 @@ def _partial_merge(o, console, found, spec, options, data, dev, out, start):
     trunk = sum(params[0][k].numel() for k in shared if k in names)
     count = trunk + len(branches) * (one - trunk)
     evaluation = _evaluation(console, o, data, found, [(f'branch {i}', b) for i, b in enumerate(branches)], dev)
+    # One member: the branches side by side, their probabilities averaged (train_ensemble.Branches), so that
+    # load_member rebuilds the partially zipped model itself. The trunk is stored once per branch.
+    model = te.branches_spec(found[0].model_spec, len(branches))
+    state = {f'branches.{i}.{k}': v for i, branch in enumerate(branches) for k, v in branch.items()}
     config = dict(command='merge', method='zip', partial=o.partial, sources=[str(m.path) for m in found],
-                  model=found[0].model_spec, seed=o.seed, alpha=o.alpha, examples=o.examples, members=len(branches),
-                  combine='prob', shared=shared, parameters=count, parameters_per_model=one, reset_bn=True,
+                  model=model, seed=o.seed, alpha=o.alpha, examples=o.examples, members=1, branches=len(branches),
+                  shared=shared, parameters=count, parameters_per_model=one, reset_bn=True,
                   **_known(data), evaluation=evaluation, time_s=time.perf_counter() - start, **te.environment(dev))
-    _write_run(out, branches, [config['sources']] * len(branches), found[0].model_spec, config, o.force)
+    _write_run(out, [state], [config['sources']], model, config, o.force)
     if evaluation and 'test_acc' in evaluation:
         console.print(f"  partially zipped model (the branches' ensemble)  {100 * evaluation['test_acc']:.2f}%",
                       markup=False)

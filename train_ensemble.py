@@ -934,6 +934,29 @@ ARCHS = {
 }
 
 
+BRANCHES = 'branches'   # a model spec's arch for networks side by side, their probabilities averaged
+
+
+class Branches(nn.Module):
+    """Networks side by side whose probabilities are averaged, as one model: a partially zipped merge
+    (rebasin.py merge --method zip --partial K) keeps its later layers as branches. Its logits are the log
+    of the averaged probabilities, (B, members·K) member-major like every network here."""
+
+    def __init__(self, nets, members=1):
+        super().__init__()
+        self.branches, self.members = nn.ModuleList(nets), members
+
+    def forward(self, x):
+        log_p = torch.stack([F.log_softmax(net(x).view(len(x), self.members, -1), -1) for net in self.branches])
+        return (torch.logsumexp(log_p, 0) - math.log(len(self.branches))).flatten(1)
+
+
+def branches_spec(base, count):
+    """The model spec of `count` networks of spec `base` averaged (its input and output are the base's)."""
+    shared = {k: base[k] for k in ('in_channels', 'image_size', 'num_classes', 'mean', 'std', 'task') if k in base}
+    return dict(arch=BRANCHES, base=base, count=count, **shared)
+
+
 def arch_settings(spec):
     """The spec's settings of its architecture, with the defaults of those an older spec lacks."""
     return {k: spec.get(k, default) for k, default in ARCHS[spec['arch']].settings.items()}
@@ -948,6 +971,8 @@ def build_model(spec, members=1):
     (in_channels D, image_size 1) and ends in TargetScale(target_mean, target_std): its num_classes
     outputs are in the targets' units.
     """
+    if spec['arch'] == BRANCHES:
+        return Branches([build_model(spec['base'], members) for _ in range(spec['count'])], members)
     if spec['arch'] not in ARCHS:
         raise EnsembleError(f"unknown architecture '{spec['arch']}': use {', '.join(ARCHS)}")
     arch = ARCHS[spec['arch']]
@@ -1049,6 +1074,13 @@ def check_model_spec(spec, source):
     if isinstance(spec, dict) and spec.get('arch') == OWN:
         raise EnsembleError(f"{source} holds a member of your own module {spec.get('module')}: rebuild it with "
                             'make_member(seed).load_state_dict(safetensors.torch.load_file(path))')
+    if isinstance(spec, dict) and spec.get('arch') == BRANCHES:
+        if not isinstance(spec.get('count'), int) or not 1 <= spec['count'] <= 64:
+            raise bad(f"needs 'count' as an integer from 1 to 64, got {spec.get('count')!r}")
+        base = check_model_spec(spec.get('base'), source)
+        if base.get('arch') == BRANCHES or spec != branches_spec(base, spec['count']):
+            raise bad("is a branches spec whose input or output differ from its 'base'")
+        return spec
     if not isinstance(spec, dict) or spec.get('arch') not in ARCHS:
         raise bad(f"has no known 'arch' ({', '.join(ARCHS)})")
     for key in ('in_channels', 'image_size', 'num_classes'):

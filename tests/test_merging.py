@@ -149,6 +149,12 @@ def test_merge_zip_writes_a_run_whose_member_gives_the_zipped_model_and_a_partia
     e = config['evaluation']
     assert config['partial'] == 0 and e['test_acc'] == pytest.approx(e['source_ensemble_test_acc'])
     assert config['parameters'] == 2 * config['parameters_per_model']
+    net = te.load_member(tmp_path / 'p0' / 'member_0.safetensors')   # the partially zipped model itself
+    x = data.x_test[:e['examples']]   # no TTA: averaging views before or after the branches differs slightly
+    logits = te.predict_logits([net], x)
+    ensemble = te.predict_logits([te.load_member(te.member_paths(s)[0]) for s in sources], x)
+    # K = 0 zips nothing: the sources' ensemble, up to the statistics the merge recomputes
+    torch.testing.assert_close(logits[0].log_softmax(-1), te.combine(ensemble, 'prob'), rtol=0, atol=2e-2)
     result = CliRunner().invoke(rebasin.make_app(), ['merge', *sources, '--partial', '1', '--out', str(tmp_path / 'w')])
     assert result.exit_code == 2 and 'needs --method zip' in result.output
 

@@ -505,3 +505,19 @@ def test_the_command_line_helps_first_and_runs_that_differ_get_different_names(t
     result = CliRunner().invoke(cli(), ['--dataset', 'synthetic', '--arch', 'mlp', '--hidden', '64', '--subset', '256',
                                         '--batch-size', '64', '--epochs', '3', '--out', str(tmp_path / 'r')])
     assert result.exit_code == 2 and 'hidden: [32] there, [64] here' in result.output
+
+
+def test_branches_average_their_networks_probabilities_and_reload_from_one_file(tmp_path):
+    """A partially zipped merge is one member: networks side by side, their probabilities averaged."""
+    base = dict(arch='mlp', in_channels=1, image_size=8, num_classes=5, hidden=[16], mean=[0.5], std=[0.25])
+    nets = [te.init_member(base, seed) for seed in (0, 1, 2)]
+    spec = te.branches_spec(base, 3)
+    state = {f'branches.{i}.{k}': v for i, net in enumerate(nets) for k, v in net.state_dict().items()}
+    te.save_member(tmp_path / 'member_0.safetensors', state, spec)
+    model = te.load_member(tmp_path / 'member_0.safetensors')
+    x = torch.rand(6, 1, 8, 8)
+    expected = te.combine(torch.stack([net(x) for net in nets]), 'prob')
+    torch.testing.assert_close(model(x).log_softmax(-1), expected)
+    for bad in (dict(spec, count=0), dict(spec, num_classes=7), dict(spec, base=dict(base, hidden=[0]))):
+        with pytest.raises(te.EnsembleError, match='model spec'):
+            te.check_model_spec(bad, 'edited')
