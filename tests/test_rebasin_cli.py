@@ -18,6 +18,7 @@ from torch import nn
 import rebasin
 import train_ensemble as te
 from conftest import ROOT
+from test_copy_alone import BLOCK
 
 
 def cli(*args):
@@ -206,20 +207,14 @@ def test_help_lists_each_command_on_one_line_and_cuts_nothing_off():
 #           Copied alone: the CLI           #
 #############################################
 
-CHECK = '''
-import runpy, sys
-BLOCKED = %r
-
-class Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in BLOCKED:
-            raise ImportError(f'{name} is not installed in this test')
-
-sys.meta_path.insert(0, Blocker())
-sys.path = [p for p in sys.path if p not in ('', %r)]
+# The blocker of tests/test_copy_alone.py, blocking only `blocked`, then the command line as a user runs it.
+CHECK = """
+BLOCKED.clear()
+BLOCKED.update(%r)
+import runpy
 sys.argv = ['rebasin.py', 'merge', 'runs/a', 'runs/b']
 runpy.run_path('rebasin.py', run_name='__main__')
-'''
+"""
 
 
 @pytest.mark.parametrize('blocked, says', [
@@ -229,7 +224,7 @@ runpy.run_path('rebasin.py', run_name='__main__')
 ])
 def test_a_copied_rebasin_py_says_in_one_line_what_its_command_line_lacks(tmp_path, blocked, says):
     shutil.copy(ROOT / 'rebasin.py', tmp_path / 'rebasin.py')
-    (tmp_path / 'check.py').write_text(textwrap.dedent(CHECK % (blocked, str(ROOT))))
+    (tmp_path / 'check.py').write_text("SELF = 'rebasin'" + textwrap.dedent(BLOCK) + CHECK % (blocked,))
     result = subprocess.run([sys.executable, 'check.py'], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == '', result.stderr
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(f'error: {says}'), result.stderr
