@@ -1889,8 +1889,28 @@ def _add_spec(app, typer):
                 _te().write_json(json_out, asdict(spec))
 
 
+def _shared_options(typer):
+    """The options align and merge both take, each written once (typer is imported only when the command
+    line runs, so they are made here)."""
+    return dict(
+        force=typer.Option(False, '--force', help='Replace --out (or the default) if it already exists.'),
+        method=typer.Option(next(iter(MERGE_METHODS)), help=METHOD_HELP, rich_help_panel=MATCH),
+        examples=typer.Option(BN_EXAMPLES, help=EXAMPLES_HELP, rich_help_panel=MATCH),
+        steps=typer.Option(STE_STEPS, help=STEPS_HELP, rich_help_panel=MATCH),
+        lr=typer.Option(STE_LR, help=LR_HELP, rich_help_panel=MATCH),
+        alpha=typer.Option(ZIP_ALPHA, help=ALPHA_HELP, rich_help_panel=MATCH),
+        data_dir=typer.Option(None, help="Where that dataset lives (default: the source run's, else data/).",
+                              rich_help_panel=DATA),
+        batch_size=typer.Option(BN_BATCH, help='Batch size of the passes over training images.', rich_help_panel=DATA),
+        no_eval=typer.Option(False, '--no-eval', help=NO_EVAL_HELP, rich_help_panel=DATA),
+        test_examples=typer.Option(None, help=TEST_EXAMPLES_HELP, rich_help_panel=DATA),
+    )
+
+
 def _add_align(app, typer):
     """Register `rebasin.py align` (typer is passed in: it is imported only when the command line runs)."""
+    shared = _shared_options(typer)
+
     @app.command(short_help="Permute B's members into A's basin (the same functions).")
     def align(
         a: Path = typer.Argument(..., help='The reference: a member file, or a run directory (its member_0).'),
@@ -1899,24 +1919,22 @@ def _add_align(app, typer):
                                                       'numbered _2, _3, ... if taken).'),
         device: str = typer.Option('auto', help='Where cost matrices are built: auto (cuda if available), cpu '
                                                 'or cuda.'),
-        force: bool = typer.Option(False, '--force', help='Replace --out (or the default) if it already exists.'),
-        method: str = typer.Option(next(iter(MERGE_METHODS)), help=METHOD_HELP, rich_help_panel=MATCH),
+        force: bool = shared['force'],
+        method: str = shared['method'],
         max_iter: int = typer.Option(MAX_SWEEPS, help='Most weight-matching sweeps over all permutations.',
                                      rich_help_panel=MATCH),
         seed: int = typer.Option(0, help='Seed of the random order of the permutations within a sweep.',
                                  rich_help_panel=MATCH),
-        examples: int = typer.Option(BN_EXAMPLES, help=EXAMPLES_HELP, rich_help_panel=MATCH),
-        steps: int = typer.Option(STE_STEPS, help=STEPS_HELP, rich_help_panel=MATCH),
-        lr: float = typer.Option(STE_LR, help=LR_HELP, rich_help_panel=MATCH),
-        alpha: float = typer.Option(ZIP_ALPHA, help=ALPHA_HELP, rich_help_panel=MATCH),
+        examples: int = shared['examples'],
+        steps: int = shared['steps'],
+        lr: float = shared['lr'],
+        alpha: float = shared['alpha'],
         dataset: Optional[str] = typer.Option(None, help="Data for the test accuracy and the training images "
                                                          "(default: B's run's).", rich_help_panel=DATA),
-        data_dir: Optional[Path] = typer.Option(None, help="Where that dataset lives (default: the source run's, "
-                                                           "else data/).", rich_help_panel=DATA),
-        batch_size: int = typer.Option(BN_BATCH, help='Batch size of the passes over training images.',
-                                       rich_help_panel=DATA),
-        no_eval: bool = typer.Option(False, '--no-eval', help=NO_EVAL_HELP, rich_help_panel=DATA),
-        test_examples: Optional[int] = typer.Option(None, help=TEST_EXAMPLES_HELP, rich_help_panel=DATA),
+        data_dir: Optional[Path] = shared['data_dir'],
+        batch_size: int = shared['batch_size'],
+        no_eval: bool = shared['no_eval'],
+        test_examples: Optional[int] = shared['test_examples'],
     ):
         """Permute B's members into A's basin by weight matching (or activation matching). Each output member
         computes exactly the same function as its source; only the order of its hidden channels changes."""
@@ -1927,6 +1945,8 @@ def _add_align(app, typer):
 
 def _add_merge(app, typer):
     """Register `rebasin.py merge` (typer is passed in: it is imported only when the command line runs)."""
+    shared = _shared_options(typer)
+
     @app.command(short_help='Merge models (MergeMany) into one, printing its accuracy.')
     def merge(
         models: List[Path] = typer.Argument(..., help='Run directories or member files (every member is merged); '
@@ -1935,8 +1955,8 @@ def _add_merge(app, typer):
                                                       "name>_merge<N>, numbered _2, _3, ... if taken)."),
         device: str = typer.Option('auto', help='Where to match and compute statistics: auto (cuda if available), '
                                                 'cpu or cuda.'),
-        force: bool = typer.Option(False, '--force', help='Replace --out (or the default) if it already exists.'),
-        method: str = typer.Option(next(iter(MERGE_METHODS)), help=METHOD_HELP, rich_help_panel=MATCH),
+        force: bool = shared['force'],
+        method: str = shared['method'],
         max_iter: int = typer.Option(MAX_SWEEPS, help='Most weight-matching sweeps per alignment step.',
                                      rich_help_panel=MATCH),
         max_passes: int = typer.Option(MAX_PASSES, help='Most MergeMany passes over all models.',
@@ -1945,13 +1965,13 @@ def _add_merge(app, typer):
                                                  'fraction.', rich_help_panel=MATCH),
         seed: int = typer.Option(0, help='Seed of the random orders (models within a pass, permutations within '
                                          'a sweep).', rich_help_panel=MATCH),
-        examples: int = typer.Option(BN_EXAMPLES, help=EXAMPLES_HELP, rich_help_panel=MATCH),
-        steps: int = typer.Option(STE_STEPS, help=STEPS_HELP, rich_help_panel=MATCH),
-        lr: float = typer.Option(STE_LR, help=LR_HELP, rich_help_panel=MATCH),
-        alpha: float = typer.Option(ZIP_ALPHA, help=ALPHA_HELP, rich_help_panel=MATCH),
+        examples: int = shared['examples'],
+        steps: int = shared['steps'],
+        lr: float = shared['lr'],
+        alpha: float = shared['alpha'],
         partial: Optional[int] = typer.Option(None, help='--method zip: zip only the first K permutation groups and '
-                                                         "keep the rest of each model as a branch (the output run's "
-                                                         'members, an ensemble); 0 is the ensemble.',
+                                                         'keep the rest of each model as a branch (their '
+                                                         'probabilities averaged, in one member); 0 is the ensemble.',
                                               rich_help_panel=MATCH),
         reset_bn: bool = typer.Option(False, '--reset-bn', help='Recompute the merged BatchNorm statistics on '
                                                                 'training data.', rich_help_panel=BN),
@@ -1962,12 +1982,10 @@ def _add_merge(app, typer):
         dataset: Optional[str] = typer.Option(None, help='Data for the test accuracy and the training images of '
                                                          "--reset-bn, --repair or --method activation (default: the "
                                                          "first run's).", rich_help_panel=DATA),
-        data_dir: Optional[Path] = typer.Option(None, help="Where that dataset lives (default: the source run's, "
-                                                           "else data/).", rich_help_panel=DATA),
-        batch_size: int = typer.Option(BN_BATCH, help='Batch size of the passes over training images.',
-                                       rich_help_panel=DATA),
-        no_eval: bool = typer.Option(False, '--no-eval', help=NO_EVAL_HELP, rich_help_panel=DATA),
-        test_examples: Optional[int] = typer.Option(None, help=TEST_EXAMPLES_HELP, rich_help_panel=DATA),
+        data_dir: Optional[Path] = shared['data_dir'],
+        batch_size: int = shared['batch_size'],
+        no_eval: bool = shared['no_eval'],
+        test_examples: Optional[int] = shared['test_examples'],
     ):
         """MergeMany: align every model to the mean of the others until that distance stops shrinking, then
         average them (BatchNorm statistics too) into one model in the first model's basin. Prints the merged
