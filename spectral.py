@@ -490,6 +490,17 @@ def make_app():
                       context_settings=dict(help_option_names=['-h', '--help']),
                       help='Spectral norms, the spectral parametrization, and coordinate checks.')
     console = Console()
+
+    def print_version(asked):
+        if asked:
+            import train_ensemble as te
+            print(f'spectral.py: checkpoints {te.FORMAT}; torch {torch.__version__}')
+            raise typer.Exit()
+
+    @app.callback()
+    def options(version: bool = typer.Option(False, '--version', is_eager=True, callback=print_version,
+                                             help='Print the versions (checkpoint format, torch) and exit.')):
+        pass
     for add_command in (_add_report, _add_coord_check, _add_lr_sweep):
         add_command(app, typer, console)
     return app

@@ -12,7 +12,7 @@ every member's logits. The objective (SPEC.md) is
 which at β = 0 gives each member exactly the gradient it would get training alone (tested), and at
 β = 1 is the ensemble's own loss ("joint training", Jeffares et al. 2023, arXiv 2301.11323).
 
-Any of it can be sharpness-aware: `--sam-rho ρ` trains every member with SAM (each member perturbed by
+Any of it can be sharpness-aware: `--rho ρ` trains every member with SAM (each member perturbed by
 its own radius ρ), and `--flat-ratio r` adds SharpBalance (Lu et al. 2024), which gives each member SAM
 only on the examples that the other members select.
 
@@ -494,7 +494,7 @@ def prepared_data(name, x_train, y_train, x_test, y_test, num_classes, task='cla
         x_test, y_test = x_test[test_order], y_test[test_order]
     if len(order) == 0:
         raise EnsembleError(f'no training examples are left of {name} after --val-size {val_size}, --shard '
-                            f'{"/".join(map(str, shard)) if shard else None}, --subset {subset}: '
+                            f'{"/".join(map(str, shard)) if shard else None}, --examples {subset}: '
                             'ask for fewer parts or more data')
     x_train, y_train = x_train[order], y_train[order]
     return Data(name, x_train, y_train, x_test, y_test, num_classes, x_val, y_val, task).to(device)
@@ -1553,6 +1553,17 @@ def read_metrics(run_dir):
         raise EnsembleError(f'{path} is not valid JSON lines ({e})') from None
 
 
+def check_replaceable(path, held=False):
+    """Refuse, in one line, to let --force replace `path` unless it is a run this toolkit wrote that no
+    process is writing (held: this process holds its lock)."""
+    writer = None if held else run_dir_writer(path)
+    if writer is not None:   # a run still training: --force never touches it
+        raise EnsembleError(f'{path} is being written by {writer}: wait for it, or pass another --out')
+    if not is_our_run_dir(path):
+        raise EnsembleError(f'refusing to replace {path}: --force replaces only a run directory this toolkit '
+                            'wrote, holding nothing else; move or delete it yourself')
+
+
 def is_our_run_dir(path):
     """Whether `path` is a run directory this toolkit wrote (its config.json carries FORMAT) holding nothing
     but the toolkit's files: the only kind of directory a --force may replace."""
@@ -2000,7 +2011,8 @@ def state_epoch(path):
 
 def option(default, help, flag=None, parse=None, choices=None):
     """A Config field: its default and its command-line help, the one place an option is written.
-    flag: the command line's own spelling ('--x/--no-x' for a switch); parse: turns the command line's
+    flag: the command line's own spelling ('--x/--no-x' for a switch), or spellings (a tuple: the name
+    first, then the older names it still answers to); parse: turns the command line's
     text into the value (the command line then takes text); choices: the values it takes, shown by --help
     (checked by resolve_config, with the run's other options)."""
     meta = dict(help=help, flag=flag, parse=parse, choices=choices)
@@ -2046,8 +2058,8 @@ class Config:
                                     choices=('standard', 'spectral'))
     sam_rho: Optional[float] = option(None, 'SAM (Foret et al. 2021) for every member with this radius (e.g. 0.05): '
                                             'step with the gradient at w + rho*g/|g|, each member its own g. About 2x '
-                                            'the cost of a step.')
-    flat_ratio: Optional[float] = option(None, 'SharpBalance (Lu et al. 2024, needs --sam-rho): each member selects '
+                                            'the cost of a step.', flag=('--rho', '--sam-rho'))
+    flat_ratio: Optional[float] = option(None, 'SharpBalance (Lu et al. 2024, needs --rho): each member selects '
                                                'this fraction of the training set by its own per-sample sharpness; '
                                                "from --sam-start-epoch on, member j uses SAM on the other members' "
                                                'selections and plain gradients on the rest.')
@@ -2062,7 +2074,8 @@ class Config:
     data_dir: str = option('data', 'Where datasets are downloaded and cached.')
     val_size: int = option(0, 'Hold out this many training examples as a validation split.')
     shard: Optional[str] = option(None, "Train on the i-th of n disjoint parts (class-balanced for labels), as 'i/n'.")
-    subset: Optional[int] = option(None, 'Use at most this many training and test examples (quick runs).')
+    subset: Optional[int] = option(None, 'Use at most this many training and test examples (quick runs).',
+                                   flag=('--examples', '--subset'))
     classes: Optional[list] = option(None, "Keep only these classes in every split, e.g. '0-4' or '0,2,5' (labels "
                                            'keep their ids and the network all its outputs, so runs on disjoint '
                                            'classes share one label space).', parse=parse_ints)
@@ -2217,7 +2230,7 @@ def check_options(cfg):
     """Refuse options that no run can have, alone or together (before any data is loaded)."""
     bad = out_of_range(asdict(cfg))
     if bad:
-        raise EnsembleError(f"--{bad[0].replace('_', '-')} must be {bad[1]}, got {bad[2]}")
+        raise EnsembleError(f"{cli_name(bad[0])} must be {bad[1]}, got {bad[2]}")
     if cfg.beta > 1 and not cfg.allow_unstable:
         raise EnsembleError(f'--beta {cfg.beta} > 1 makes the objective unbounded below: the members can '
                             'grow DIV without limit (Jeffares et al. 2023, Thm 5.1; the Hessian at any '
@@ -2236,7 +2249,7 @@ def check_options(cfg):
                                  ('augment', cfg.augment, 'images only'), ('tta', cfg.tta, 'images only'),
                                  ('classes', cfg.classes is not None, 'labels only')):
             if given:
-                raise EnsembleError(f"--{name.replace('_', '-')} does not apply to --task regression ({why})")
+                raise EnsembleError(f"{cli_name(name)} does not apply to --task regression ({why})")
     if cfg.target is not None and not (cfg.task == 'regression' and str(cfg.dataset).endswith('.csv')):
         raise EnsembleError('--target names the target column of a .csv table (with --task regression); '
                             f'{cfg.dataset} is not one')
@@ -2266,7 +2279,7 @@ def check_options(cfg):
             raise EnsembleError(f'--flat-ratio is the fraction of the data each member selects, strictly '
                                 f'between 0 and 1, got {cfg.flat_ratio}')
         if cfg.sam_rho is None:
-            raise EnsembleError('--flat-ratio (SharpBalance) decides where SAM is applied: pass --sam-rho too')
+            raise EnsembleError('--flat-ratio (SharpBalance) decides where SAM is applied: pass --rho too')
         if cfg.members < 2:
             raise EnsembleError('SharpBalance (--flat-ratio) gives each member the samples the OTHER members '
                                 'select: it needs --members 2 or more')
@@ -2499,7 +2512,7 @@ class Training:
     state it starts over from config.json (same seeds, same result); with its last epoch's state but
     no summary.json (killed while writing the members), it writes the final files without training."""
 
-    def __init__(self, cfg, console, resume=False, model=None, data=None):
+    def __init__(self, cfg, console, resume=False, model=None, data=None, force=False):
         if model is not None or data is not None:   # the user's own module and/or tensors
             cfg = replace(cfg, arch=OWN if model is not None else cfg.arch,
                           dataset=TENSORS if data is not None else cfg.dataset)
@@ -2521,6 +2534,7 @@ class Training:
         if block.rank > 0:   # rank 0 speaks for the job
             console = make_console(quiet=True)
         self.console = console
+        self.force = force and not resume
         block.agree(lambda: self.check_directory(resume), ranks=0)   # before rank 0 writes config.json
         saved = read_config(self.out) if resume else {}
         self.model = model
@@ -2604,14 +2618,17 @@ class Training:
         return net
 
     def check_directory(self, resume):
-        if (self.out / 'config.json').exists() and not resume:
+        if (self.out / 'config.json').exists() and self.force:
+            check_replaceable(self.out)
+        elif (self.out / 'config.json').exists() and not resume:
             differ = differing_options(self.given, read_config(self.out))
             if differ:
                 raise EnsembleError(f'{self.out} holds a run with other options ({", ".join(differ)}): pass '
-                                    'another --out')
+                                    'another --out, or --force to replace it')
             complete = (self.out / 'summary.json').exists()
             raise EnsembleError(f'{self.out} already holds this run' + (', complete' if complete else
-                                f', unfinished: continue it with --resume {self.out}') + ' (or pass another --out)')
+                                f', unfinished: continue it with --resume {self.out}') +
+                                ' (or pass another --out, or --force to train it again)')
         if self.out.exists() and not self.out.is_dir():
             raise EnsembleError(f'--out {self.out} is a file, not a directory')
         if resume and (self.out / 'summary.json').exists():
@@ -2648,6 +2665,11 @@ class Training:
         except OSError as e:
             raise EnsembleError(f'cannot create --out {self.out}: {e.strerror}') from None
         lock = lock_run_dir(self.out)   # held as long as this object lives
+        if self.force and (self.out / 'config.json').exists():   # checked again, now that nobody else can write
+            check_replaceable(self.out, held=True)
+            for old in self.out.iterdir():
+                if RUN_FILE.fullmatch(old.name) or is_run_temporary(old):
+                    old.unlink()
         if (self.out / 'config.json').exists() and not resume:   # written meanwhile by a run that held the lock
             raise EnsembleError(f'{self.out} already holds a run: pass --out elsewhere, --resume {self.out} to '
                                 'continue it, or delete it')
@@ -2824,7 +2846,8 @@ class Training:
         return summary
 
 
-def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = None, resume=False, model=None, data=None):
+def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = None, resume=False, model=None, data=None,
+          force=False):
     """Train an ensemble as `cfg` says and write its run directory; returns the summary dict.
     on_epoch_end(epoch) is called after each epoch's row and resume state are written.
 
@@ -2834,8 +2857,11 @@ def train(cfg, console=None, on_epoch_end: Optional[Callable[[int], None]] = Non
     takes (uint8 images are scaled to [0, 1]; with a network of this toolkit, what a .npz holds), integer
     labels 0..K-1, or float targets with cfg.task 'regression'. Objective, combiners, bagging, SAM and the
     schedule are the same as for the toolkit's networks; cfg.arch's recipe becomes AdamW at lr 1e-3
-    (OWN_RECIPE) unless cfg says otherwise."""
-    run = Training(cfg, console or make_console(), resume, model, data)
+    (OWN_RECIPE) unless cfg says otherwise.
+
+    force: replace what cfg.out holds, if it is a finished or interrupted run of this toolkit that no
+    process is writing (only the run's own files are deleted)."""
+    run = Training(cfg, console or make_console(), resume, model, data, force)
     run.announce()
     with progress_bar(run.console, run.total_steps - run.step) as advance:   # the whole run, with its ETA
         for epoch in range(run.epoch, run.epochs):
@@ -2896,6 +2922,17 @@ def differing_options(cfg, saved):
     return [f'{f.name}: {saved.get(f.name, defaults[f.name])} there, {getattr(cfg, f.name)} here'
             for f in fields(Config) if getattr(cfg, f.name) not in (None, 'auto') and f.name != 'out'
             and saved.get(f.name, defaults[f.name]) != getattr(cfg, f.name)]
+
+
+def names(f):
+    """The command-line spellings of Config field f (its name first; a switch as '--x/--no-x')."""
+    flag = f.metadata['flag']
+    return (flag,) if isinstance(flag, str) else flag or ('--' + f.name.replace('_', '-'),)
+
+
+def cli_name(name):
+    """The command line's name of Config option `name` ('sam_rho' -> '--rho')."""
+    return names(next(f for f in fields(Config) if f.name == name))[0].split('/')[0]
 
 
 def option_defaults():
@@ -2967,22 +3004,24 @@ def command():
     import inspect
     import typer
 
-    def main(resume: Optional[str] = None, version: bool = False, **options):
+    def main(resume: Optional[str] = None, force: bool = False, version: bool = False, **options):
         """Train an M-member deep ensemble with the objective  Σ_j (1−β)·CE(y, p_j) + β·M·CE(y, p̄)
         (regression: Σ_j (1−β)·(f_j − y)² + β·M·(f̄ − y)²)."""
         try:
+            if resume and force:
+                raise EnsembleError('--resume continues a run and --force replaces it: pass one of them')
             if resume:
                 cfg = config_to_resume(resume)
                 given = [f.name for f in fields(Config) if options[f.name] != params_by_name[f.name].default.default]
                 if given:
-                    raise EnsembleError(f'--resume reads every option from the run; drop '
-                                        f"{', '.join('--' + g.replace('_', '-') for g in given)}")
+                    dropped = ', '.join(map(cli_name, given))
+                    raise EnsembleError(f'--resume reads every option from the run; drop {dropped}')
                 train(cfg, resume=True)
                 return
             for f in fields(Config):
                 if f.metadata['parse'] is not None:
                     options[f.name] = f.metadata['parse'](options[f.name])
-            train(Config(**options))
+            train(Config(**options), force=force)
         except EnsembleError as e:
             cli_error(e)
         finally:   # under torchrun: leave the job's process group cleanly
@@ -2994,7 +3033,7 @@ def command():
         default, annotation, panel = defaults[f.name], f.type, PANELS.get(f.name, panel)
         if f.metadata['parse'] is not None:   # the command line takes text
             annotation, default = Optional[str], None if default is None else ','.join(map(str, default))
-        flags = [f.metadata['flag']] if f.metadata['flag'] else []
+        flags = list(names(f))
         choices = '|'.join(f.metadata['choices'] or ())
         metavar = choices if 0 < len(choices) <= 20 else None   # longer lists: the help names them
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
@@ -3005,6 +3044,9 @@ def command():
                                                                     'from its last completed epoch (other options '
                                                                     'are read from it).',
                                                          rich_help_panel=PANELS['seed'])))
+    params.append(inspect.Parameter('force', inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+        False, '--force', help='Replace what --out (or the default) holds, if it is a run of this toolkit that no '
+                               'process is writing (only its own files are deleted).', rich_help_panel=PANELS['seed'])))
     params.append(inspect.Parameter('version', inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         False, '--version', help='Print the versions (checkpoint format, torch) and exit.', is_eager=True,
         callback=print_version)))

@@ -21,6 +21,13 @@ def rebasin_cli(*args):
     return CliRunner().invoke(rebasin.make_app(), [str(a) for a in args])
 
 
+def train_again(out, *args):
+    """train_ensemble.py --force onto `out`: a tiny synthetic MLP run."""
+    args = ['--dataset', 'synthetic', '--arch', 'mlp', '--hidden', '32', '--examples', '256', '--epochs', '1',
+            '--device', 'cpu', '--out', out, '--force', *args]
+    return CliRunner().invoke(train_cli(), [str(a) for a in args])
+
+
 @pytest.fixture(scope='module')
 def two_runs(tmp_path_factory):
     """Two finished one-member MLP runs (synthetic data)."""
@@ -43,6 +50,8 @@ def test_force_never_replaces_a_run_that_is_still_training(tmp_path, two_runs):
         for command in ('align', 'merge'):
             result = rebasin_cli(command, *two_runs, '--out', live, '--force')
             assert result.exit_code != 0 and 'being written by process' in result.output, result.output
+        result = train_again(live)
+        assert result.exit_code != 0 and 'being written by process' in result.output, result.output
     finally:
         trainer.close()
     after = snapshot(live)
@@ -57,9 +66,22 @@ def test_force_replaces_only_files_that_are_exactly_the_toolkits_own(tmp_path, t
     (out / 'member_notes.safetensors' / 'notes.txt').write_text('mine')
     (out / 'state_backup.safetensors').write_text('mine too')
     before = snapshot(out)
-    result = rebasin_cli('align', *two_runs, '--out', out, '--force')
-    assert result.exit_code != 0 and 'refusing to replace' in result.output
-    assert snapshot(out) == before
+    for result in rebasin_cli('align', *two_runs, '--out', out, '--force'), train_again(out):
+        assert result.exit_code != 0 and 'refusing to replace' in result.output
+        assert snapshot(out) == before
+
+
+def test_training_with_force_replaces_a_finished_run_with_other_options_whole(tmp_path):
+    out = tmp_path / 'run'
+    run(tmp_path, 'run', **{**TINY_MLP, 'epochs': 1, 'members': 3})
+    refused = CliRunner().invoke(train_cli(), ['--dataset', 'synthetic', '--arch', 'mlp', '--hidden', '32',
+                                               '--examples', '256', '--epochs', '1', '--out', str(out)])
+    assert refused.exit_code != 0 and 'or --force' in refused.output   # without it: nothing replaced
+    result = train_again(out, '--members', '2')
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir() if p.name != '.lock') == [
+        'config.json', 'member_0.safetensors', 'member_1.safetensors', 'metrics.jsonl', 'summary.json']
+    assert te.read_config(out)['members'] == 2 and len(te.member_paths(out)) == 2
 
 
 def test_training_into_a_users_folder_deletes_none_of_the_users_files(tmp_path):

@@ -153,9 +153,9 @@ def test_sharpbalance_trains_resumes_exactly_and_records_its_options(tmp_path):
 # ---- the command line ----
 
 @pytest.mark.parametrize('args, message', [
-    (['--sam-rho', '-0.1'], 'radius'),
+    (['--rho', '-0.1'], 'radius'),
     (['--sam-rho', '0.1', '--flat-ratio', '1.5'], 'strictly between 0 and 1'),
-    (['--flat-ratio', '0.5', '--members', '3'], 'pass --sam-rho'),
+    (['--flat-ratio', '0.5', '--members', '3'], 'pass --rho'),
     (['--sam-rho', '0.1', '--flat-ratio', '0.5'], '--members 2 or more'),
     (['--sam-rho', '0.1', '--sam-start-epoch', '2'], 'pass --flat-ratio'),
     (['--sam-rho', '0.1', '--flat-ratio', '0.5', '--members', '3', '--epochs', '4', '--sam-start-epoch', '4'],
