@@ -429,7 +429,7 @@ def plot_panels(path, x, series, x_label, y_label, title, y_log=True):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullLocator
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.2), sharey=True)
     for ax, p in zip(axes, PARAMETRIZATIONS):
         for label, ys in series[p]:
             ax.plot(x, [math.nan if v is None else v for v in ys], marker='o', label=label)
@@ -441,7 +441,8 @@ def plot_panels(path, x, series, x_label, y_label, title, y_log=True):
         ax.set_xlabel(x_label)
         ax.grid(alpha=0.3, which='both')
     axes[0].set_ylabel(y_label)
-    axes[1].legend(fontsize=7)
+    # beside the panels, where it covers no point (the curves start and end in any corner)
+    axes[1].legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.suptitle(title)
     fig.tight_layout()
     import train_ensemble as te   # the command line's side: the toolkit's one atomic write
