@@ -1,7 +1,8 @@
 """analyze.py: look inside trained ensembles: metrics, diversity, learner collusion, loss barriers, sharpness.
 
-    python analyze.py evaluate runs/joint --split train --split test   # members, ensemble, DIV, calibration, gaps
+    python analyze.py evaluate runs/joint --split train,test           # members, ensemble, DIV, calibration, gaps
     python analyze.py evaluate runs/fm_s0 runs/fm_s1 runs/fm_s2        # three runs (or member files): one ensemble
+    python analyze.py evaluate runs/low runs/high --classes all        # runs on classes 0-4 and 5-9, on all ten
     python analyze.py compare runs/beta_* --plot beta.png              # the β sweep: error, DIV, gap vs β
     python analyze.py debias runs/joint                                # how much of DIV is collusion
     python analyze.py drop runs/joint --fractions 0.2,0.4,0.6          # what dropping learners costs
@@ -10,8 +11,9 @@
 
 Every command reads run directories (SPEC.md), prints a table, writes its numbers with --json and, for
 curves and sweeps, a PNG with --plot; evaluate, debias, drop, ood and robustness treat all the members of
-several runs as one ensemble. The metrics take logits, so they serve any model, and need only torch (scipy
-for AUROC): a copied analyze.py imports train_ensemble.py and rebasin.py only to load runs and networks.
+several runs as one ensemble. Each evaluates the runs' own classes unless --classes says otherwise. The
+metrics take logits, so they serve any model, and need only torch (scipy for AUROC): a copied analyze.py
+imports train_ensemble.py and rebasin.py only to load runs and networks.
 Every number evaluate and compare show is a row of PREDICTOR_METRICS or ENSEMBLE_METRICS.
 
 The diagnostics are those of the collusion paper (Jeffares et al. 2023, arXiv 2301.11323: DIV vs β,
@@ -79,8 +81,8 @@ te, rebasin = _Sibling('train_ensemble'), _Sibling('rebasin')
 PIPED_WIDTH = 200           # columns of tables written to a pipe or a log (rich's default of 80 cuts them)
 ECE_BINS = 15               # equal-width confidence bins of the expected calibration error
 DROP_DRAWS = 20             # random member subsets per drop fraction (all subsets when there are fewer)
-INTERP_STEPS = 11           # λ = 0, 0.1, ..., 1
-INTERP_EXAMPLES = 10000     # images per split for each λ of each curve (3 curves x 11 steps add up)
+INTERP_POINTS = 11          # λ = 0, 0.1, ..., 1
+INTERP_EXAMPLES = 10000     # images per split for each λ of each curve (3 curves x 11 points add up)
 SHARP_RHO = 0.5             # ASAM's radius: perturbations are measured relative to |w|, so ρ is ~10x SAM's
 SHARP_STEPS = 5             # projected gradient ascent steps (1 step = the SAM/ASAM estimate)
 SHARP_EXAMPLES = 2000       # fixed training images the ascent and the loss use
@@ -97,13 +99,56 @@ def _cached_data(key):
     return te.load_run_data(json.loads(key), 'cpu', download=False)
 
 
-def run_data(config, dataset=None):
-    """The data a run was trained on (its config.json), on the CPU; `dataset` overrides the config's."""
-    fields = ('dataset', 'data_dir', 'seed', 'data_seed', 'val_size', 'shard', 'subset', 'task', 'target')
+def run_data(config, dataset=None, classes=None, data_dir=None):
+    """The data a run was trained on (its config.json: its classes too), on the CPU. Overrides: `dataset`,
+    `classes` (a list of labels, or 'all' for every class) and `data_dir` (where datasets are cached)."""
+    fields = ('dataset', 'data_dir', 'seed', 'data_seed', 'val_size', 'shard', 'subset', 'task', 'target', 'classes')
     key = {k: config[k] for k in fields if config.get(k) is not None}
-    if dataset:
-        key['dataset'] = dataset
-    return _cached_data(json.dumps(key, sort_keys=True))
+    key.update({k: v for k, v in (('dataset', dataset), ('data_dir', data_dir)) if v})
+    if classes is not None:
+        key['classes'] = None if classes == 'all' else sorted(classes)
+    return _cached_data(json.dumps({k: v for k, v in key.items() if v is not None}, sort_keys=True))
+
+
+def evaluated_classes(text, configs, spec):
+    """The classes an evaluation covers, sorted (a regression run has none: None): --classes `text`, 'all' or
+    a list as train_ensemble.py's --classes takes ('0-4', '0,2,5'); by default (None) the union of the
+    runs' own classes (`configs`), every class when one of them has none. `spec`: the members' model spec."""
+    k = spec.get('num_classes')
+    if 'regression' in [spec.get('task')] + [c.get('task') for c in configs]:
+        if text is not None:
+            raise EnsembleError(f"--classes {text} does not apply to a regression run (its targets have no classes)")
+        return None
+    if text is None:
+        own = [c.get('classes') for c in configs]
+        return list(range(k)) if None in own else sorted(set().union(*own))
+    if str(text).strip() == 'all':
+        return list(range(k))
+    try:
+        values = te.parse_ints(text) or []
+    except EnsembleError:
+        raise EnsembleError(f"--classes takes all or a list like 0-4 or 0,2,5, got '{text}'") from None
+    if not values:
+        raise EnsembleError(f"--classes '{text}' names no class: use all, or a list like 0-4 or 0,2,5")
+    outside = [c for c in values if not 0 <= c < k]
+    if outside:
+        raise EnsembleError(f'--classes {text}: class {outside[0]} is out of range; the members have {k} classes, '
+                            f'0 to {k - 1}')
+    return sorted(set(values))
+
+
+def class_text(classes):
+    """A sorted list of classes as --classes writes it: '0-4', '0,2,5-7'."""
+    runs = itertools.groupby(enumerate(classes), lambda pair: pair[1] - pair[0])   # consecutive classes share a key
+    parts = [[c for _, c in run] for _, run in runs]
+    return ','.join(str(p[0]) if len(p) == 1 else f'{p[0]}-{p[-1]}' for p in parts)
+
+
+def _of_classes(classes, k):
+    """' of classes 0-4', ' of all 10 classes', or for a regression run (None) nothing: what titles append."""
+    if classes is None:
+        return ''
+    return f' of all {k} classes' if len(classes) == k else f' of classes {class_text(classes)}'
 
 
 def run_config(path):
@@ -431,10 +476,10 @@ def interpolation_curve(net, state_a, state_b, lams, evaluate, bn=None, batches=
 CURVES = {'naive': 'A → B', 'aligned': 'A → π(B)', 'permuted': 'B → π(B)'}   # lmc_curves' lines: key -> label
 
 
-def lmc_curves(spec, state_a, state_b, splits, steps=INTERP_STEPS, align=False, bn=None, bn_inputs=None, device='cpu',
-               progress=None):
+def lmc_curves(spec, state_a, state_b, splits, points=INTERP_POINTS, align=False, bn=None, bn_inputs=None,
+               device='cpu', progress=None):
     """Linear mode connectivity of two networks of one model spec (state dicts): the loss and error of each
-    split in `splits` ({name: (inputs, targets)}) at `steps` evenly spaced λ along A → B and, with `align`,
+    split in `splits` ({name: (inputs, targets)}) at `points` evenly spaced λ along A → B and, with `align`,
     A → π(B) and B → π(B), π(B) = B permuted into A's basin by weight matching. bn ('reset' or 'repair')
     treats the inner λ on `bn_inputs` (training inputs). Regression specs measure MSE and RMSE.
     Returns {curve: dict(points=[{lam, <split>_loss, <split>_error}], barrier={<split>_loss, <split>_error})},
@@ -456,7 +501,7 @@ def lmc_curves(spec, state_a, state_b, splits, steps=INTERP_STEPS, align=False, 
             out.update({f'{name}_loss': loss, f'{name}_error': error})
         return out
 
-    lams, result = torch.linspace(0, 1, steps).tolist(), {}
+    lams, result = torch.linspace(0, 1, points).tolist(), {}
     for name, (sa, sb) in curves.items():
         rows = interpolation_curve(net, sa, sb, lams, evaluate, bn, batches, progress)
         result[name] = dict(points=rows, barrier={f'{s}_{k}': barrier([r[f'{s}_{k}'] for r in rows])
@@ -709,17 +754,21 @@ def corrupted_files(directory, name, severity):
 
 
 def robustness(nets, x_uint8, y, combiner, corruptions=CORRUPTIONS, severities=(1, 2, 3, 4, 5), seed=0,
-               corrupted_dir=None, progress=None):
+               corrupted_dir=None, progress=None, classes=None):
     """Clean and corrupted test metrics of an ensemble: {'clean': report, 'corrupted': {(name, severity):
     report}} with ensemble_report's numbers (members, mean member, ensemble: accuracy, NLL, Brier, ECE;
     DIV). Corruptions are generated from x_uint8 (seeded per corruption and severity), or read from the
-    official files in corrupted_dir (then x_uint8 and y serve only the clean row)."""
+    official files in corrupted_dir (then x_uint8 and y serve only the clean row, and `classes`, if given,
+    keeps the files' images of those classes)."""
     device = next((nets[0] if isinstance(nets, (list, tuple)) else nets).parameters()).device
     result = dict(clean=ensemble_report(te.predict_logits(nets, x_uint8).cpu(), y, combiner), corrupted={})
     for i, name in enumerate(corruptions):
         for severity in severities:
             if corrupted_dir:
                 x, labels = corrupted_files(corrupted_dir, name, severity)
+                if classes is not None:
+                    keep = torch.isin(labels, torch.as_tensor(classes))
+                    x, labels = x[keep], labels[keep]
             else:
                 generator = torch.Generator(device).manual_seed(seed * 1000 + i * 10 + severity)
                 x, labels = corrupt(x_uint8.to(device), name, severity, generator), y
@@ -966,6 +1015,10 @@ COMBINE = Opt(None, f"Combiner: {' or '.join(classification_combiners())} (defau
 EXAMPLES = Opt(None, EXAMPLES_HELP)
 DATASET = Opt(None, "Evaluate on this dataset (a name or an .npz, of the members' input shape and classes) "
                     "instead of the first run's.")
+CLASSES = Opt(None, "Evaluate on these classes: all, or a list such as 0-4 or 0,2,5 (default: the run's own; for "
+                    'several runs their union, every class when one has none).')
+DATA_DIR = Opt(None, "Where datasets are cached (default: the data_dir in the run's config.json; for several runs "
+                     "the first's).")
 DEVICE = Opt('auto', 'auto (cuda when there is one), cpu or cuda.')
 JSON_OUT = Opt(None, 'Write every number shown to this JSON file.', ('--json',))
 
@@ -989,13 +1042,32 @@ def _typer_command(function, typer):
     return command
 
 
+def version():
+    """analyze.py's version line: the checkpoint format it reads (train_ensemble.py's, when beside it) and torch's."""
+    try:
+        checkpoints = f"checkpoints {importlib.import_module('train_ensemble').FORMAT}"
+    except ImportError:   # copied alone: it reads no checkpoints without train_ensemble.py
+        checkpoints = 'no train_ensemble.py beside it to read checkpoints'
+    return f'analyze.py: {checkpoints}; torch {torch.__version__}'
+
+
+def _print_version(asked):
+    if asked:
+        print(version())
+        raise SystemExit(0)
+
+
 def make_app():
-    """The typer application: every command in COMMANDS."""
+    """The typer application: every command in COMMANDS, and --version."""
     import typer
     app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
-                      context_settings=dict(help_option_names=['-h', '--help']),
-                      help='Metrics, diversity, collusion diagnostics, interpolation and sharpness of trained '
-                           'ensembles.')
+                      context_settings=dict(help_option_names=['-h', '--help']))
+
+    @app.callback(help='Metrics, diversity, collusion diagnostics, interpolation and sharpness of trained ensembles.')
+    def options(_version: bool = typer.Option(False, '--version', help='Print the versions (checkpoint format, '
+                                              'torch) and exit.', is_eager=True, callback=_print_version)):
+        pass
+
     for name, function in COMMANDS:
         app.command(name, help=_help(function.__doc__))(_typer_command(function, typer))
     return app
@@ -1078,8 +1150,10 @@ def _write(console, json_out, result):
         console.print(f'wrote {json_out}')
 
 
-Ensemble = namedtuple('Ensemble', 'name sources config nets data spec differs')
-SHARED = ('dataset', 'task', 'input shape', 'classes')   # what the members of one ensemble must agree on
+Ensemble = namedtuple('Ensemble', 'name sources config nets data spec differs classes')
+# What the members of one ensemble must agree on. Not their classes: runs trained on different classes of one
+# dataset (A on 0-4, B on 5-9) share its label space, and together they are evaluated on the union.
+SHARED = ('dataset', 'task', 'input shape', 'number of classes')
 SPLITS = ('subset', 'val_size', 'shard')   # data options that change the splits, not the data: the first run's win
 
 
@@ -1102,17 +1176,28 @@ def _check_data(data, spec, dataset):
                             f"{spec.get('num_classes')}")
 
 
-def _load_ensemble(sources, device='auto', dataset=None):
+def _data(config, spec, dataset=None, classes=None, data_dir=None):
+    """The data of a run's config with the examples of `classes` (evaluated_classes' list; all of them, or None
+    for a regression run, keep every example), checked against members of `spec` (_check_data)."""
+    every = classes is None or len(classes) == spec.get('num_classes')
+    data = run_data(config, dataset, 'all' if every else classes, data_dir)
+    _check_data(data, spec, dataset)
+    return data
+
+
+def _load_ensemble(sources, device='auto', dataset=None, classes=None, data_dir=None):
     """Every member of every source (a run directory, or a member file) as one ensemble on the device, with
-    the data of the first source's run (`dataset` overrides it). The sources must share dataset, task,
-    input shape and number of classes: the first that differs is named."""
+    the data of the first source's run: `dataset` and `data_dir` override its config's, and `classes`
+    (--classes) the classes it keeps, by default the union of the runs' own (evaluated_classes). The sources
+    must share dataset, task, input shape and number of classes: the first that differs is named."""
     dev, sources = te.resolve_device(device), [Path(s) for s in sources]
     if len(set(sources)) < len(sources):
         raise EnsembleError(f'{next(s for s in sources if sources.count(s) > 1)} is given twice: '
                             'its members would count twice in the ensemble')
-    nets, first, other_splits = [], None, set()
+    nets, first, other_splits, configs = [], None, set(), []
     for source in sources:
         config = run_config(source)
+        configs.append(config)
         for path in te.member_paths(source):
             spec, state, _ = te.load_member_state(path)   # checked against its spec: it loads into build_model's
             shared = _shared(config, spec)
@@ -1129,10 +1214,14 @@ def _load_ensemble(sources, device='auto', dataset=None):
     _, config, spec, shared = first
     if not (dataset or config.get('dataset')):
         raise EnsembleError(f'{first[0]} has no config.json naming its dataset: pass --dataset')
-    data = run_data(config, dataset)
-    _check_data(data, spec, dataset)
+    evaluated = evaluated_classes(classes, configs, dict(spec, task=shared['task']))
+    data = _data(config, spec, dataset, evaluated, data_dir)
     name = ' + '.join(str(s) for s in sources)
-    return Ensemble(name, [str(s) for s in sources], config, nets, data, spec, sorted(other_splits))
+    return Ensemble(name, [str(s) for s in sources], config, nets, data, spec, sorted(other_splits), evaluated)
+
+
+def _of(ensemble):
+    return _of_classes(ensemble.classes, ensemble.spec.get('num_classes'))
 
 
 def _note_splits(console, ensemble):
@@ -1142,8 +1231,8 @@ def _note_splits(console, ensemble):
                       f'{ensemble.sources[0]}\'s[/]')
 
 
-def _load(run, device, dataset):
-    ensemble = _load_ensemble([run], device, dataset)
+def _load(run, device, dataset, classes=None, data_dir=None):
+    ensemble = _load_ensemble([run], device, dataset, classes, data_dir)
     return ensemble.config, ensemble.nets, ensemble.data
 
 
@@ -1205,15 +1294,28 @@ def _gap(splits, regression):
     return gap
 
 
+def _split_names(values, data):
+    """evaluate's --split values, each one split or a comma list ('train,test'); 'all' is every split the
+    data holds (train, val when held out, test)."""
+    names = [n.strip() for v in values for n in str(v).split(',') if n.strip()]
+    if 'all' in names:
+        names = ['train'] + ['val'] * (data.x_val is not None) + ['test']
+    if not names:
+        raise EnsembleError('--split names no split: use train, val, test or a list of them (train,test)')
+    return list(dict.fromkeys(names))
+
+
 @_command()
 def evaluate(
     runs: List[Path] = SOURCES,
-    split: List[str] = Opt(['test'], 'train, val or test; repeat it (--split train --split test) for the '
-                                     'generalization gap.'),
+    split: List[str] = Opt(['test'], 'train, val, test, a list of them (train,test: the generalization gap) or all; '
+                                     'or repeat it (--split train --split test).'),
     combine: Optional[str] = COMBINE,
     bins: int = Opt(ECE_BINS, 'Confidence bins of the ECE.'),
     examples: Optional[int] = EXAMPLES,
+    classes: Optional[str] = CLASSES,
     dataset: Optional[str] = DATASET,
+    data_dir: Optional[str] = DATA_DIR,
     device: str = DEVICE,
     json_out: Optional[Path] = JSON_OUT,
 ):
@@ -1224,20 +1326,24 @@ def evaluate(
     pairwise disagreement, the disagreement-error ratio, the ensemble improvement rate, the double-fault
     rate and the logit variance. The train split is evaluated like the others: eval mode, no augmentation.
 
+    Runs trained on some classes (train_ensemble.py --classes) are evaluated on theirs, several runs on the
+    union of their classes; --classes all evaluates every class, --classes 0-4 those.
+
     A regression run: MSE and RMSE in the targets' units, DIV = mean_j (f_j − f̄)² with the (exact)
     decomposition's residual, and DIV / mean member MSE."""
     with _session() as console:
-        ensemble = _load_ensemble(runs, device, dataset)
+        ensemble = _load_ensemble(runs, device, dataset, classes, data_dir)
         combiner = _combiner(ensemble.config, combine)
         regression, m = combiner == 'mean', len(ensemble.nets)
         _note_splits(console, ensemble)
-        result = dict(runs=ensemble.sources, members=m, combiner=combiner, splits={})
-        for name in dict.fromkeys(split):
+        result = dict(runs=ensemble.sources, members=m, combiner=combiner, classes=ensemble.classes, splits={})
+        for name in _split_names(split, ensemble.data):
             x, y = split_examples(ensemble.data, name, examples)
             outputs = _logits(console, ensemble.nets, x, name)
             r = result['splits'][name] = (regression_report(outputs, y) if regression else
                                           ensemble_report(outputs, y, combiner, bins))
-            title = f'{ensemble.name}: {m} member{"s" * (m > 1)}, {name} split ({r["examples"]} examples)'
+            title = (f'{ensemble.name}: {m} member{"s" * (m > 1)}, {name} split '
+                     f'({r["examples"]} examples{_of(ensemble)})')
             for table in _report_tables(title + (f', combiner {combiner}' if m > 1 else ''), r, regression, bins):
                 console.print(table)
             if r['decomposition_residual'] > (1e-9 if regression else 1e-4):
@@ -1251,10 +1357,12 @@ def evaluate(
         _write(console, json_out, result)
 
 
-def shifted_row(run, ood=None, examples=None, device='auto', console=None, severities=(1, 3, 5)):
+def shifted_row(run, ood=None, examples=None, device='auto', console=None, severities=(1, 3, 5), classes=None,
+                data_dir=None):
     """A run's numbers under shift, for compare --shifted: the ensemble's mean accuracy over every generated
-    corruption (that the images allow) at `severities`, and with `ood` the AUROC of each OOD score."""
-    config, nets, data = _load(run, device, None)
+    corruption (that the images allow) at `severities`, and with `ood` the AUROC of each OOD score; its test
+    set of `classes` (--classes; default the run's own)."""
+    config, nets, data = _load(run, device, None, classes, data_dir)
     _classification_only(config, run, 'compare --shifted (corruptions and OOD detection)')
     x, y = split_examples(data, 'test', examples)
     names = [n for n in CORRUPTIONS if n != 'saturate' or x.size(1) == 3]
@@ -1262,7 +1370,7 @@ def shifted_row(run, ood=None, examples=None, device='auto', console=None, sever
         result = robustness(nets, x, y, _combiner(config, None), names, severities, progress=advance)
     row = dict(corrupted_acc=sum(r['ensemble']['acc'] for r in result['corrupted'].values()) / len(result['corrupted']))
     if ood:
-        x_out, _ = split_examples(run_data(config, ood), 'test', examples)
+        x_out, _ = split_examples(run_data(config, ood, 'all', data_dir), 'test', examples)
         if x_out.shape[1:] != x.shape[1:]:
             raise EnsembleError(f"--ood {ood} has images of shape {tuple(x_out.shape[1:])}; {run}'s are "
                                 f'{tuple(x.shape[1:])}')
@@ -1272,22 +1380,28 @@ def shifted_row(run, ood=None, examples=None, device='auto', console=None, sever
     return row
 
 
-def compare_row(run, recompute=False, device='auto', examples=None, console=None):
+def compare_row(run, recompute=False, device='auto', examples=None, console=None, classes=None, data_dir=None):
     """One run's row of the β sweep (a regression run's has RMSE where others have accuracy, and its losses
     are MSE). Test numbers and training time come from summary.json. Its train_*
     numbers are running averages over the epoch's augmented batches in train mode while the weights still
     move, so the gap they give is biased; `recompute` (or a run without summary.json, e.g. a merged
     one) evaluates train and test cleanly instead: eval mode, no augmentation, no test-time augmentation.
-    A classification run's row also has every ENSEMBLE_METRICS number but DIV on the test split, as test_<key>."""
+    A classification run's row also has every ENSEMBLE_METRICS number but DIV on the test split, as test_<key>.
+    `classes` (--classes) other than the run's own are evaluated as `recompute` does: summary.json's are the
+    run's own."""
     run = Path(run)
     config = run_config(run)
+    spec = config.get('model') or te.load_member_state(te.member_paths(run)[0])[0]
+    evaluated = evaluated_classes(classes, [config], spec)
+    recompute = recompute or evaluated != evaluated_classes(None, [config], spec)
     summary_path = run / 'summary.json'
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     score = te.score_name(config.get('task'))   # accuracy, or for regression RMSE
     row = dict(run=str(run), name=run.name, members=len(te.member_paths(run)), beta=config.get('beta'),
                combine=_combiner(config, None), task=config.get('task') or 'classification',
                bagging=bool(config.get('bagging')),
-               param=config.get('param', 'standard'), train_time_s=summary.get('train_time_s'), config=config)
+               param=config.get('param', 'standard'), classes=evaluated, train_time_s=summary.get('train_time_s'),
+               config=config)
     if summary and not recompute:
         row.update({'source': 'summary.json', f'test_{score}': summary[f'test_{score}'],
                     'test_loss': summary['test_loss'],
@@ -1298,7 +1412,7 @@ def compare_row(run, recompute=False, device='auto', examples=None, console=None
     own = (config.get('model') or {}).get('arch') == 'own'   # your own module: only train(model=...) rebuilds it
     if (row['task'] == 'regression' or row['members'] == 1 or own) and 'source' in row:   # nothing more to add
         return dict(row, gap=row['test_loss'] - row['train_loss'])
-    config, nets, data = _load(run, device, None)
+    config, nets, data = _load(run, device, None, classes, data_dir)
     for split in ('train', 'test') if 'source' not in row else ('test',):
         x, y = split_examples(data, split, examples)
         logits = _logits(console, nets, x, f'{run.name} {split}')
@@ -1345,14 +1459,15 @@ def _compare_table(rows, regression, shifted):
     ENSEMBLE_METRICS number on the test split (classification), in a table of their own so neither is too
     wide to read."""
     score, diverse = 'rmse' if regression else 'acc', any(r['members'] > 1 for r in rows)   # one member: no diversity
-    settings = [(label, key) for label, key in (('combine', 'combine'), ('bagging', 'bagging'), ('param', 'param'))
-                if len({r[key] for r in rows}) > 1]
-    columns = ['run', 'M', 'β', *(label for label, _ in settings),
+    def setting(r, key):   # classes as --classes writes them (the JSON keeps the list)
+        return ('–' if r[key] is None else class_text(r[key])) if key == 'classes' else str(r[key])
+    settings = [key for key in ('combine', 'bagging', 'param', 'classes') if len({setting(r, key) for r in rows}) > 1]
+    columns = ['run', 'M', 'β', *settings,
                *(('test RMSE', 'member RMSE', 'test MSE', 'member MSE') if regression
                  else ('test acc', 'member acc', 'test loss', 'member loss')),
                *(('train DIV', 'test DIV') if diverse else ()), 'gap', 'seconds']
     table = [(r['name'], str(r['members']), '–' if r['beta'] is None else f"{r['beta']:g}",
-              *(str(r[key]) for _, key in settings), r[f'test_{score}'], r[f'member_test_{score}'],
+              *(setting(r, key) for key in settings), r[f'test_{score}'], r[f'member_test_{score}'],
               r['test_loss'], r['member_test_loss'], *((r['train_div'], r['test_div']) if diverse else ()), r['gap'],
               '–' if r['train_time_s'] is None else f"{r['train_time_s']:.1f}") for r in rows]
     if shifted:
@@ -1378,6 +1493,9 @@ def compare(
     shifted: bool = Opt(False, "Add the ensemble's mean accuracy over the generated corruptions (severities 1, 3, 5) "
                                'and, with --ood, its OOD AUROC.', ('--shifted',)),
     ood: Optional[str] = Opt(None, '--shifted: the out-of-distribution set (a dataset name or an .npz).'),
+    classes: Optional[str] = CLASSES._replace(help=CLASSES.help + " Classes other than a run's own are evaluated "
+                                                                  'as --recompute does.'),
+    data_dir: Optional[str] = DATA_DIR,
 ):
     """The β sweep: one row per run; --plot draws error, DIV and gap against β.
 
@@ -1388,18 +1506,20 @@ def compare(
     with _session() as console:
         if ood and not shifted:
             raise EnsembleError('--ood only applies with --shifted')
-        rows = [compare_row(r, recompute, device, examples, console) for r in runs]
+        rows = [compare_row(r, recompute, device, examples, console, classes, data_dir) for r in runs]
         tasks = sorted({r['task'] for r in rows})
         if len(tasks) > 1:
             raise EnsembleError(f'these runs mix {" and ".join(tasks)}: compare runs of one task')
         if shifted:
             for r in rows:
-                r.update(shifted_row(r['run'], ood, examples, device, console))
+                r.update(shifted_row(r['run'], ood, examples, device, console, classes=classes, data_dir=data_dir))
         rows.sort(key=lambda r: (r['beta'] is None, r['beta'] or 0.0, r['name']))
         sources = sorted({r['source'] for r in rows})
         running = ' (running averages: --recompute for a clean pass)' if 'summary.json' in sources else ''
         tables = _compare_table(rows, tasks == ['regression'], shifted)
-        console.print(_table(f'{len(rows)} runs; train numbers from {" and ".join(sources)}{running}', *tables[0]))
+        same = len({json.dumps(r['classes']) for r in rows}) == 1 and rows[0]['classes']   # else a column
+        on = f", classes {class_text(rows[0]['classes'])}" if same else ''
+        console.print(_table(f'{len(rows)} runs{on}; train numbers from {" and ".join(sources)}{running}', *tables[0]))
         for columns, table in tables[1:]:
             console.print(_table('diversity on the test split', columns, table))
         groups = sweep_groups(rows)
@@ -1422,7 +1542,9 @@ def debias_command(
     split: str = Opt('test', 'Split on which they are removed and DIV is measured: train, val or test.'),
     combine: Optional[str] = COMBINE,
     examples: Optional[int] = EXAMPLES,
+    classes: Optional[str] = CLASSES,
     dataset: Optional[str] = DATASET,
+    data_dir: Optional[str] = DATA_DIR,
     device: str = DEVICE,
     json_out: Optional[Path] = JSON_OUT,
 ):
@@ -1434,7 +1556,7 @@ def debias_command(
     A regression run: b_j is member j's mean offset from the ensemble's prediction (per target); removing
     it leaves the averaged prediction unchanged (and lowers DIV on the split it was fit on)."""
     with _session() as console:
-        ensemble = _load_ensemble(runs, device, dataset)
+        ensemble = _load_ensemble(runs, device, dataset, classes, data_dir)
         combiner, nets = _combiner(ensemble.config, combine), ensemble.nets
         _note_splits(console, ensemble)
         x_fit, _ = split_examples(ensemble.data, fit_split, examples)
@@ -1451,12 +1573,12 @@ def debias_command(
                              f'ensemble_{score}': m[score]}
         change = float((_combine(after, mean) - _combine(before, mean)).abs().max())
         div_before = numbers['before']['div']
-        result = dict(runs=ensemble.sources, members=len(nets), combiner=combiner, fit_split=fit_split, split=split,
-                      examples=len(y), **numbers,
+        result = dict(runs=ensemble.sources, members=len(nets), combiner=combiner, classes=ensemble.classes,
+                      fit_split=fit_split, split=split, examples=len(y), **numbers,
                       div_removed_percent=100 * (1 - numbers['after']['div'] / div_before) if div_before > 0 else None,
                       bias_norm=float(member_bias(fit).norm(dim=-1).mean()), logit_ensemble_max_change=change)
         console.print(_table(f'{ensemble.name}: {len(nets)} members, biases fit on {fit_split}, removed on {split} '
-                             f'({len(y)} examples), combiner {combiner}'
+                             f'({len(y)} examples{_of(ensemble)}), combiner {combiner}'
                              + ('; losses are MSE' if combiner == 'mean' else ''), ['', 'before', 'after'],
                              [(k.replace('_', ' '), numbers['before'][k], numbers['after'][k])
                               for k in numbers['before']]))
@@ -1484,7 +1606,9 @@ def drop(
     split: str = Opt('test', 'train, val or test.'),
     combine: Optional[str] = COMBINE,
     examples: Optional[int] = EXAMPLES,
+    classes: Optional[str] = CLASSES,
     dataset: Optional[str] = DATASET,
+    data_dir: Optional[str] = DATA_DIR,
     device: str = DEVICE,
     json_out: Optional[Path] = JSON_OUT,
     plot: Optional[Path] = Opt(None, 'Write the increase against the fraction dropped to this PNG.'),
@@ -1495,14 +1619,17 @@ def drop(
     on each other, so dropping some hurts far more than in an independently trained ensemble. For a
     regression run the loss is the MSE and the error the RMSE."""
     with _session() as console:
-        ensemble = _load_ensemble(runs, device, dataset)
-        combiner, ps, nets = _combiner(ensemble.config, combine), _fractions(fractions), ensemble.nets
+        ps = _fractions(fractions)
+        ensemble = _load_ensemble(runs, device, dataset, classes, data_dir)
+        combiner, nets = _combiner(ensemble.config, combine), ensemble.nets
         _note_splits(console, ensemble)
         x, y = split_examples(ensemble.data, split, examples)
         result = dict(runs=ensemble.sources, combiner=combiner, split=split, members=len(nets),
+                      classes=ensemble.classes, examples=len(y),
                       **drop_learners(_logits(console, nets, x, split), y, combiner, ps, draws, seed))
         loss, error = ('MSE', 'RMSE') if combiner == 'mean' else ('loss', 'error')
-        console.print(_table(f"{ensemble.name}: {len(nets)} members, {split} split, combiner {combiner}; full ensemble "
+        console.print(_table(f"{ensemble.name}: {len(nets)} members, {split} split ({len(y)} examples{_of(ensemble)}), "
+                             f"combiner {combiner}; full ensemble "
                              f"{loss} {result['full_loss']:.4f}, {error} {result['full_error']:.4f}",
                              ['dropped', 'kept', 'subsets', f'Δ {loss}', '± std', f'Δ {error}', '± std'],
                              [(f"{r['fraction']:g}", str(r['kept']), str(r['subsets']), r['loss_increase'],
@@ -1537,12 +1664,14 @@ def _endpoints(a, b, member):
     return files
 
 
-def _interpolation_tables(result, regression):
-    """interpolate's tables: test loss and error of each curve at each λ, and the barriers."""
+def _interpolation_tables(result, regression, of=''):
+    """interpolate's tables: test loss and error of each curve at each λ, and the barriers. `of`: the classes
+    evaluated, as _of_classes says them."""
     curves, treatment = result['curves'], {'reset': ', BatchNorm reset', 'repair': ', REPAIR', None: ''}[result['bn']]
     lams = [r['lam'] for r in next(iter(curves.values()))['points']]
     names = ('MSE', 'RMSE') if regression else ('loss', 'error')
-    points = _table(f"{result['a']} → {result['b']}{treatment}: test {names[0]} / test {names[1]} at each λ",
+    points = _table(f"{result['a']} → {result['b']}{treatment}: test {names[0]} / test {names[1]} at each λ "
+                    f"({result['examples']} examples{of})",
                     ['λ'] + [f'{CURVES[c]} {k}' for c in curves for k in names],
                     [(f'{lam:.2f}', *[curves[c]['points'][i][f'test_{k}'] for c in curves for k in ('loss', 'error')])
                      for i, lam in enumerate(lams)])
@@ -1560,12 +1689,15 @@ def interpolate(
     reset_bn: bool = Opt(False, 'Recompute BatchNorm statistics at each inner λ on training data.', ('--reset-bn',)),
     repair: bool = Opt(False, "REPAIR at each inner λ: channels get the interpolated mean and std of the endpoints'.",
                        ('--repair',)),
-    steps: int = Opt(INTERP_STEPS, 'Evenly spaced λ in [0, 1], endpoints included.'),
+    points: int = Opt(INTERP_POINTS, 'Points along the line: evenly spaced λ in [0, 1], endpoints included '
+                                     '(--steps is its old name).', ('--points', '--steps')),
     member: str = Opt('0', "Which member of a run directory is the endpoint: 'i' for both, 'i,j' for A's and B's."),
     examples: int = Opt(INTERP_EXAMPLES, EXAMPLES_HELP),
     bn_examples: Optional[int] = Opt(None, "Training images for --reset-bn/--repair statistics (default: rebasin.py's "
                                            'BN_EXAMPLES).'),
+    classes: Optional[str] = CLASSES,
     dataset: Optional[str] = DATASET,
+    data_dir: Optional[str] = DATA_DIR,
     device: str = DEVICE,
     json_out: Optional[Path] = JSON_OUT,
     plot: Optional[Path] = Opt(None, 'Write loss and error against λ (train and test) to this PNG.'),
@@ -1577,8 +1709,8 @@ def interpolate(
     included; --reset-bn/--repair treat the inner points only, so the endpoints are the trained networks
     as they are. The JSON names the curves naive (A → B), aligned (A → π(B)) and permuted (B → π(B))."""
     with _session() as console:
-        if steps < 2:
-            raise EnsembleError(f'--steps must be at least 2 (the endpoints), got {steps}')
+        if points < 2:
+            raise EnsembleError(f'--points must be at least 2 (the endpoints), got {points}')
         if reset_bn and repair:
             raise EnsembleError('--reset-bn and --repair are alternatives (--repair also recomputes the statistics)')
         dev = te.resolve_device(device)
@@ -1586,23 +1718,24 @@ def interpolate(
         (spec, state_a, _), (spec_b, state_b, _) = (te.load_member_state(p) for p in paths)
         if te.architecture(spec) != te.architecture(spec_b):   # data statistics may differ (shards, datasets)
             raise EnsembleError(f'{paths[0]} and {paths[1]} are different networks: their architectures differ')
-        data = run_data(run_config(a), dataset)
-        _check_data(data, spec, dataset)
-        regression = spec.get('task') == 'regression'
+        configs = [run_config(a), run_config(b)]
+        evaluated = evaluated_classes(classes, configs, spec)   # by default the union of A's and B's
+        data = _data(configs[0], spec, dataset, evaluated, data_dir)
+        regression, of = spec.get('task') == 'regression', _of_classes(evaluated, spec.get('num_classes'))
         splits = {s: split_examples(data, s, examples) for s in ('train', 'test')}
         bn = 'reset' if reset_bn else 'repair' if repair else None
-        result = dict(a=str(paths[0]), b=str(paths[1]), bn=bn, examples=len(splits['test'][1]))
+        result = dict(a=str(paths[0]), b=str(paths[1]), bn=bn, examples=len(splits['test'][1]), classes=evaluated)
         with _progress(console, 'weight matching, then interpolating' if align else 'interpolating',
-                       steps * (3 if align else 1)) as advance:
-            result['curves'] = lmc_curves(spec, state_a, state_b, splits, steps, align, bn,
+                       points * (3 if align else 1)) as advance:
+            result['curves'] = lmc_curves(spec, state_a, state_b, splits, points, align, bn,
                                           data.x_train[:bn_examples or rebasin.BN_EXAMPLES],
                                           dev, advance)
-        for table in _interpolation_tables(result, regression):
+        for table in _interpolation_tables(result, regression, of):
             console.print(table)
         if plot:
             treatment = {'reset': ', BatchNorm reset', 'repair': ', REPAIR', None: ''}[bn]
             plot_interpolation(plot, {CURVES[c]: v['points'] for c, v in result['curves'].items()},
-                               f"{spec['arch']} on {data.name}, {len(splits['test'][1])} test examples{treatment}\n"
+                               f"{spec['arch']} on {data.name}, {len(splits['test'][1])} test examples{of}{treatment}\n"
                                f"A = {_short(paths[0])}\nB = {_short(paths[1])}",
                                ('MSE', 'RMSE') if regression else ('loss', 'error'))
             console.print(f'wrote {plot}')
@@ -1618,7 +1751,9 @@ def sharpness_command(
                          ('--adaptive/--no-adaptive',)),
     examples: int = Opt(SHARP_EXAMPLES, 'Fixed training images the loss is measured on.'),
     batch_size: int = Opt(SHARP_BATCH, 'Batch size of those passes.'),
+    classes: Optional[str] = CLASSES,
     dataset: Optional[str] = DATASET,
+    data_dir: Optional[str] = DATA_DIR,
     device: str = DEVICE,
     json_out: Optional[Path] = JSON_OUT,
 ):
@@ -1629,7 +1764,7 @@ def sharpness_command(
     with _session() as console:
         if rho <= 0 or steps < 1:
             raise EnsembleError(f'--rho must be positive and --steps at least 1, got {rho} and {steps}')
-        ensemble = _load_ensemble(runs, device, dataset)
+        ensemble = _load_ensemble(runs, device, dataset, classes, data_dir)
         nets = ensemble.nets
         _classification_only(ensemble.config, ensemble.name, 'sharpness (of the cross-entropy)')
         _note_splits(console, ensemble)
@@ -1642,24 +1777,28 @@ def sharpness_command(
                 members.append(sharpness(net, batches, rho, steps, adaptive))
                 advance()
         values = torch.tensor([m['sharpness'] for m in members], dtype=torch.float64)
-        result = dict(runs=ensemble.sources, rho=rho, steps=steps, adaptive=adaptive, examples=len(y), members=members,
-                      mean=float(values.mean()), std=float(values.std(unbiased=False)))
+        result = dict(runs=ensemble.sources, rho=rho, steps=steps, adaptive=adaptive, examples=len(y),
+                      classes=ensemble.classes, members=members, mean=float(values.mean()),
+                      std=float(values.std(unbiased=False)))
         console.print(_table(f"{ensemble.name}: {'adaptive ' if adaptive else ''}sharpness, ρ={rho:g}, {steps} steps, "
-                             f"{len(y)} training images", ['member', 'train loss', 'perturbed loss', 'sharpness'],
+                             f"{len(y)} training images{_of(ensemble)}",
+                             ['member', 'train loss', 'perturbed loss', 'sharpness'],
                              [(str(j), *m.values()) for j, m in enumerate(members)]))
         console.print(f"sharpness: mean {result['mean']:.4f}, std {result['std']:.4f} over {len(nets)} members")
         _write(console, json_out, result)
 
 
 def _severities(text):
+    """--severities: all (1-5) or a list as every command line here writes one (1-5, 3, 1,3,5), sorted."""
+    if str(text).strip() == 'all':
+        return [1, 2, 3, 4, 5]
     try:
-        low, _, high = str(text).partition('-')
-        values = list(range(int(low), int(high or low) + 1))
-    except ValueError:
-        raise EnsembleError(f"--severities takes a range like 1-5 or one severity like 3, got '{text}'") from None
+        values = te.parse_ints(text) or []
+    except EnsembleError:
+        raise EnsembleError(f"--severities takes all or a list like 1-5, 3 or 1,3,5, got '{text}'") from None
     if not values or not set(values) <= {1, 2, 3, 4, 5}:
         raise EnsembleError(f'--severities must lie in 1-5, got {text}')
-    return values
+    return sorted(set(values))
 
 
 @_command('ood')
@@ -1669,6 +1808,9 @@ def ood_command(
                         "images of the members' shape; its test split is used."),
     combine: Optional[str] = COMBINE,
     examples: Optional[int] = EXAMPLES,
+    classes: Optional[str] = CLASSES._replace(help=CLASSES.help + ' Of the in-distribution test set; the OOD set '
+                                                                  'keeps every example.'),
+    data_dir: Optional[str] = DATA_DIR,
     device: str = DEVICE,
     plot: Optional[Path] = Opt(None, 'Write histograms of the scores, in vs out, to this PNG.'),
     json_out: Optional[Path] = JSON_OUT,
@@ -1679,19 +1821,20 @@ def ood_command(
     and the mutual information (H(p̄) − mean H(p_j) with p̄ the members' mean probability whatever the
     combiner: how much the members disagree; 0 for one member). The OOD set is the positive class."""
     with _session() as console:
-        ensemble = _load_ensemble(runs, device)
+        ensemble = _load_ensemble(runs, device, None, classes, data_dir)
         config, nets = ensemble.config, ensemble.nets
         _classification_only(config, ensemble.name, 'OOD detection (from predictive probabilities)')
         _note_splits(console, ensemble)
         x_in, _ = split_examples(ensemble.data, 'test', examples)
-        x_out, _ = split_examples(run_data(config, ood), 'test', examples)
+        x_out, _ = split_examples(run_data(config, ood, 'all', data_dir), 'test', examples)
         if x_out.shape[1:] != x_in.shape[1:]:
             raise EnsembleError(f"--ood {ood} has images of shape {tuple(x_out.shape[1:])}; the members' are "
                                 f'{tuple(x_in.shape[1:])}')
         combiner = _combiner(config, combine)
         logits_in, logits_out = _logits(console, nets, x_in, 'in'), _logits(console, nets, x_out, 'out')
         report = ood_report(logits_in, logits_out, combiner)
-        console.print(_table(f'{ensemble.name}: {len(nets)} members, {config.get("dataset")} test ({len(x_in)}) vs '
+        console.print(_table(f'{ensemble.name}: {len(nets)} members, {config.get("dataset")} test ({len(x_in)}'
+                             f'{_of(ensemble)}) vs '
                              f'{ood} test ({len(x_out)}), OOD = positive, combiner {combiner}',
                              ['score', 'AUROC', 'AUPR', 'FPR at 95% TPR', 'mean in', 'mean out'],
                              [(OOD_SCORES[name], *r.values()) for name, r in report.items()]))
@@ -1701,8 +1844,8 @@ def ood_command(
                      f'{ensemble.name}: scores in vs out of distribution')
             console.print(f'wrote {plot}')
         _write(console, json_out, dict(runs=ensemble.sources, members=len(nets), in_dataset=config.get('dataset'),
-                                       ood=ood, combiner=combiner, examples_in=len(x_in), examples_out=len(x_out),
-                                       scores=report))
+                                       classes=ensemble.classes, ood=ood, combiner=combiner, examples_in=len(x_in),
+                                       examples_out=len(x_out), scores=report))
 
 
 def _robustness_tables(result, single):
@@ -1739,13 +1882,15 @@ def _by_corruption(corrupted):
 def robustness_command(
     runs: List[Path] = SOURCES,
     corruptions: str = Opt('all', f"'all' or comma-separated names: {', '.join(CORRUPTIONS)}."),
-    severities: str = Opt('1-5', 'A range (1-5) or one severity (3).'),
+    severities: str = Opt('1-5', "'all' (1-5) or a list of severities 1 to 5: 1-5, 3, 1,3,5."),
     corrupted_dir: Optional[Path] = Opt(None, 'Read the official CIFAR-10-C / CIFAR-100-C <corruption>.npy and '
                                               'labels.npy from here instead of generating them.'),
     seed: int = Opt(0, 'Seed of the generated corruptions (each corruption and severity its own stream).'),
     combine: Optional[str] = COMBINE,
     examples: Optional[int] = EXAMPLES,
+    classes: Optional[str] = CLASSES,
     dataset: Optional[str] = DATASET,
+    data_dir: Optional[str] = DATA_DIR,
     device: str = DEVICE,
     plot: Optional[Path] = Opt(None, 'Write accuracy against severity per corruption to this PNG.'),
     json_out: Optional[Path] = JSON_OUT,
@@ -1757,12 +1902,12 @@ def robustness_command(
     --corrupted-dir. Also the mean corrupted accuracy and how much error the corruptions add to the clean
     error."""
     with _session() as console:
-        names = list(CORRUPTIONS) if corruptions == 'all' else corruptions.split(',')
+        names = list(CORRUPTIONS) if corruptions.strip() == 'all' else [n.strip() for n in corruptions.split(',')]
         unknown = [n for n in names if n not in CORRUPTIONS]
         if unknown:
             raise EnsembleError(f"unknown corruption '{unknown[0]}': use all or some of {', '.join(CORRUPTIONS)}")
         levels = _severities(severities)
-        ensemble = _load_ensemble(runs, device, dataset)
+        ensemble = _load_ensemble(runs, device, dataset, classes, data_dir)
         _classification_only(ensemble.config, ensemble.name, 'robustness (image corruptions)')
         combiner, nets = _combiner(ensemble.config, combine), ensemble.nets
         _note_splits(console, ensemble)
@@ -1772,16 +1917,19 @@ def robustness_command(
                 raise EnsembleError('saturate changes colour: these images have one channel')
             names.remove('saturate')
         with _progress(console, 'corruptions', len(names) * len(levels)) as advance:
-            result = robustness(nets, x, y, combiner, names, levels, seed, corrupted_dir, advance)
+            result = robustness(nets, x, y, combiner, names, levels, seed, corrupted_dir, advance,
+                                None if len(ensemble.classes) == ensemble.spec['num_classes'] else ensemble.classes)
         columns, rows, summary, summary_table = _robustness_tables(result, len(nets) == 1)
-        console.print(_table(f'{ensemble.name}: {len(nets)} members, test set under corruption ({len(y)} images), '
+        console.print(_table(f'{ensemble.name}: {len(nets)} members, test set under corruption ({len(y)} images'
+                             f'{_of(ensemble)}), '
                              f'combiner {combiner}', columns, rows))
         console.print(summary_table)
         if plot:
             plot_robustness(plot, result, f'{ensemble.name}: accuracy under corruption')
             console.print(f'wrote {plot}')
         _write(console, json_out, dict(runs=ensemble.sources, members=len(nets), combiner=combiner,
-                                       generated=corrupted_dir is None, seed=seed, summary=summary,
+                                       classes=ensemble.classes, generated=corrupted_dir is None, seed=seed,
+                                       summary=summary,
                                        clean=result['clean'],
                                        corrupted=_by_corruption(result['corrupted'])))
 

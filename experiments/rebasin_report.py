@@ -69,7 +69,7 @@ class Experiment:
 
     def __init__(self, name, out, seeds, quick, dataset, width, subset, examples, device, epochs=None):
         settings = dict(seeds=seeds, width=width, subset=subset, examples=examples, epochs=epochs,
-                        steps=analyze.INTERP_STEPS)
+                        steps=analyze.INTERP_POINTS)
         if quick:
             settings.update(QUICK)
         self.name, self.quick, self.start = name, quick, time.perf_counter()

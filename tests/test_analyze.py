@@ -5,6 +5,7 @@ and joint training (β = 1) shows the collusion signature that independent train
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -146,11 +147,12 @@ def is_png(path):
 
 
 def test_evaluate_reports_members_ensemble_diversity_and_the_gap(runs, tmp_path):
-    out = ok('evaluate', runs['joint'], '--split', 'train', '--split', 'test', '--json', tmp_path / 'e.json')
+    out = ok('evaluate', runs['joint'], '--split', 'train,test', '--json', tmp_path / 'e.json')   # or repeated
     assert 'ensemble' in out and 'disagreement' in out and 'generalization gap' in out
     result = json.loads((tmp_path / 'e.json').read_text())
     train, test = result['splits']['train'], result['splits']['test']
     assert result['combiner'] == 'prob' and len(test['members']) == 3 and test['examples'] == 3000
+    assert list(result['splits']) == ['train', 'test'] and result['classes'] == list(range(10))
     assert test['decomposition_residual'] < 1e-6
     summary = json.loads((runs['joint'] / 'summary.json').read_text())   # the same test numbers as training's
     assert math.isclose(test['div'], summary['test_div'], rel_tol=1e-4)
@@ -180,10 +182,11 @@ def test_debias_and_drop_write_their_numbers(runs, tmp_path):
 
 def test_interpolate_aligns_repairs_and_reproduces_the_endpoints_exactly(runs, tmp_path):
     a, b = te.member_paths(runs['independent'])[:2]
-    ok('interpolate', a, b, '--align', '--repair', '--steps', 3, '--examples', 1000, '--bn-examples', 1000,
+    ok('interpolate', a, b, '--align', '--repair', '--points', 3, '--examples', 1000, '--bn-examples', 1000,
        '--json', tmp_path / 'i.json', '--plot', tmp_path / 'i.png')
     curves = json.loads((tmp_path / 'i.json').read_text())['curves']
     assert list(curves) == ['naive', 'aligned', 'permuted'] and is_png(tmp_path / 'i.png')   # identifiers
+    assert [p['lam'] for p in curves['naive']['points']] == [0.0, 0.5, 1.0]
     data = analyze.run_data(analyze.run_config(a))
     for path, point in ((a, curves['naive']['points'][0]), (b, curves['naive']['points'][-1])):
         x, y = analyze.split_examples(data, 'test', 1000)
@@ -197,9 +200,10 @@ def test_interpolate_aligns_repairs_and_reproduces_the_endpoints_exactly(runs, t
 
 def test_interpolate_resets_batchnorm_between_two_members_of_a_run(runs, tmp_path):
     ok('interpolate', runs['bn'], runs['bn'], '--member', '0,1', '--reset-bn', '--steps', 3, '--examples', 100,
-       '--bn-examples', 128, '--json', tmp_path / 'i.json')
+       '--bn-examples', 128, '--json', tmp_path / 'i.json')   # --steps: --points' old name
     result = json.loads((tmp_path / 'i.json').read_text())
     assert result['bn'] == 'reset' and result['b'].endswith('member_1.safetensors')
+    assert len(result['curves']['naive']['points']) == 3
 
 
 def test_sharpness_grows_with_the_radius_and_leaves_the_members_untouched(runs, tmp_path):
@@ -231,10 +235,18 @@ def test_bad_input_gets_a_one_line_error(runs, tmp_path):
         assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], (args, result.output)
 
 
+def test_version_names_the_checkpoint_format_and_torch_and_needs_no_sibling(monkeypatch):
+    assert ok('--version').strip() == f'analyze.py: checkpoints {te.FORMAT}; torch {torch.__version__}'
+    monkeypatch.setitem(sys.modules, 'train_ensemble', None)   # as if analyze.py were copied alone
+    alone = analyze.version()
+    assert alone.startswith('analyze.py: no train_ensemble.py beside it') and torch.__version__ in alone
+
+
 def test_every_command_documents_itself():
-    for command in ('evaluate', 'compare', 'debias', 'drop', 'interpolate', 'sharpness'):
+    for command in ('evaluate', 'compare', 'debias', 'drop', 'interpolate', 'sharpness', 'ood', 'robustness'):
         help_text = ok(command, '--help')
         assert '--json' in help_text and ('--device' in help_text or command == 'compare')
+        assert '--classes' in help_text and '--data-dir' in help_text   # every command that reads examples
 
 
 # ---- the paper's claim ----

@@ -1,8 +1,10 @@
 """analyze.py on ensembles of separate runs: three one-member runs trained apart (different seeds) are
 evaluated as one three-member ensemble, whose numbers are those of their stacked logits; runs that do not
-share dataset, task, input shape or classes are refused in one line; an ensemble of one member shows one
-row. The metrics are rows (key, label, format, function): a metric added as one row shows in evaluate,
-compare and their JSON. The combiners analyze.py keeps (to work copied alone) equal train_ensemble's."""
+share dataset, task, input shape or number of classes are refused in one line; an ensemble of one member shows
+one row. A run trained on some classes is evaluated on them, runs on disjoint classes on their union, and
+--classes all on every class. The metrics are rows (key, label, format, function): a metric added as one row
+shows in evaluate, compare and their JSON. The combiners analyze.py keeps (to work copied alone) equal
+train_ensemble's."""
 import json
 import math
 import re
@@ -13,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from rich.console import Console
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import analyze
@@ -32,8 +35,9 @@ def npz(path, size=28, classes=10, n=200):
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-    """Three one-member Fashion-MNIST runs (seeds 0, 1, 2), a two-member one, and runs of the same MLP on
-    data of another input shape (14 x 14) and of another number of classes (5)."""
+    """Three one-member Fashion-MNIST runs (seeds 0, 1, 2), a two-member one, runs on classes 0-4 (low) and 5-9
+    (high), runs of the same MLP on data of another input shape (14 x 14) and of another number of classes (5),
+    and a regression run."""
     if not te.DEBIAN_FASHION_MNIST.exists():
         pytest.fail('Fashion-MNIST is missing: apt-get install dataset-fashion-mnist (.ci/run does this)')
     root, quiet = tmp_path_factory.mktemp('ensembles'), Console(quiet=True)
@@ -47,6 +51,12 @@ def runs(tmp_path_factory):
     for name in ('small_images', 'five_classes'):
         te.train(te.Config(dataset=found[name], out=str(root / name), **dict(SMALL, subset=None)), console=quiet)
         found[f'{name}_run'] = root / name
+    for name, classes in (('low', [0, 1, 2, 3, 4]), ('high', [5, 6, 7, 8, 9])):
+        found[name] = root / name
+        te.train(te.Config(dataset='fashion-mnist', classes=classes, out=str(found[name]), **SMALL), console=quiet)
+    found['regression'] = root / 'regression'
+    te.train(te.Config(task='regression', dataset='synthetic-regression', out=str(found['regression']),
+                       **dict(SMALL, hidden=[8], subset=None)), console=quiet)
     return found
 
 
@@ -141,7 +151,7 @@ def test_runs_that_do_not_share_dataset_input_shape_or_classes_are_refused_namin
     assert 'differ in input shape ((1, 14, 14) vs (1, 28, 28))' in line
     loose = tmp_path / 'five_classes_run' / 'loose.safetensors'
     line = refused('ood', runs['s1'], loose, '--ood', runs['five_classes'])
-    assert 'differ in classes (5 vs 10)' in line
+    assert 'differ in number of classes (5 vs 10)' in line
     assert 'given twice' in refused('drop', runs['s0'], runs['s0'])
     for seed in (1, 2):   # generated data: another seed is another dataset
         te.train(te.Config(dataset='synthetic', seed=seed, out=str(tmp_path / f'synthetic{seed}'),
@@ -168,6 +178,63 @@ def test_an_ensemble_of_one_member_shows_one_row_and_no_diversity(runs, tmp_path
     out = ok('robustness', runs['s0'], '--corruptions', 'contrast', '--severities', '5', '--examples', 300,
              '--plot', tmp_path / 'r.png')
     assert 'mean member' not in out and 'DIV' not in out
+
+
+# ---- classes ----
+
+def test_a_run_on_some_classes_is_evaluated_on_them_and_classes_all_counts_every_class(runs, tmp_path):
+    """By default on the run's own classes (the accuracy its training measured, not one over ten classes);
+    --data-dir reads another cache of the dataset, in which the accuracy is checked by hand."""
+    ok('evaluate', runs['low'], '--json', tmp_path / 'own.json')
+    own = json.loads((tmp_path / 'own.json').read_text())
+    summary = json.loads((runs['low'] / 'summary.json').read_text())
+    assert own['classes'] == [0, 1, 2, 3, 4]
+    assert math.isclose(own['splits']['test']['ensemble']['acc'], summary['test_acc'], abs_tol=1e-6)
+    full = te.load_data('fashion-mnist', subset=3000)   # a cache of 3,000 training and 600 test images
+    cache = dict(x_train=full.x_train, y_train=full.y_train, x_test=full.x_test[:600], y_test=full.y_test[:600])
+    save_file({k: v.contiguous() for k, v in cache.items()}, tmp_path / 'fashion-mnist.safetensors')
+    net = te.load_member(te.member_paths(runs['low'])[0])
+    for classes, keep in ((None, cache['y_test'] < 5), ('all', torch.ones(600, dtype=torch.bool))):
+        out = ok('evaluate', runs['low'], '--data-dir', tmp_path, '--split', 'all',
+                 *(['--classes', classes] if classes else []), '--json', tmp_path / 'e.json')
+        result = json.loads((tmp_path / 'e.json').read_text())
+        x, y = cache['x_test'][keep], cache['y_test'][keep]
+        by_hand = float((te.predict_logits([net], x)[0].argmax(-1) == y).double().mean())
+        assert list(result['splits']) == ['train', 'test'] and result['splits']['test']['examples'] == len(y)
+        assert result['splits']['test']['ensemble']['acc'] == by_hand
+        assert result['classes'] == (list(range(10)) if classes else [0, 1, 2, 3, 4])
+        assert f"test split ({len(y)} examples of {'all 10 classes' if classes else 'classes 0-4'})" in out
+    assert len(y) == 600 and set(y.tolist()) == set(range(10))   # half of them classes the run never saw
+    assert by_hand < 0.75 * own['splits']['test']['ensemble']['acc']
+    assert analyze.class_text([0, 1, 2, 5, 7, 8]) == '0-2,5,7-8'
+
+
+def test_runs_on_disjoint_classes_are_one_ensemble_on_their_union(runs, tmp_path):
+    ok('evaluate', runs['low'], runs['high'], '--json', tmp_path / 'e.json')
+    result = json.loads((tmp_path / 'e.json').read_text())
+    assert result['members'] == 2 and result['classes'] == list(range(10))
+    ok('evaluate', runs['low'], runs['high'], '--classes', '5-9', '--json', tmp_path / 'e.json')
+    assert json.loads((tmp_path / 'e.json').read_text())['classes'] == [5, 6, 7, 8, 9]
+    ok('evaluate', runs['low'], runs['s0'], '--json', tmp_path / 'e.json')   # s0 has no --classes: every class
+    assert json.loads((tmp_path / 'e.json').read_text())['classes'] == list(range(10))
+
+
+@pytest.mark.parametrize('command', ['evaluate', 'debias', 'drop', 'interpolate', 'sharpness', 'ood', 'robustness',
+                                     'compare'])
+def test_every_command_that_reads_examples_takes_classes_and_refuses_bad_ones(runs, tmp_path, command):
+    extra = {'debias': ['--examples', 200], 'drop': ['--fractions', '0.5'], 'sharpness': ['--examples', 100],
+             'interpolate': ['--points', 2, '--examples', 200], 'compare': ['--examples', 200], 'evaluate': [],
+             'ood': ['--ood', runs['five_classes'], '--examples', 50],
+             'robustness': ['--corruptions', 'contrast', '--severities', '5', '--examples', 200]}[command]
+    sources = [runs['low'], runs['low']] if command == 'interpolate' else [runs['low']]
+    out = ok(command, *sources, *extra, '--classes', '1,3', '--json', tmp_path / 'r.json')
+    result = json.loads((tmp_path / 'r.json').read_text())
+    assert (result['runs'][0] if command == 'compare' else result)['classes'] == [1, 3]
+    assert 'classes 1,3' in out
+    for bad, message in (('3-12', 'class 10 is out of range'), (',', 'names no class'), ('x', 'takes all or a list')):
+        assert message in refused(command, *sources, *extra, '--classes', bad)
+    if command != 'interpolate':
+        assert 'regression' in refused(command, runs['regression'], *extra, '--classes', 'all')
 
 
 # ---- metrics as rows ----

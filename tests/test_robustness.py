@@ -49,6 +49,15 @@ def test_bad_corruption_requests_are_refused(images):
             analyze.corrupt(x.float() if message == 'uint8' else x, *args)
 
 
+def test_severities_are_written_as_every_list_here_is():
+    for text, levels in (('1-5', [1, 2, 3, 4, 5]), ('all', [1, 2, 3, 4, 5]), ('3', [3]), ('1,3,5', [1, 3, 5]),
+                         ('4,1-2', [1, 2, 4])):
+        assert analyze._severities(text) == levels, text
+    for text in ('0-9', '6', 'x', ','):
+        with pytest.raises(te.EnsembleError, match='--severities'):
+            analyze._severities(text)
+
+
 def test_the_official_files_are_read_by_severity_without_pickle(tmp_path):
     x = np.random.default_rng(0).integers(0, 256, (5 * 4, 8, 8, 3), dtype=np.uint8)
     np.save(tmp_path / 'contrast.npy', x)
