@@ -386,6 +386,17 @@ def test_repair_without_batchnorm_gives_hidden_layers_the_interpolated_statistic
             torch.testing.assert_close(got[name][j], goal, rtol=1e-4, atol=1e-6)
 
 
+def test_auto_statistics_repair_an_mlp_reset_a_batchnorm_net_and_leave_a_transformer_s_tokens_alone():
+    x = images(model_spec('mlp'), 1)
+    assert rebasin.auto_statistics(member(model_spec('mlp'), 0), x)[0] == 'repair'
+    assert rebasin.auto_statistics(member(model_spec('airbench'), 0), x)[0] == rebasin.AUTO_WITH_BN == 'reset-bn'
+    vit = te.build_model(model_spec('vit', depth=1, heads=2, patch_size=4, width=0.5))
+    choice, why = rebasin.auto_statistics(vit, x)   # its Linears act on each token: (batch, tokens, channels)
+    assert choice is None and why.startswith('REPAIR rescales the channels of axis 1, but') and '(1, 16, ' in why
+    with pytest.raises(rebasin.RebasinError, match='its channels are the last axis'):
+        rebasin.repair(vit, vit, vit, 0.5, [images(model_spec('vit'), 4)])
+
+
 #############################################
 #               Command line                #
 #############################################
@@ -424,6 +435,15 @@ def test_cli_spec_align_and_merge_write_runs_that_load(tmp_path):
     assert config['sources'] == [str(r / 'member_0.safetensors') for r in runs] and config['passes'] >= 1
     assert config['reset_bn'] and config['dataset'] == 'fashion-mnist' and config['subset'] == 500
     te.load_member(tmp_path / 'merged' / 'member_0.safetensors')
+    for out, stats in (('auto', 'auto'), ('plain', 'none')):   # by default, a BatchNorm network's statistics are reset
+        result = cli('merge', *runs, '--out', tmp_path / out, '--stats', stats, '--bn-examples', 200, '--batch-size',
+                     100, '--no-eval')
+        assert result.exit_code == 0, result.output
+    reset, auto, plain = (te.load_member_state(tmp_path / out / 'member_0.safetensors')[1]
+                          for out in ('merged', 'auto', 'plain'))
+    assert all(torch.equal(auto[k], reset[k]) for k in auto) and json.loads((tmp_path / 'auto' / 'config.json')
+                                                                             .read_text())['reset_bn']
+    assert not torch.equal(auto['3.norm1.running_var'], plain['3.norm1.running_var'])
     result = cli('align', runs[0], runs[1], '--out', tmp_path / 'by_activation', '--method', 'activation',
                  '--examples', 200)
     assert result.exit_code == 0, result.output

@@ -1,7 +1,8 @@
 """rebasin.py at first contact: `merge runs/*` merges the finished runs it is given, names what it skips and
 merges the same models when run again; merge and align print and record the result's test accuracy beside
-its sources'; every merge method of the registry keeps its promises; a copied rebasin.py says in one line
-what its command line lacks."""
+its sources'; merge restores the merged model's statistics by default where the training data can be had,
+and says in one line when it cannot; every merge method of the registry keeps its promises; a copied
+rebasin.py says in one line what its command line lacks, and its version."""
 import glob
 import json
 import os
@@ -151,6 +152,64 @@ def test_a_test_set_that_cannot_be_had_offline_skips_the_accuracy_in_one_line_no
     assert len(skipped) == 1 and skipped[0].startswith('test accuracy: skipped (') and 'cifar10' in skipped[0]
     assert 'skipped' in te.read_config('merged')['evaluation']
     te.load_member('merged/member_0.safetensors')
+    # nor the statistics: one line, and the merge is the plain average
+    stats = [line for line in result.output.splitlines() if line.startswith('statistics')]
+    assert len(stats) == 1 and stats[0].startswith('statistics: REPAIR skipped, no training data (') \
+        and 'cifar10' in stats[0] and stats[0].endswith('; the merged model is the plain average'), stats
+    config = te.read_config('merged')
+    assert config['stats'] == 'auto' and not config['repair'] and config['stats_why'].startswith('REPAIR skipped')
+
+
+#############################################
+#     Statistics restored unless told not    #
+#############################################
+
+def merged_state(out):
+    return te.load_member_state(f'{out}/member_0.safetensors')[1]
+
+
+def test_merge_repairs_an_mlp_by_default_as_repair_does_and_records_it(runs):
+    for out, args in (('auto', []), ('repair', ['--repair']), ('none', ['--stats', 'none'])):
+        result = cli('merge', 'runs/mlp_s0', 'runs/mlp_s1', '--out', out, '--no-eval', *args)
+        assert result.exit_code == 0, result.output
+        assert (out == 'auto') == ('(--stats auto: measured best for networks without BatchNorm; --stats none turns '
+                                   'it off)' in result.output), result.output
+        assert (out == 'none') == ('statistics' not in result.output), result.output
+    configs = {out: te.read_config(out) for out in ('auto', 'repair', 'none')}
+    assert [(c['stats'], c['repair'], c['reset_bn']) for c in configs.values()] == [
+        ('auto', True, False), ('repair', True, False), ('none', False, False)]
+    auto, repair, plain = map(merged_state, configs)
+    assert all(torch.equal(auto[k], repair[k]) for k in auto)
+    assert not torch.equal(auto['2.weight'], plain['2.weight'])   # the hidden layer rescaled
+
+
+def test_without_a_known_dataset_auto_skips_in_one_line_and_an_explicit_choice_fails(runs, tmp_path):
+    bare = tmp_path / 'bare'   # member files without their runs' config.json: no dataset is known
+    bare.mkdir()
+    for i in (0, 1):
+        shutil.copy(runs / f'mlp_s{i}' / 'member_0.safetensors', bare / f'm{i}.safetensors')
+    models = [bare / 'm0.safetensors', bare / 'm1.safetensors']
+    result = cli('merge', *models, '--out', 'merged', '--no-eval')
+    assert result.exit_code == 0, result.output
+    stats = [line for line in result.output.splitlines() if line.startswith('statistics')]
+    assert stats == ['statistics: REPAIR skipped, no training data (no dataset is known for this model: pass '
+                     '--dataset); the merged model is the plain average'], result.output
+    result = cli('merge', *models, '--out', 'repaired', '--repair')
+    assert result.exit_code == 2 and result.output.splitlines()[-1] == ('error: no dataset is known for this model: '
+                                                                        'pass --dataset'), result.output
+    assert not (runs.parent / 'repaired').exists()
+
+
+@pytest.mark.parametrize('args, says', [
+    (['--stats', 'magic'], "unknown --stats 'magic': use one of auto, repair, reset-bn, none"),
+    (['--repair', '--stats', 'none'], '--repair is --stats repair: it cannot go with --stats none'),
+    (['--reset-bn', '--repair'], '--reset-bn and --repair are alternatives'),
+    (['--stats', 'reset-bn'], '--reset-bn: these models have no BatchNorm layers'),
+])
+def test_a_statistics_choice_that_cannot_be_met_is_refused_in_one_line(runs, args, says):
+    result = cli('merge', 'runs/mlp_s0', 'runs/mlp_s1', '--out', 'merged', *args)
+    assert result.exit_code == 2 and result.output.splitlines()[-1].startswith(f'error: {says}'), result.output
+    assert not (runs.parent / 'merged').exists()
 
 
 #############################################
@@ -196,7 +255,8 @@ def test_an_unknown_method_is_refused_with_the_registry_s_names():
 
 def test_help_lists_each_command_on_one_line_and_cuts_nothing_off():
     top = cli('--help').output
-    rows = [line for line in top.splitlines() if line.startswith('│ ') and 'Show this message' not in line]
+    commands = top.split('─ Commands ─')[1].splitlines()[1:]
+    rows = [line for line in commands if line.startswith('│ ')]
     assert [row.split()[1] for row in rows] == ['spec', 'align', 'merge']   # one row each: nothing ragged
     for args in (['--help'], ['spec', '-h'], ['align', '-h'], ['merge', '-h']):
         output = cli(*args).output
@@ -217,6 +277,9 @@ runpy.run_path('rebasin.py', run_name='__main__')
 """
 
 
+VERSION = f'rebasin.py: checkpoints {te.FORMAT}; torch {torch.__version__}'
+
+
 @pytest.mark.parametrize('blocked, says', [
     ({'train_ensemble'}, 'rebasin.py merge needs train_ensemble.py beside it'),
     ({'train_ensemble', 'typer', 'rich'}, 'rebasin.py merge needs the packages typer and rich (pip install typer '
@@ -228,3 +291,15 @@ def test_a_copied_rebasin_py_says_in_one_line_what_its_command_line_lacks(tmp_pa
     result = subprocess.run([sys.executable, 'check.py'], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == '', result.stderr
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(f'error: {says}'), result.stderr
+
+
+def test_version_names_the_checkpoint_format_and_torch_also_when_copied_alone(monkeypatch, capsys):
+    result = cli('--version')
+    assert result.exit_code == 0 and result.output == VERSION + '\n', result.output
+    monkeypatch.setitem(sys.modules, 'train_ensemble', None)   # copied alone: train_ensemble does not import
+    monkeypatch.setattr(sys, 'argv', ['rebasin.py', '--version'])
+    with pytest.raises(SystemExit) as exited:
+        rebasin.main()
+    assert exited.value.code == 0
+    alone = f'rebasin.py: checkpoints none (needs train_ensemble.py); torch {torch.__version__}\n'
+    assert capsys.readouterr().out == alone
