@@ -1572,18 +1572,14 @@ def _step_bar(console):
 
 
 def _check_out(out, force):
-    """The output directory, if it may be written: new, empty, or (with --force) a run this toolkit wrote.
-    Checked before the work starts, and again just before writing."""
-    out = Path(out)
-    writer = _te().run_dir_writer(out) if out.is_dir() else None
-    if writer is not None:   # a run still training: no writer may touch it, --force included
-        raise RebasinError(f'{out} is being written by {writer}: wait for it, or pass another --out')
+    """The output directory, if it may be written: new, empty, or (with --force) a run this toolkit wrote
+    that no process is writing (train_ensemble.check_replaceable). Checked before the work starts, and
+    again just before writing."""
+    te, out = _te(), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
+        if not force and te.run_dir_writer(out) is None:
             raise RebasinError(f'{out} already exists; pass --force to replace it')
-        if not out.is_dir() or not _te().is_our_run_dir(out):
-            raise RebasinError(f'refusing to replace {out}: --force replaces only a run directory this toolkit '
-                               'wrote, holding nothing else; move or delete it yourself')
+        te.check_replaceable(out)
     return out
 
 
