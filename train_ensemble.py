@@ -2580,19 +2580,21 @@ class Training:
         self.generator = torch.Generator(device).manual_seed(cfg.data_seed)   # order and crops
         flips = torch.Generator(device).manual_seed(cfg.data_seed + 1)
         self.flip_mask = torch.rand(self.n, generator=flips, device=device) < 0.5
-        self.bag = None
-        if cfg.bagging:   # bootstrap counts: member j sees example i bag[j, i] times (in expectation per epoch)
-            m = cfg.members   # all of them, on every rank: the ensemble term weights examples by their mean
-            draws = torch.randint(self.n, (m, self.n), device=device,
-                                  generator=torch.Generator(device).manual_seed(cfg.data_seed + 2))
-            self.bag = torch.zeros(m, self.n, device=device).scatter_add_(1, draws,
-                                                                          torch.ones(m, self.n, device=device))
+        self.bag = self.bootstrap_counts() if cfg.bagging else None
 
         self.epoch, self.step, self.lookahead, self.metrics = 0, 0, None, []
         # SharpBalance: (members here, n) bool, each one's SAM set, fixed once sam_start_epoch is reached
         self.sam_mask = None
         self.take_directory(resume, state)
         self.train_time = self.metrics[-1]['time_s'] if self.metrics else 0.0
+
+    def bootstrap_counts(self):
+        """(M, n) bagging weights: member j sees example i bag[j, i] times (in expectation per epoch). All M
+        members', on every rank: the ensemble term weights examples by their mean."""
+        m, n, device = self.cfg.members, self.n, self.device
+        draws = torch.randint(n, (m, n), device=device,
+                              generator=torch.Generator(device).manual_seed(self.cfg.data_seed + 2))
+        return torch.zeros(m, n, device=device).scatter_add_(1, draws, torch.ones(m, n, device=device))
 
     def own_network(self, fresh):
         """The user's module, M times (this rank's members), from its factory: each from its own seed, or
