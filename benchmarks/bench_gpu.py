@@ -22,6 +22,7 @@ On a machine without internet, bring airbench as a wheel (README.md, GPU benchma
 """
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import json
 import math
@@ -166,6 +167,105 @@ def goals(rows):
     return [(goal, t[a] / t[b], limit) for goal, a, b, limit in checks if a in t and b in t]
 
 
+def configure(device, members, resnet18, tiny):
+    """The device, the ensemble sizes of the recipe and resnet18 rows, and the options of each (--tiny shrinks them)."""
+    dev = te.resolve_device(device)
+    sizes = [int(m) for m in members.split(',') if m.strip()]
+    resnet_sizes = [int(m) for m in resnet18.split(',') if m.strip()]
+    recipe = dict(AIRBENCH94, device=dev.type)
+    resnet = dict(arch='resnet18', epochs=1, device=dev.type)
+    if tiny:
+        recipe.update(width=1 / 8, epochs=2, subset=2048, batch_size=256)
+        resnet.update(width=1 / 8, subset=512, batch_size=128, epochs=3)
+    return dev, sizes, resnet_sizes, recipe, resnet
+
+
+def save(json_path, device_name, recipe, log):
+    """Every row so far and the goals, as JSON."""
+    te.write_json(json_path, dict(device=device_name, torch=torch.__version__, date=time.strftime('%Y-%m-%d'),
+                                  recipe=recipe, rows=log, goals=goals(log)))
+
+
+def our_runner(runs):
+    """`ours(module, **options)`: a row's run of train_ensemble `module`, each call in a fresh directory
+    under `runs`."""
+    counter = iter(range(10**6))
+
+    def ours(module=te, **options):
+        return lambda: run_ours(module, Path(runs) / f'run{next(counter)}', **options)
+    return ours
+
+
+def load_baseline(path):
+    """Another version of train_ensemble.py, imported from `path`."""
+    spec = importlib.util.spec_from_file_location('train_ensemble_baseline', path)
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    return old
+
+
+def bench_airbench(bench, compile, profile, console):
+    """The airbench94 rows (on CUDA), skipped with a warning when airbench is not installed."""
+    if importlib.util.find_spec('airbench') is None:   # a GPU session is scarce: time our rows anyway
+        console.print('[bold red]airbench is not installed[/]: its rows are skipped (README, "On a GPU": '
+                      'pip install the airbench 0.1.8 wheel)', highlight=False)
+        return
+    x_train, y_train, x_test, y_test, _ = te._synthetic(0)
+    with airbench_workdir(x_train, y_train, x_test, y_test):
+        import airbench   # after the cache exists: its loader reads cifar10/*.pt from the working directory
+        loader = airbench.CifarLoader('cifar10', train=True, batch_size=1024, aug=dict(flip=True, translate=2),
+                                      altflip=True)
+        for label, make_net in airbench_nets(airbench).items():
+            if compile or 'compiled' not in label:
+                bench(label, lambda make_net=make_net: run_airbench(airbench, loader, make_net))
+        if profile:
+            profile_run(profile / 'airbench94.txt', lambda: run_airbench(airbench, loader, airbench.make_net94))
+
+
+def bench_ours(bench, ours, dev, sizes, resnet_sizes, recipe, resnet, compile, precisions, baseline, profile):
+    """Our rows: the airbench94 recipe at each M (eager, compiled), with muon, in each extra precision, the baseline
+    version at each M, and resnet18."""
+    for compiled in (False, True) if compile else (False,):
+        for m in sizes:
+            bench(f"ours M={m}{' compiled' if compiled else ''}", ours(members=m, compile=compiled, **recipe))
+    # Issue 11: spectral updates (orthogonalized steps for the hidden convs) in the airbench94 recipe, M = 1.
+    bench('ours M=1 muon', ours(members=1, optimizer='muon', **recipe))
+    default = te.resolve_precision('auto', dev)
+    for p in [p for p in precisions.split(',') if p.strip() and p != default]:
+        bench(f'ours M=1 {p}', ours(members=1, precision=p, **recipe))
+    if baseline:
+        old = load_baseline(baseline)
+        for m in sizes:
+            bench(f'baseline M={m}', ours(old, members=m, **recipe))
+    for m in resnet_sizes:
+        bench(f'ours resnet18 M={m}, 1 epoch', ours(members=m, **resnet))
+    if profile:
+        for m in sizes:
+            profile_run(profile / f'ours_m{m}.txt', ours(members=m, **dict(recipe, epochs=1)))
+
+
+def print_table(console, log, device_name, repeats):
+    """The rows as one table."""
+    table = Table(title=f'{device_name}, torch {torch.__version__}, {time.strftime("%Y-%m-%d")}: training seconds, '
+                        f'median of {repeats} after a warm-up')
+    for col in ['row', 'median s', 'min–max s', 'warm-up s', 'test acc', 'peak GiB', 'loss sane']:
+        table.add_column(col, justify='left' if col == 'row' else 'right')
+    for r in log:
+        if 'failed' in r:
+            table.add_row(r['name'], 'failed', '', '', '', '', '')
+            continue
+        table.add_row(r['name'], f"{r['median_s']:.3f}", f"{r['min_s']:.3f}–{r['max_s']:.3f}", f"{r['warmup_s']:.2f}",
+                      f"{r['test_acc']:.4f}", f"{r['peak_gib']:.2f}", 'yes' if r['sane'] else 'NO')
+    console.print(table)
+
+
+def print_goals(console, log, on_gpu):
+    """Each goal's measured ratio, judged only on a GPU: on a CPU every member already fills the cores."""
+    for goal, ratio, limit in goals(log):
+        verdict = ('met' if ratio <= limit else 'MISSED') if on_gpu else '(a GPU goal; not judged on a CPU)'
+        console.print(f'{goal}: {ratio:.2f}x (goal <= {limit:g}x) {verdict}', highlight=False)
+
+
 def main(
     device: str = typer.Option('auto', help='auto, cuda or cpu. airbench94 rows need CUDA '
                                             '(its loader puts data on GPU 0).'),
@@ -189,90 +289,25 @@ def main(
 ):
     """Time airbench94 and our trainer on the same synthetic data; print one table and the goals."""
     console = Console(width=max(Console().width, 120))
-    dev = te.resolve_device(device)
-    sizes = [int(m) for m in members.split(',') if m.strip()]
-    resnet_sizes = [int(m) for m in resnet18.split(',') if m.strip()]
-    recipe = dict(AIRBENCH94, device=dev.type)
-    resnet = dict(arch='resnet18', epochs=1, device=dev.type)
-    if tiny:
-        recipe.update(width=1 / 8, epochs=2, subset=2048, batch_size=256)
-        resnet.update(width=1 / 8, subset=512, batch_size=128, epochs=3)
+    dev, sizes, resnet_sizes, recipe, resnet = configure(device, members, resnet18, tiny)
     name = torch.cuda.get_device_name() if dev.type == 'cuda' else 'CPU'
     console.print(f'[bold]bench_gpu[/] on {name}, torch {torch.__version__}, {time.strftime("%Y-%m-%d")}; '
                   f'ours: {recipe}; {repeats} timed runs per row after a warm-up', highlight=False)
     log = []
     json_path.parent.mkdir(parents=True, exist_ok=True)
 
-    def save():
-        te.write_json(json_path, dict(device=name, torch=torch.__version__, date=time.strftime('%Y-%m-%d'),
-                                      recipe=recipe, rows=log, goals=goals(log)))
+    def bench(label, run):   # one row, then every row so far written to --json
+        timed(label, run, repeats, console, log)
+        save(json_path, name, recipe, log)
 
     with tempfile.TemporaryDirectory(prefix='bench_gpu_runs_') as runs:
-        counter = iter(range(10**6))
-
-        def ours(module=te, **options):
-            return lambda: run_ours(module, Path(runs) / f'run{next(counter)}', **options)
-
-        import importlib.util
-        has_airbench = importlib.util.find_spec('airbench') is not None
-        if dev.type == 'cuda' and not tiny and not has_airbench:   # a GPU session is scarce: time our rows anyway
-            console.print('[bold red]airbench is not installed[/]: its rows are skipped (README, "On a GPU": '
-                          'pip install the airbench 0.1.8 wheel)', highlight=False)
-        if dev.type == 'cuda' and not tiny and has_airbench:
-            x_train, y_train, x_test, y_test, _ = te._synthetic(0)
-            with airbench_workdir(x_train, y_train, x_test, y_test):
-                import airbench   # after the cache exists: its loader reads cifar10/*.pt from the working directory
-                loader = airbench.CifarLoader('cifar10', train=True, batch_size=1024, aug=dict(flip=True, translate=2),
-                                              altflip=True)
-                for label, make_net in airbench_nets(airbench).items():
-                    if compile or 'compiled' not in label:
-                        timed(label, lambda make_net=make_net: run_airbench(airbench, loader, make_net), repeats,
-                              console, log)
-                        save()
-                if profile:
-                    profile_run(profile / 'airbench94.txt', lambda: run_airbench(airbench, loader, airbench.make_net94))
-        for compiled in (False, True) if compile else (False,):
-            for m in sizes:
-                timed(f"ours M={m}{' compiled' if compiled else ''}", ours(members=m, compile=compiled, **recipe),
-                      repeats, console, log)
-                save()
-        # Issue 11: spectral updates (orthogonalized steps for the hidden convs) in the airbench94 recipe, M = 1.
-        timed('ours M=1 muon', ours(members=1, optimizer='muon', **recipe), repeats, console, log)
-        save()
-        default = te.resolve_precision('auto', dev)
-        for p in [p for p in precisions.split(',') if p.strip() and p != default]:
-            timed(f'ours M=1 {p}', ours(members=1, precision=p, **recipe), repeats, console, log)
-            save()
-        if baseline:
-            import importlib.util
-            spec = importlib.util.spec_from_file_location('train_ensemble_baseline', baseline)
-            old = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(old)
-            for m in sizes:
-                timed(f'baseline M={m}', ours(old, members=m, **recipe), repeats, console, log)
-                save()
-        for m in resnet_sizes:
-            timed(f'ours resnet18 M={m}, 1 epoch', ours(members=m, **resnet), repeats, console, log)
-            save()
-        if profile:
-            for m in sizes:
-                profile_run(profile / f'ours_m{m}.txt', ours(members=m, **dict(recipe, epochs=1)))
-
-    table = Table(title=f'{name}, torch {torch.__version__}, {time.strftime("%Y-%m-%d")}: training seconds, '
-                        f'median of {repeats} after a warm-up')
-    for col in ['row', 'median s', 'min–max s', 'warm-up s', 'test acc', 'peak GiB', 'loss sane']:
-        table.add_column(col, justify='left' if col == 'row' else 'right')
-    for r in log:
-        if 'failed' in r:
-            table.add_row(r['name'], 'failed', '', '', '', '', '')
-            continue
-        table.add_row(r['name'], f"{r['median_s']:.3f}", f"{r['min_s']:.3f}–{r['max_s']:.3f}", f"{r['warmup_s']:.2f}",
-                      f"{r['test_acc']:.4f}", f"{r['peak_gib']:.2f}", 'yes' if r['sane'] else 'NO')
-    console.print(table)
-    for goal, ratio, limit in goals(log):   # the goals are a GPU's: on a CPU every member already fills the cores
-        verdict = ('met' if ratio <= limit else 'MISSED') if dev.type == 'cuda' else '(a GPU goal; not judged on a CPU)'
-        console.print(f'{goal}: {ratio:.2f}x (goal <= {limit:g}x) {verdict}', highlight=False)
-    save()
+        if dev.type == 'cuda' and not tiny:
+            bench_airbench(bench, compile, profile, console)
+        bench_ours(bench, our_runner(runs), dev, sizes, resnet_sizes, recipe, resnet, compile, precisions, baseline,
+                   profile)
+    print_table(console, log, name, repeats)
+    print_goals(console, log, dev.type == 'cuda')
+    save(json_path, name, recipe, log)
     console.print(f'wrote {json_path}')
 
 

@@ -78,6 +78,99 @@ def plot(path_sweep, path_curves, rows, curves, betas, error='error'):
     plt.close('all')
 
 
+def configure(task, quick, seeds, *, dataset, arch, hidden, members, betas, combiners, epochs, device):
+    """The options every run shares, the β grid, the combiners, the number of seeds and the debiasing fit size
+    (--quick shrinks them; regression has the one combiner, mean)."""
+    regression = task == 'regression'
+    common = dict(task=task, dataset=dataset, arch=arch, hidden=te.parse_ints(hidden), members=members, epochs=epochs,
+                  device=device)
+    beta_grid, combiner_list, fit_examples = [float(b) for b in betas.split(',')], combiners.split(','), FIT_EXAMPLES
+    if regression:
+        combiner_list = ['mean']
+    if quick:
+        common.update(hidden=[32], members=2, epochs=2, subset=1500)
+        if regression:
+            common['dataset'] = 'synthetic-regression'
+        beta_grid, seeds, fit_examples = [0.0, 1.0], 1, 500
+    return common, beta_grid, combiner_list, seeds, fit_examples
+
+
+def seed_numbers(summary, extra, regression):
+    """One run's numbers for the table: errors (RMSE, or the error rate), DIV, gap and the diagnostics."""
+    return dict(ensemble_error=summary['test_rmse'] if regression else 1 - summary['test_acc'],
+                member_error=statistics.mean(summary['member_test_rmse']) if regression
+                else 1 - statistics.mean(summary['member_test_acc']),
+                train_div=summary['train_div'], test_div=summary['test_div'],
+                gap=summary['test_loss'] - summary['train_loss'], **extra)
+
+
+def run_sweep(out, console, quiet, common, combiner_list, beta_grid, seeds, fit_examples, error_name, runs):
+    """Every (combiner, β, seed): train or read back, diagnose; the row of each (combiner, β), mean ± std over seeds."""
+    regression = common['task'] == 'regression'
+    rows = {}
+    for combiner in combiner_list:
+        for beta in beta_grid:
+            per_seed = []
+            for seed in range(seeds):
+                name = f'{combiner}_beta{beta:g}_s{seed}'
+                summary = te.complete_run(te.Config(out=str(out / name), combine=combiner, beta=beta, seed=seed,
+                                                    **common), quiet)
+                extra = diagnostics(out / name, combiner, fit_examples)
+                runs[name] = dict(summary, **extra)
+                per_seed.append(seed_numbers(summary, extra, regression))
+            rows[combiner, beta] = {k: analyze.mean_std([s[k] for s in per_seed]) for k in per_seed[0]}
+            console.print(f"{combiner} β={beta:g}: ensemble {error_name} "
+                          f"{rows[combiner, beta]['ensemble_error'][0]:.4f}, "
+                          f"test DIV {rows[combiner, beta]['test_div'][0]:.4f}", highlight=False)
+    return rows
+
+
+def table(rows, common, seeds, error_name):
+    """results.md's table: one row per (combiner, β)."""
+    fmt = lambda v, pct=False: f'{100 * v[0]:.0f}% ± {100 * v[1]:.0f}%' if pct else f'{v[0]:.4f} ± {v[1]:.4f}'  # noqa: E731
+    arch = common['arch']
+    lines = [f'# Learner collusion: {common["dataset"]}, {common["members"]}-member {arch} '
+             f'{common["hidden"] if arch == "mlp" else ""}, '
+             f'{seeds} seed(s), {time.strftime("%Y-%m-%d")}', '',
+             f'| combiner | β | ensemble test {error_name} | member test {error_name} | train DIV | test DIV | gap '
+             '| Δ loss, half dropped | DIV removed by debias |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for (combiner, beta), r in rows.items():
+        lines.append(f'| {combiner} | {beta:g} | ' + ' | '.join(fmt(r[k]) for k in (
+            'ensemble_error', 'member_error', 'train_div', 'test_div', 'gap', 'drop_half_loss'))
+            + f' | {fmt(r["debias_removed"], True)} |')
+    return lines
+
+
+def verdicts(rows, combiner_list, beta_grid, error_name):
+    """Per combiner: where the mean ensemble error is lowest, and whether an intermediate β beats both ends."""
+    lines = []
+    for combiner in combiner_list:   # the paper's question, answered only beyond the seeds' spread
+        error = {b: rows[combiner, b]['ensemble_error'] for b in beta_grid}
+        best = min(beta_grid, key=lambda b: error[b][0])
+        end = min((beta_grid[0], beta_grid[-1]), key=lambda b: error[b][0])
+        margin = error[end][0] - error[best][0]
+        if best in (beta_grid[0], beta_grid[-1]):
+            verdict = 'no intermediate β beats it'
+        elif margin > error[best][1] + error[end][1]:
+            verdict = f'an intermediate β beats both ends, by {margin:.4f} over β = {end:g}, beyond the seeds\' spread'
+        else:
+            verdict = (f'{margin:.4f} below β = {end:g}, within the seeds\' spread: '
+                       'no intermediate β is shown to be better')
+        lines.append(f'{combiner}: lowest mean ensemble {error_name} at β = {best:g} ({verdict}).')
+    return lines
+
+
+def loss_curves(out, combiner, beta_grid):
+    """Training and test loss per epoch of seed 0 at the grid's two ends: {(β, 'train' or 'test'): losses}."""
+    curves = {}
+    for beta in (beta_grid[0], beta_grid[-1]):
+        epochs_log = te.read_metrics(out / f'{combiner}_beta{beta:g}_s0')
+        curves[beta, 'train'] = [e['train_loss'] for e in epochs_log]
+        curves[beta, 'test'] = [e['test_loss'] for e in epochs_log]
+    return curves
+
+
 def main(
     out: Path = typer.Option(Path('runs/collusion'), help='Where the runs and results go.'),
     seeds: int = typer.Option(3, help='Seeds per (combiner, β).'),
@@ -95,70 +188,18 @@ def main(
 ):
     """The β sweep for both combiners, with DIV, gaps, dropping and debiasing: does joint training collude?"""
     console, quiet = Console(), Console(quiet=True)
-    regression = task == 'regression'
-    common = dict(task=task, dataset=dataset, arch=arch, hidden=te.parse_ints(hidden), members=members, epochs=epochs,
-                  device=device)
-    beta_grid, combiner_list, fit_examples = [float(b) for b in betas.split(',')], combiners.split(','), FIT_EXAMPLES
-    if regression:
-        combiner_list = ['mean']
-    if quick:
-        common.update(hidden=[32], members=2, epochs=2, subset=1500)
-        if regression:
-            common['dataset'] = 'synthetic-regression'
-        beta_grid, seeds, fit_examples = [0.0, 1.0], 1, 500
-    error_name = 'RMSE' if regression else 'error'   # an ensemble's and a member's error: RMSE, or the error rate
+    common, beta_grid, combiner_list, seeds, fit_examples = configure(
+        task, quick, seeds, dataset=dataset, arch=arch, hidden=hidden, members=members, betas=betas,
+        combiners=combiners, epochs=epochs, device=device)
+    # an ensemble's and a member's error: RMSE, or the error rate
+    error_name = 'RMSE' if task == 'regression' else 'error'
     start = time.perf_counter()
-    rows, results = {}, dict(settings=dict(common, seeds=seeds, betas=beta_grid, combiners=combiner_list), runs={})
-    for combiner in combiner_list:
-        for beta in beta_grid:
-            per_seed = []
-            for seed in range(seeds):
-                name = f'{combiner}_beta{beta:g}_s{seed}'
-                summary = te.complete_run(te.Config(out=str(out / name), combine=combiner, beta=beta, seed=seed,
-                                                    **common), quiet)
-                extra = diagnostics(out / name, combiner, fit_examples)
-                results['runs'][name] = dict(summary, **extra)
-                per_seed.append(dict(ensemble_error=summary['test_rmse'] if regression else 1 - summary['test_acc'],
-                                     member_error=statistics.mean(summary['member_test_rmse']) if regression
-                                     else 1 - statistics.mean(summary['member_test_acc']),
-                                     train_div=summary['train_div'], test_div=summary['test_div'],
-                                     gap=summary['test_loss'] - summary['train_loss'], **extra))
-            rows[combiner, beta] = {k: analyze.mean_std([s[k] for s in per_seed]) for k in per_seed[0]}
-            console.print(f"{combiner} β={beta:g}: ensemble {error_name} "
-                          f"{rows[combiner, beta]['ensemble_error'][0]:.4f}, "
-                          f"test DIV {rows[combiner, beta]['test_div'][0]:.4f}", highlight=False)
-
-    fmt = lambda v, pct=False: f'{100 * v[0]:.0f}% ± {100 * v[1]:.0f}%' if pct else f'{v[0]:.4f} ± {v[1]:.4f}'  # noqa: E731
-    lines = [f'# Learner collusion: {common["dataset"]}, {common["members"]}-member {arch} '
-             f'{common["hidden"] if arch == "mlp" else ""}, '
-             f'{seeds} seed(s), {time.strftime("%Y-%m-%d")}', '',
-             f'| combiner | β | ensemble test {error_name} | member test {error_name} | train DIV | test DIV | gap '
-             '| Δ loss, half dropped | DIV removed by debias |',
-             '|---|---|---|---|---|---|---|---|---|']
-    for (combiner, beta), r in rows.items():
-        lines.append(f'| {combiner} | {beta:g} | ' + ' | '.join(fmt(r[k]) for k in (
-            'ensemble_error', 'member_error', 'train_div', 'test_div', 'gap', 'drop_half_loss'))
-            + f' | {fmt(r["debias_removed"], True)} |')
-    lines.append('')
-    for combiner in combiner_list:   # the paper's question, answered only beyond the seeds' spread
-        error = {b: rows[combiner, b]['ensemble_error'] for b in beta_grid}
-        best = min(beta_grid, key=lambda b: error[b][0])
-        end = min((beta_grid[0], beta_grid[-1]), key=lambda b: error[b][0])
-        margin = error[end][0] - error[best][0]
-        if best in (beta_grid[0], beta_grid[-1]):
-            verdict = 'no intermediate β beats it'
-        elif margin > error[best][1] + error[end][1]:
-            verdict = f'an intermediate β beats both ends, by {margin:.4f} over β = {end:g}, beyond the seeds\' spread'
-        else:
-            verdict = (f'{margin:.4f} below β = {end:g}, within the seeds\' spread: '
-                       'no intermediate β is shown to be better')
-        lines.append(f'{combiner}: lowest mean ensemble {error_name} at β = {best:g} ({verdict}).')
+    results = dict(settings=dict(common, seeds=seeds, betas=beta_grid, combiners=combiner_list), runs={})
+    rows = run_sweep(out, console, quiet, common, combiner_list, beta_grid, seeds, fit_examples, error_name,
+                     results['runs'])
+    lines = table(rows, common, seeds, error_name) + [''] + verdicts(rows, combiner_list, beta_grid, error_name)
     lines.append(f'\n{time.perf_counter() - start:.0f} s in all (runs read back count only their diagnostics).')
-    curves = {}
-    for beta in (beta_grid[0], beta_grid[-1]):
-        epochs_log = te.read_metrics(out / f'{combiner_list[0]}_beta{beta:g}_s0')
-        curves[beta, 'train'] = [e['train_loss'] for e in epochs_log]
-        curves[beta, 'test'] = [e['test_loss'] for e in epochs_log]
+    curves = loss_curves(out, combiner_list[0], beta_grid)
     results.update(rows={f'{c} beta={b:g}': r for (c, b), r in rows.items()},
                    curves={f'beta={b:g} {split}': v for (b, split), v in curves.items()})
     te.write_json(out / 'results.json', results)

@@ -86,6 +86,104 @@ def plot(path_sweep, path_results, sweep, rows):
     plt.close('all')
 
 
+def configure(arch, quick, seeds, *, dataset, members, hidden, width, subset, epochs, batch_size, val_size, device):
+    """Check --arch; the options every run shares, the learning-rate grids and the number of seeds
+    (--quick shrinks all three)."""
+    if arch not in LRS:
+        raise typer.BadParameter(f"'{arch}': use mlp or airbench", param_hint='--arch')
+    airbench = arch == 'airbench'
+    common = dict(dataset=dataset, arch=arch, members=members, epochs=epochs, device=device, batch_size=batch_size,
+                  val_size=val_size if val_size is not None else 4000 if airbench else 10000,
+                  **(dict(width=width, subset=(20000 if subset is None else subset) or None) if airbench else
+                     dict(hidden=te.parse_ints(hidden), subset=subset or None)))
+    lrs = QUICK_LRS if quick else LRS[arch]
+    if quick:
+        common.update(members=2, epochs=2, subset=1500, val_size=500,
+                      **(dict(width=1 / 16) if airbench else dict(hidden=[32, 16])))   # mlp: one hidden matrix for muon
+        seeds = 1
+    return common, lrs, seeds
+
+
+def lr_sweep(out, quiet, common, method, beta, lrs, runs):
+    """Seed 0 at each learning rate: {lr: ensemble validation loss}, inf where the run diverged."""
+    options, lr_option = METHODS[method]
+    losses = {}
+    for lr in lrs:
+        name = f'{method}_beta{beta:g}_lr{lr:g}_s0'
+        summary = train_or_read(out / name, quiet, **common, **options, beta=beta, seed=0, **{lr_option: lr})
+        diverged = summary is None or summary['val_loss'] is None
+        losses[lr] = float('inf') if diverged else summary['val_loss']
+        runs[name] = summary
+    return losses
+
+
+def train_seeds(out, quiet, common, method, beta, lr, seeds, runs):
+    """Every seed at learning rate `lr`: the summaries of the runs that did not diverge."""
+    options, lr_option = METHODS[method]
+    summaries = []
+    for seed in range(seeds):
+        name = f'{method}_beta{beta:g}_lr{lr:g}_s{seed}'
+        summary = train_or_read(out / name, quiet, **common, **options, beta=beta, seed=seed, **{lr_option: lr})
+        runs[name] = summary
+        summaries += [summary] if summary is not None else []
+    if not summaries:
+        raise te.EnsembleError(f'{method} at beta={beta:g} diverged at every learning rate: widen the sweep')
+    return summaries
+
+
+def run_all(out, console, quiet, common, lrs, seeds, runs):
+    """Each method at each β: sweep the learning rate, then every seed at the best one.
+    Returns the sweep {(method, β, lr): validation loss}, the best lr and the table row of each (method, β)."""
+    sweep, best, rows = {}, {}, {}
+    for method in METHODS:
+        for beta in BETAS:
+            losses = lr_sweep(out, quiet, common, method, beta, lrs[method], runs)
+            sweep.update({(method, beta, lr): loss for lr, loss in losses.items()})
+            best[method, beta] = min(lrs[method], key=lambda lr: sweep[method, beta, lr])
+            summaries = train_seeds(out, quiet, common, method, beta, best[method, beta], seeds, runs)
+            rows[method, beta] = dict(row_of(summaries), diverged=seeds - len(summaries))
+            console.print(f'{method} β={beta:g}: best lr {best[method, beta]:g}; ensemble error '
+                          f"{rows[method, beta]['ensemble_error'][0]:.4f}, "
+                          f"test DIV {rows[method, beta]['test_div'][0]:.4f}",
+                          highlight=False)
+    return sweep, best, rows
+
+
+def report(common, seeds, lrs, sweep, best, rows, start):
+    """results.md's lines: the table over seeds at each best lr, then the learning-rate sweep."""
+    fmt = lambda v: f'{v[0]:.4f} ± {v[1]:.4f}'  # noqa: E731
+    network = f'airbench width {common["width"]:g}' if common['arch'] == 'airbench' else f'MLP {common["hidden"]}'
+    lines = [f'# Spectral hypothesis: {common["dataset"]}, {common["members"]}-member {network}, '
+             f'{common["epochs"]:g} epochs, {seeds} seed(s), {time.strftime("%Y-%m-%d")}', '',
+             '| method | β | best lr | ensemble test error | member test error | train DIV | test DIV '
+             '| gap (test − train loss) |',
+             '|---|---|---|---|---|---|---|---|']
+    for (method, beta), r in rows.items():
+        diverged = f' ({r["diverged"]} seed(s) diverged)' if r['diverged'] else ''
+        lines.append(f'| {method} | {beta:g} | {best[method, beta]:g}{diverged} | {fmt(r["ensemble_error"])} | '
+                     f'{fmt(r["member_error"])} | {fmt(r["train_div"])} | {fmt(r["test_div"])} | {fmt(r["gap"])} |')
+    lines += ['', 'Learning-rate sweep (seed 0, ensemble validation loss):', '',
+              '| method | β | ' + ' | '.join('lr' for _ in range(max(map(len, lrs.values())))) + ' |',
+              '|---|---|' + '---|' * max(map(len, lrs.values()))]
+    for (method, beta) in rows:
+        lines.append(f'| {method} | {beta:g} | '
+                     + ' | '.join(f'{lr:g}: {sweep[method, beta, lr]:.4f}'.replace('inf', 'diverged')
+                                  for lr in lrs[method]) + ' |')
+    lines.append(f'\n{time.perf_counter() - start:.0f} s in all (runs read back count nothing).')
+    return lines
+
+
+def write_results(out, results, lines, sweep, best, rows):
+    """Write results.json, results.md, sweep.png and results.png into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    results.update(best_lr={f'{m} beta={b:g}': lr for (m, b), lr in best.items()},
+                   rows={f'{m} beta={b:g}': r for (m, b), r in rows.items()},
+                   sweep={f'{m} beta={b:g} lr={lr:g}': v for (m, b, lr), v in sweep.items()})
+    te.write_json(out / 'results.json', results)
+    te.write_text(out / 'results.md', '\n'.join(lines) + '\n')   # after results.json: the table last
+    plot(out / 'sweep.png', out / 'results.png', sweep, rows)
+
+
 def main(
     out: Path = typer.Option(Path('runs/spectral_collusion'), help='Where the runs and results go.'),
     seeds: int = typer.Option(3, help='Seeds per configuration at its best learning rate.'),
@@ -105,70 +203,14 @@ def main(
 ):
     """Standard, spectral and muon training at β = 0 and 1, each at its best lr: does collusion persist?"""
     console, quiet = Console(), Console(quiet=True)
-    if arch not in LRS:
-        raise typer.BadParameter(f"'{arch}': use mlp or airbench", param_hint='--arch')
-    airbench = arch == 'airbench'
-    common = dict(dataset=dataset, arch=arch, members=members, epochs=epochs, device=device, batch_size=batch_size,
-                  val_size=val_size if val_size is not None else 4000 if airbench else 10000,
-                  **(dict(width=width, subset=(20000 if subset is None else subset) or None) if airbench else
-                     dict(hidden=te.parse_ints(hidden), subset=subset or None)))
-    lrs = QUICK_LRS if quick else LRS[arch]
-    if quick:
-        common.update(members=2, epochs=2, subset=1500, val_size=500,
-                      **(dict(width=1 / 16) if airbench else dict(hidden=[32, 16])))   # mlp: one hidden matrix for muon
-        seeds = 1
+    common, lrs, seeds = configure(arch, quick, seeds, dataset=dataset, members=members, hidden=hidden, width=width,
+                                   subset=subset, epochs=epochs, batch_size=batch_size, val_size=val_size,
+                                   device=device)
     start = time.perf_counter()
-    sweep, best, rows, results = {}, {}, {}, dict(settings=dict(common, seeds=seeds, lrs=lrs), runs={})
-    for method, (options, lr_option) in METHODS.items():
-        for beta in BETAS:
-            for lr in lrs[method]:
-                name = f'{method}_beta{beta:g}_lr{lr:g}_s0'
-                summary = train_or_read(out / name, quiet, **common, **options, beta=beta, seed=0, **{lr_option: lr})
-                diverged = summary is None or summary['val_loss'] is None
-                sweep[method, beta, lr] = float('inf') if diverged else summary['val_loss']
-                results['runs'][name] = summary
-            best[method, beta] = min(lrs[method], key=lambda lr: sweep[method, beta, lr])
-            summaries = []
-            for seed in range(seeds):
-                name = f'{method}_beta{beta:g}_lr{best[method, beta]:g}_s{seed}'
-                summary = train_or_read(out / name, quiet, **common, **options, beta=beta, seed=seed,
-                                        **{lr_option: best[method, beta]})
-                results['runs'][name] = summary
-                summaries += [summary] if summary is not None else []
-            if not summaries:
-                raise te.EnsembleError(f'{method} at beta={beta:g} diverged at every learning rate: widen the sweep')
-            rows[method, beta] = dict(row_of(summaries), diverged=seeds - len(summaries))
-            console.print(f'{method} β={beta:g}: best lr {best[method, beta]:g}; ensemble error '
-                          f"{rows[method, beta]['ensemble_error'][0]:.4f}, "
-                          f"test DIV {rows[method, beta]['test_div'][0]:.4f}",
-                          highlight=False)
-
-    fmt = lambda v: f'{v[0]:.4f} ± {v[1]:.4f}'  # noqa: E731
-    network = f'airbench width {common["width"]:g}' if airbench else f'MLP {common["hidden"]}'
-    lines = [f'# Spectral hypothesis: {dataset}, {common["members"]}-member {network}, '
-             f'{common["epochs"]:g} epochs, {seeds} seed(s), {time.strftime("%Y-%m-%d")}', '',
-             '| method | β | best lr | ensemble test error | member test error | train DIV | test DIV '
-             '| gap (test − train loss) |',
-             '|---|---|---|---|---|---|---|---|']
-    for (method, beta), r in rows.items():
-        diverged = f' ({r["diverged"]} seed(s) diverged)' if r['diverged'] else ''
-        lines.append(f'| {method} | {beta:g} | {best[method, beta]:g}{diverged} | {fmt(r["ensemble_error"])} | '
-                     f'{fmt(r["member_error"])} | {fmt(r["train_div"])} | {fmt(r["test_div"])} | {fmt(r["gap"])} |')
-    lines += ['', 'Learning-rate sweep (seed 0, ensemble validation loss):', '',
-              '| method | β | ' + ' | '.join('lr' for _ in range(max(map(len, lrs.values())))) + ' |',
-              '|---|---|' + '---|' * max(map(len, lrs.values()))]
-    for (method, beta) in rows:
-        lines.append(f'| {method} | {beta:g} | '
-                     + ' | '.join(f'{lr:g}: {sweep[method, beta, lr]:.4f}'.replace('inf', 'diverged')
-                                  for lr in lrs[method]) + ' |')
-    lines.append(f'\n{time.perf_counter() - start:.0f} s in all (runs read back count nothing).')
-    out.mkdir(parents=True, exist_ok=True)
-    results.update(best_lr={f'{m} beta={b:g}': lr for (m, b), lr in best.items()},
-                   rows={f'{m} beta={b:g}': r for (m, b), r in rows.items()},
-                   sweep={f'{m} beta={b:g} lr={lr:g}': v for (m, b, lr), v in sweep.items()})
-    te.write_json(out / 'results.json', results)
-    te.write_text(out / 'results.md', '\n'.join(lines) + '\n')   # after results.json: the table last
-    plot(out / 'sweep.png', out / 'results.png', sweep, rows)
+    results = dict(settings=dict(common, seeds=seeds, lrs=lrs), runs={})
+    sweep, best, rows = run_all(out, console, quiet, common, lrs, seeds, results['runs'])
+    lines = report(common, seeds, lrs, sweep, best, rows, start)
+    write_results(out, results, lines, sweep, best, rows)
     console.print('\n'.join(lines), highlight=False, soft_wrap=True)
     console.print(f'wrote {out}/results.md, results.json, sweep.png, results.png')
 

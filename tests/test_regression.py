@@ -60,13 +60,6 @@ def test_the_objective_is_independent_training_at_beta0_and_M_times_the_ensemble
 
 # ---- training ----
 
-@pytest.fixture
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
-
-
 def test_at_beta0_a_regression_ensemble_trains_each_member_exactly_as_if_alone(tmp_path, float64):
     options = dict(TINY, hidden=[16, 8], lookahead=True)
     run(tmp_path, 'ensemble', members=3, beta=0.0, seed=10, **options)

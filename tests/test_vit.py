@@ -64,13 +64,6 @@ def test_a_permuted_vit_computes_the_same_function_and_weight_matching_finds_the
     assert torch.equal(rebasin.compose(spec, planted, rebasin.inverse(spec, planted))['QK2'], identity['QK2'])
 
 
-@pytest.fixture
-def float64():
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(torch.float32)
-
-
 def quiet():
     from rich.console import Console
     return Console(quiet=True)
