@@ -34,6 +34,7 @@ are entries of MERGE_METHODS (align_pair and merge_models call them by name). Me
 
 import copy
 import importlib
+import itertools
 import json
 import math
 import operator
@@ -843,7 +844,17 @@ def merge_many(spec, params_list, max_iter=MAX_SWEEPS, seed=0, device=None, max_
 # weights of the original shape. The groups the spec leaves fixed are shared: the first layer reads the
 # same images, and the last layer's outputs (the logits) are averaged.
 
-ZIP_ALPHA = 0.5     # a pair within one model counts this fraction of its correlation (ZipIt's α; 1: no preference)
+# ZipIt's own α and β (Stoica et al. 2023, Sec. 4.3; gstoica27/ZipIt matching_functions.py match_tensors_zipit):
+# α multiplies a cluster's correlations each time it merges (fewer features merged many times; α = 0: a merged
+# feature never merges again with a feature of its models), β is each model's budget of within-model merges as a
+# fraction of (merges / N), after which that model's features merge only across models. Their defaults are
+# α = 0.3, β = 0.125; these keep this toolkit's earlier zip (no decay, no budget) and its own within-model weight
+# (the authors' zip: within 1). Their code lets one within-model merge through at a budget of 0; here β = 0 allows none.
+ZIP_WITHIN = 0.5    # a pair within one model counts this fraction of its correlation (1: no preference, ZipIt's)
+ZIP_ALPHA = 1.0     # ZipIt's α: a cluster's correlations times α after each merge (1: no decay)
+ZIP_BETA = None     # ZipIt's β: within-model merges per model, a fraction of merges / N (None: no budget)
+# The authors' grid (ZipIt evaluation_scripts/hyperparameter_testing.py); within 1: their zip exactly.
+ZIP_GRID = dict(within=(1.0,), alpha=(1e-4, 0.01, 0.1, 0.3, 0.5, 1.0), beta=(0.0, 0.0375, 0.075, 0.125, 0.25, 1.0))
 ZIP_CHUNK = 100     # images per forward pass while correlating: every model's activations are held at once
 
 
@@ -903,22 +914,46 @@ def feature_correlations(spec, models, batches, device=None, chunk=ZIP_CHUNK):
     return {p: c / count[p] for p, c in corr.items()}
 
 
-def zip_clusters(corr, models, alpha=ZIP_ALPHA):
+def zip_clusters(corr, models, alpha=ZIP_ALPHA, beta=ZIP_BETA, within=ZIP_WITHIN):
     """ZipIt's greedy matching of one group: the N·n channels (corr's rows, model by model) joined into n
     clusters, each time the two most correlated clusters (complete linkage: a cluster is as correlated with
-    another as its least correlated pair of channels), a pair within one model weighted by alpha. The
-    clusters (lists of channel indices) come ordered by their first channel: model 0's order where it can."""
+    another as its least correlated pair of channels). A pair within one model starts weighted by `within`;
+    a merged cluster's correlations are multiplied by alpha (ZipIt's α; at 0 it is barred from its models'
+    features); each model may merge within itself floor(beta · merges / N) times (ZipIt's β; None: no
+    budget; β = 1 still caps a model at merges / N), a cluster belonging to the model of its first
+    channel. The clusters (lists of channel indices) come ordered by their
+    first channel: model 0's order where it can."""
     total = corr.shape[0]
-    c, owner = corr.double().clone(), torch.arange(total) // (total // models)
-    c[owner[:, None] == owner[None, :]] *= alpha
+    n = total // models
+    c, owner = corr.double().clone(), torch.arange(total) // n
+    c[owner[:, None] == owner[None, :]] *= within
     c.fill_diagonal_(-math.inf)
+    budget = [math.inf if beta is None else int((total - n) // models * beta + 1e-4)] * models   # the authors' rounding
+    live = torch.ones(total, dtype=torch.bool)
+
+    def bar(rows, cols):
+        c[rows[:, None] & cols[None, :]] = -math.inf
+        c[cols[:, None] & rows[None, :]] = -math.inf
+
+    for m in range(models):
+        if budget[m] <= 0:
+            bar(owner == m, owner == m)
     members = {i: [i] for i in range(total)}
-    for _ in range(total - total // models):
+    for _ in range(total - n):
         i, j = sorted(divmod(int(torch.argmax(c)), total))
         members[i] += members.pop(j)
-        c[i] = c[:, i] = torch.minimum(c[i], c[j])
-        c[j] = c[:, j] = -math.inf
+        joined = torch.minimum(c[i], c[j])
+        c[i] = c[:, i] = joined * alpha if alpha > 0 else joined
+        live[j], c[j], c[:, j] = False, -math.inf, -math.inf
         c[i, i] = -math.inf
+        here = torch.zeros(total, dtype=torch.bool)
+        here[i] = True
+        if alpha <= 0:
+            bar(here, live & ((owner == owner[i]) | (owner == owner[j])))
+        if owner[i] == owner[j]:
+            budget[int(owner[i])] -= 1
+            if budget[int(owner[i])] <= 0:
+                bar(live & (owner == owner[i]), live & (owner == owner[i]))
     return sorted((sorted(m) for m in members.values()), key=lambda m: m[0])
 
 
@@ -975,16 +1010,18 @@ def _fold(spec, key, t, m, models, mats, input_axes, shared=True):
     return t if outputs or not shared else t / models
 
 
-def _zip_setup(spec, params_list, module, batches, groups, alpha, device):
-    """The models as modules, (M, U) of each of the named groups, and the feature correlations."""
+def _zip_setup(spec, params_list, module, batches, groups, device, corr=None, **zipping):
+    """The models as modules, (M, U) of each of the named groups (zip_clusters with zipping's alpha, beta and
+    within), and the feature correlations (corr: those measured before on the same models and batches)."""
     check_compatible(spec, params_list)
     nets = [module(p) for p in params_list]
     _refuse_unzippable(spec, nets[0])
-    corr = feature_correlations(spec, nets, batches, device) if groups else {}
+    if corr is None:
+        corr = feature_correlations(spec, nets, batches, device) if groups else {}
     unseen = [p for p in groups if p not in corr]
     if unseen:
         raise RebasinError(f'zipping sees no layer output of {unseen[0]}: no Conv, Linear or norm layer writes it')
-    return nets, {p: zip_matrices(zip_clusters(corr[p], len(params_list), alpha)) for p in groups}, corr
+    return nets, {p: zip_matrices(zip_clusters(corr[p], len(params_list), **zipping)) for p in groups}, corr
 
 
 def _reset_statistics(module, states, batches):
@@ -997,13 +1034,16 @@ def _reset_statistics(module, states, batches):
     return out
 
 
-def zip_models(spec, params_list, module, batches, alpha=ZIP_ALPHA, device=None, bn=True):
+def zip_models(spec, params_list, module, batches, alpha=ZIP_ALPHA, device=None, bn=True, *, beta=ZIP_BETA,
+               within=ZIP_WITHIN, corr=None):
     """ZipIt: the N models zipped into one state dict of their architecture (in model 0's order where it
     can be), the (M, U) matrices of each permutation, and the feature correlations they came from.
     module: state dict -> nn.Module on the device; batches: training inputs, whose activations are
     correlated and on which (bn) the zipped model's BatchNorm statistics are recomputed or, without
-    BatchNorm, its hidden channels given their clusters' mean and std (REPAIR)."""
-    nets, mats, corr = _zip_setup(spec, params_list, module, batches, list(spec.perms), alpha, device)
+    BatchNorm, its hidden channels given their clusters' mean and std (REPAIR). alpha, beta, within:
+    zip_clusters'; corr: feature_correlations of these models on these batches, when measured already."""
+    nets, mats, corr = _zip_setup(spec, params_list, module, batches, list(spec.perms), device, corr,
+                                  alpha=alpha, beta=beta, within=within)
     input_axes, n = _input_axes(nets[0]), len(params_list)
     merged = {k: sum(_fold(spec, k, p[k].cpu(), m, n, mats, input_axes) for m, p in enumerate(params_list)).to(t.dtype)
               if t.is_floating_point() else t.clone() for k, t in params_list[0].items()}
@@ -1046,22 +1086,24 @@ def partial_cuts(spec, params, input_axes):
         for trunk, reads in (_trunk(spec, key, t, input_axes, order[:k]) for key, t in params.items()))]
 
 
-def partial_zip(spec, params_list, k, module, batches, alpha=ZIP_ALPHA, device=None, bn=True):
+def partial_zip(spec, params_list, k, module, batches, alpha=ZIP_ALPHA, device=None, bn=True, *, beta=ZIP_BETA,
+                within=ZIP_WITHIN, corr=None):
     """Zip only the first k permutation groups (the spec's forward order) and keep the rest of each model as
     its own branch: (branch state dicts, the keys every branch shares). Branch m has the models'
     architecture: the zipped trunk (the same tensors in every branch), then model m's own layers, which
     read the trunk's merged channels through m's block of U. The partially zipped model is the branches'
     ensemble (probabilities averaged): k = 0 is the models' ensemble, k = all groups zips all but the last
     layer. A k that cuts a residual stream (the trunk would read a branch) is refused, naming those that
-    do not (partial_cuts)."""
+    do not (partial_cuts). alpha, beta, within, corr: as zip_models'."""
     input_axes, n = _input_axes(module(params_list[0])), len(params_list)
     cuts = partial_cuts(spec, params_list[0], input_axes)
     if k not in cuts:
-        within = 0 <= k <= len(spec.perms)
+        inside = 0 <= k <= len(spec.perms)
         raise RebasinError(f'--partial {k} ' + ('cuts a residual stream (the zipped trunk would read a branch)'
-                           if within else f'is not one of the {len(spec.perms) + 1} ends of permutation groups')
+                           if inside else f'is not one of the {len(spec.perms) + 1} ends of permutation groups')
                            + f"; use one of {', '.join(map(str, cuts))}")
-    nets, mats, _ = _zip_setup(spec, params_list, module, batches, list(spec.perms)[:k], alpha, device)
+    nets, mats, _ = _zip_setup(spec, params_list, module, batches, list(spec.perms)[:k], device, corr,
+                               alpha=alpha, beta=beta, within=within)
     shared, branches = [], [{} for _ in params_list]
     for key, t in params_list[0].items():
         trunk, _ = _trunk(spec, key, t, input_axes, mats)
@@ -1075,6 +1117,41 @@ def partial_zip(spec, params_list, k, module, batches, alpha=ZIP_ALPHA, device=N
     if bn and _batchnorms(nets[0]):
         branches = _reset_statistics(module, branches, batches)
     return branches, shared
+
+
+@torch.no_grad()
+def held_out_accuracy(module, states, x, y, chunk=ZIP_CHUNK * 10):
+    """Accuracy of the states' ensemble (probabilities averaged; one state: that model) on inputs x (as the
+    batches are: float images) and labels y."""
+    nets = [module(s) for s in states]
+    device = next(nets[0].parameters()).device
+    right = 0
+    for part, labels in zip(x.split(chunk), y.split(chunk)):
+        part = part.to(device)
+        probs = sum(net(part).softmax(-1) for net in nets)
+        right += int((probs.argmax(-1).cpu() == labels.cpu()).sum())
+    return right / len(y)
+
+
+def tune_zip(spec, params_list, module, batches, x_held, y_held, grid=ZIP_GRID, k=None, device=None):
+    """ZipIt's settings chosen as its authors choose them: every point of grid ({'within', 'alpha', 'beta': values})
+    zipped (k: partial_zip's first k groups, None: zip_models) and scored by held-out accuracy on x_held, y_held:
+    training images that neither the models' training nor the correlation batches used, never the test set.
+    Returns (the best point, its accuracy, [(point, accuracy)] in grid order); a tie goes to the earlier point.
+    The feature correlations are measured once: they do not depend on the settings."""
+    nets = [module(p) for p in params_list]
+    _refuse_unzippable(spec, nets[0])
+    corr = feature_correlations(spec, nets, batches, device)
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    scores = []
+    for point in points:
+        if k is None:
+            states = [zip_models(spec, params_list, module, batches, device=device, corr=corr, **point)[0]]
+        else:
+            states = partial_zip(spec, params_list, k, module, batches, device=device, corr=corr, **point)[0]
+        scores.append((point, held_out_accuracy(module, states, x_held, y_held)))
+    best = max(range(len(scores)), key=lambda i: (scores[i][1], -i))
+    return scores[best][0], scores[best][1], scores
 
 
 #############################################
@@ -1179,7 +1256,7 @@ def ste_matching(spec, params_list, module, batches, targets=None, steps=STE_STE
 # other scripts read this registry. Every caller passes the same keyword options and each method takes
 # what it uses: max_iter, seed, device, max_passes, tol, progress (weight matching); module (a function
 # from a state dict to an nn.Module on the device) and batches (a list of training inputs) for a method
-# with needs_data, and targets (the batches' labels), steps, lr (ste) and alpha (zip). A new method is
+# with needs_data, and targets (the batches' labels), steps, lr (ste) and alpha, beta, within (zip). A new method is
 # one entry and its align function: without a merge function of its own, merge aligns every model to the
 # first and averages.
 
@@ -1230,11 +1307,12 @@ def _align_zip(spec, params_a, params_b, module=None, batches=None, device=None,
     return _zip_permutations(spec, corr, 2)[1]
 
 
-def _merge_zip(spec, params_list, module=None, batches=None, alpha=ZIP_ALPHA, device=None, **_):
+def _merge_zip(spec, params_list, module=None, batches=None, alpha=ZIP_ALPHA, device=None, beta=ZIP_BETA,
+               within=ZIP_WITHIN, **_):
     _needs('zipping', module, batches)
     if len(params_list) < 2:
         raise RebasinError(f'zipping needs at least two models, got {len(params_list)}')
-    merged, _, corr = zip_models(spec, params_list, module, batches, alpha, device)
+    merged, _, corr = zip_models(spec, params_list, module, batches, alpha, device, beta=beta, within=within)
     return merged, _zip_permutations(spec, corr, len(params_list))
 
 
@@ -1547,7 +1625,12 @@ def _data_needs(o, entry, data, model_spec, device, console):
         return {}
     batches, targets = _training_batches(data, model_spec, o.examples, o.batch_size, device, labels=True)
     return dict(module=lambda state: _module(model_spec, state, device), batches=batches, targets=targets,
-                steps=o.steps, lr=o.lr, alpha=o.alpha, progress=_step_bar(console))
+                steps=o.steps, lr=o.lr, progress=_step_bar(console), **_zip_options(o))
+
+
+def _zip_options(o):
+    """zip_clusters' settings from the command line (align has only --alpha: its alignment ignores them)."""
+    return dict(alpha=o.alpha, beta=getattr(o, 'beta', ZIP_BETA), within=getattr(o, 'within', ZIP_WITHIN))
 
 
 def _step_bar(console):
@@ -1803,8 +1886,9 @@ def _check_counts(o):
             raise RebasinError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if not (o.lr > 0 and math.isfinite(o.lr)):
         raise RebasinError(f'--lr must be a positive number, got {o.lr}')
-    if not 0 <= o.alpha <= 1:
-        raise RebasinError(f'--alpha must be between 0 and 1, got {o.alpha}')
+    for name, value in _zip_options(o).items():
+        if value is not None and not 0 <= value <= 1:
+            raise RebasinError(f'--{name} must be between 0 and 1, got {value}')
     if getattr(o, 'partial', None) is not None and o.partial < 0:
         raise RebasinError(f'--partial must be at least 0, got {o.partial}')
 
@@ -1945,14 +2029,15 @@ def _statistics_plan(o, net, model_spec, data, device, console):
 
 def _method_settings(o):
     """What config.json records of ste's and zip's own options (nothing for the other methods)."""
-    return dict(steps=o.steps, lr=o.lr) if o.method == 'ste' else dict(alpha=o.alpha) if o.method == 'zip' else {}
+    return dict(steps=o.steps, lr=o.lr) if o.method == 'ste' else _zip_options(o) if o.method == 'zip' else {}
 
 
 def _partial_merge(o, console, found, spec, options, data, dev, out, start):
     """merge --method zip --partial K: the partially zipped model, its branches' probabilities averaged,
     written as the one member of a run; evaluated and recorded as such."""
     te, params = _te(), [m.state for m in found]
-    branches, shared = partial_zip(spec, params, o.partial, options['module'], options['batches'], o.alpha, dev)
+    branches, shared = partial_zip(spec, params, o.partial, options['module'], options['batches'], device=dev,
+                                   **_zip_options(o))
     names = {k for k, _ in _te().build_model(found[0].model_spec).named_parameters()}
     one = sum(t.numel() for k, t in params[0].items() if k in names)
     trunk = sum(params[0][k].numel() for k in shared if k in names)
@@ -1963,7 +2048,7 @@ def _partial_merge(o, console, found, spec, options, data, dev, out, start):
     model = te.branches_spec(found[0].model_spec, len(branches))
     state = {f'branches.{i}.{k}': v for i, branch in enumerate(branches) for k, v in branch.items()}
     config = dict(command='merge', method='zip', partial=o.partial, sources=[str(m.path) for m in found],
-                  model=model, seed=o.seed, alpha=o.alpha, examples=o.examples, members=1, branches=len(branches),
+                  model=model, seed=o.seed, **_zip_options(o), examples=o.examples, members=1, branches=len(branches),
                   shared=shared, parameters=count, parameters_per_model=one, stats=o.stats, reset_bn=True,
                   **_known(data), evaluation=evaluation, time_s=time.perf_counter() - start, **te.environment(dev))
     _write_run(out, [state], [config['sources']], model, config, o.force)
@@ -2020,7 +2105,12 @@ EXAMPLES_HELP = ('--method activation, ste, zip: training images whose activatio
                  'loss is lowered).')
 STEPS_HELP = '--method ste: optimizer steps of learned matching, one training batch each.'
 LR_HELP = "--method ste: Adam's learning rate for the soft weights."
-ALPHA_HELP = '--method zip: weight of a pair of features within one model against a pair across models (0 to 1).'
+ALPHA_HELP = ("--method zip: ZipIt's α, a cluster's correlations multiplied by it after each merge (0 to 1; 0: a "
+              "merged feature merges no more with its models'; the authors' default 0.3).")
+BETA_HELP = ("merge --method zip: ZipIt's β, each model's budget of merges within itself as a fraction of merges / N "
+             "(0 to 1; 0: across models only; the authors' default 0.125; unset: no budget).")
+WITHIN_HELP = ("merge --method zip: weight of a pair of features within one model against a pair across models "
+               "(0 to 1; this toolkit's own, 1 in the authors' ZipIt).")
 STATS_HELP = ("How the merged model's channel statistics are restored after averaging. "
               + ' '.join(f'{k}: {v}.' for k, v in STATISTICS.items()))
 MATCH, BN, DATA = 'Matching', 'Statistics after averaging', 'Data and evaluation'   # --help's option panels
@@ -2054,6 +2144,8 @@ def _shared_options(typer):
         steps=typer.Option(STE_STEPS, help=STEPS_HELP, rich_help_panel=MATCH),
         lr=typer.Option(STE_LR, help=LR_HELP, rich_help_panel=MATCH),
         alpha=typer.Option(ZIP_ALPHA, help=ALPHA_HELP, rich_help_panel=MATCH),
+        beta=typer.Option(ZIP_BETA, help=BETA_HELP, rich_help_panel=MATCH),
+        within=typer.Option(ZIP_WITHIN, help=WITHIN_HELP, rich_help_panel=MATCH),
         data_dir=typer.Option(None, help="Where that dataset lives (default: the source run's, else data/).",
                               rich_help_panel=DATA),
         batch_size=typer.Option(BN_BATCH, help='Batch size of the passes over training images.', rich_help_panel=DATA),
@@ -2124,6 +2216,8 @@ def _add_merge(app, typer):
         steps: int = shared['steps'],
         lr: float = shared['lr'],
         alpha: float = shared['alpha'],
+        beta: Optional[float] = shared['beta'],
+        within: float = shared['within'],
         partial: Optional[int] = typer.Option(None, help='--method zip: zip only the first K permutation groups and '
                                                          'keep the rest of each model as a branch (their '
                                                          'probabilities averaged, in one member); 0 is the ensemble.',

@@ -33,18 +33,22 @@ import rebasin  # noqa: E402
 import train_ensemble as te  # noqa: E402
 
 METHODS = ('naive', 'weight', 'activation', 'ste', 'zip')   # naive: the models averaged as they are
+# held: training images per task that the disjoint-task models never train on (train_ensemble --val-size), on
+# which zip's (α, β) are chosen from grid (ZipIt's authors' grid: 36 zips per setting, about 10 s per seed)
 FULL = dict(seeds=3, mlp_hidden=[128, 128, 128], mlp_epochs=4, mlp_subset=None, width=0.125, subset=5000, epochs=3,
-            models=[2, 4, 8], examples=2000, test_examples=None, steps=300)
+            models=[2, 4, 8], examples=2000, test_examples=None, steps=300, held=1000, grid=rebasin.ZIP_GRID)
 QUICK = dict(seeds=1, mlp_hidden=[32, 32, 32], mlp_epochs=1, mlp_subset=600, width=1 / 16, subset=600, epochs=1,
-             models=[2], examples=200, test_examples=500, steps=5)
+             models=[2], examples=200, test_examples=500, steps=5, held=100,
+             grid=dict(within=(1.0,), alpha=(0.3, 1.0), beta=(0.125, 1.0)))
+AUTHORS = dict(within=1.0, alpha=0.3, beta=0.125)   # match_tensors_zipit's defaults
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 class Experiment:
-    def __init__(self, out, quick, seeds, device, steps, lr, alpha):
+    def __init__(self, out, quick, seeds, device, steps, lr, within):
         self.s = dict(QUICK if quick else FULL)
         self.s.update({k: v for k, v in dict(seeds=seeds, steps=steps).items() if v is not None})
-        self.s.update(lr=lr, alpha=alpha, dataset='fashion-mnist', date=time.strftime('%Y-%m-%d'))
+        self.s.update(lr=lr, within=within, dataset='fashion-mnist', date=time.strftime('%Y-%m-%d'))
         self.out, self.device, self.start = Path(out), te.resolve_device(device), time.perf_counter()
         self.console, self.quiet = Console(highlight=False, soft_wrap=True), Console(quiet=True)
         full = te.load_data('fashion-mnist')   # class-balanced order: any prefix holds every class
@@ -84,18 +88,21 @@ class Experiment:
         loss, error = analyze.ensemble_loss_error(logits, y.to(logits.device), 'prob')
         return loss, 1 - error
 
-    def merge(self, method, spec, states, targets=None, plain=False):
+    def merge(self, method, spec, states, targets=None, plain=False, batches=None, zipping=None):
         """The merged state by a method of rebasin's registry (naive: the plain average), then its channel
-        statistics restored on training images: BatchNorm's recomputed or, without BatchNorm, REPAIR (zip:
-        its own of either). plain: (that, the merged state as it is) for a network without BatchNorm."""
+        statistics restored on training images (batches; default: the first --examples): BatchNorm's
+        recomputed or, without BatchNorm, REPAIR (zip: its own of either). plain: (that, the merged state as
+        it is) for a network without BatchNorm. zipping: zip's alpha, beta, within (default: rebasin's, and
+        --within)."""
         net = self.module(spec, states[0])
         perm_spec = rebasin.permutation_spec(net, torch.zeros(1, *te.input_shape(spec), device=self.device))
-        batches = te.float_batches(self.x_train, rebasin.BN_BATCH, self.device)
+        batches = batches or te.float_batches(self.x_train, rebasin.BN_BATCH, self.device)
+        zipping = zipping or dict(within=self.s['within'])
         options = dict(module=lambda s: self.module(spec, s), batches=batches, device=self.device, seed=0,
-                       steps=self.s['steps'], lr=self.s['lr'], alpha=self.s['alpha'], targets=targets)
+                       steps=self.s['steps'], lr=self.s['lr'], targets=targets, **zipping)
         if method == 'zip':   # its statistics are part of the method
-            zipped = [rebasin.zip_models(perm_spec, states, options['module'], batches, self.s['alpha'], self.device,
-                                         bn=bn)[0] for bn in (True, False)[:1 + plain]]
+            zipped = [rebasin.zip_models(perm_spec, states, options['module'], batches, device=self.device, bn=bn,
+                                         **zipping)[0] for bn in (True, False)[:1 + plain]]
             return tuple(zipped) if plain else zipped[0]
         if method == 'naive':
             merged, perms = rebasin.average(states), [rebasin.identity_permutation(perm_spec)] * len(states)
@@ -161,30 +168,50 @@ def many_models(exp, seed):
     return rows
 
 
+def task_split(exp, classes):
+    """One task's training images as its model trains on them, and the images held out of its training."""
+    data = te.load_data('fashion-mnist', classes=classes, val_size=exp.s['held'], subset=exp.s['mlp_subset'])
+    return data.x_train, te.float_batches(data.x_val, rebasin.BN_BATCH), data.y_val
+
+
 def disjoint(exp, seed):
-    """MLP A on classes 0-4, MLP B on 5-9: joint and per-task test accuracy of each merge and partial zip."""
+    """MLP A on classes 0-4, MLP B on 5-9: joint and per-task test accuracy of each merge and partial zip;
+    zip and partial zip also with ZipIt's (α, β) at the authors' defaults and tuned on held-out training images."""
     s, tasks = exp.s, ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9])
-    pair = [exp.train(f'disjoint_{t}_s{seed}', seed=2 * seed + t, classes=c, **mlp_options(s))[0]
-            for t, c in enumerate(tasks)]
+    pair = [exp.train(f'disjoint_held_{t}_s{seed}', seed=2 * seed + t, classes=c, val_size=s['held'],
+                      **mlp_options(s))[0] for t, c in enumerate(tasks)]
     spec, states = pair[0][0], [m[1] for m in pair]
     net = exp.module(spec, states[0])
     one = sum(p.numel() for p in net.parameters())
     perm_spec = rebasin.permutation_spec(net, torch.zeros(1, *te.input_shape(spec), device=exp.device))
+    splits = [task_split(exp, c) for c in tasks]   # correlations on the models' own training images (half each)
+    batches = te.float_batches(torch.cat([x[:s['examples'] // 2] for x, _, _ in splits]), rebasin.BN_BATCH,
+                               exp.device)
+    x_held, y_held = torch.cat([torch.cat(x) for _, x, _ in splits]), torch.cat([y for _, _, y in splits])
 
-    def row(models, params):
+    def row(models, params, **extra):
         return dict(joint=exp.scores(spec, models)[1], task_a=exp.scores(spec, models, tasks[0])[1],
-                    task_b=exp.scores(spec, models, tasks[1])[1], params=params / one)
+                    task_b=exp.scores(spec, models, tasks[1])[1], params=params / one, **extra)
 
     rows = {'ensemble': row(states, 2 * one), **{f'model {n}': row([st], one) for n, st in zip('AB', states)}}
     for method in ('naive', 'weight', 'activation', 'zip'):
-        rows[method] = row([exp.merge(method, spec, states)], one)
-    batches = te.float_batches(exp.x_train, rebasin.BN_BATCH, exp.device)
+        rows[method] = row([exp.merge(method, spec, states, batches=batches)], one)
+    module = lambda st: exp.module(spec, st)  # noqa: E731
+    rows['zip, ZipIt defaults'] = row([exp.merge('zip', spec, states, batches=batches, zipping=AUTHORS)], one)
+    point, held, _ = rebasin.tune_zip(perm_spec, states, module, batches, x_held, y_held, s['grid'], None, exp.device)
+    rows['zip, tuned'] = row([exp.merge('zip', spec, states, batches=batches, zipping=point)], one, held=held, **point)
     names = {k for k, _ in net.named_parameters()}
     for k in range(len(perm_spec.perms) + 1):
-        branches, shared = rebasin.partial_zip(perm_spec, states, k, lambda st: exp.module(spec, st), batches,
-                                               s['alpha'], exp.device)
-        trunk = sum(states[0][key].numel() for key in shared if key in names)
-        rows[f'partial zip K={k}'] = row(branches, trunk + 2 * (one - trunk))
+        settings = [('', dict(within=s['within']))]
+        if k:
+            point, held, _ = rebasin.tune_zip(perm_spec, states, module, batches, x_held, y_held, s['grid'], k,
+                                              exp.device)
+            settings.append((', tuned', dict(point, held=held)))
+        for tag, point in settings:
+            zipping = {key: v for key, v in point.items() if key != 'held'}
+            branches, shared = rebasin.partial_zip(perm_spec, states, k, module, batches, device=exp.device, **zipping)
+            trunk = sum(states[0][key].numel() for key in shared if key in names)
+            rows[f'partial zip K={k}{tag}'] = row(branches, trunk + 2 * (one - trunk), **(point if tag else {}))
     exp.console.print(f'seed {seed} disjoint: ' + ', '.join(f"{m} {r['joint']:.4f}" for m, r in rows.items()))
     return rows
 
@@ -229,6 +256,12 @@ def report_lines(exp, results):
         lines += table(['merge', 'joint 10-class', 'task A (0-4)', 'task B (5-9)', 'parameters (× one model)'],
                        [[name, fmt(r['joint'], 100, 1), fmt(r['task_a'], 100, 1), fmt(r['task_b'], 100, 1),
                          f"{r['params'][0]:.2f}"] for name, r in results['disjoint'].items()])
+        lines += ['', f"ZipIt defaults: α {AUTHORS['alpha']}, β {AUTHORS['beta']}, within-model weight 1. Tuned: "
+                  f"(α, β) from the grid {s['grid']} by joint accuracy on {2 * s['held']} training images held "
+                  'out of both models\' training (never the test set). Chosen per seed (held-out accuracy %):', '']
+        lines += table(['merge', *(f'seed {i}' for i in range(len(results['disjoint_tuned'])))],
+                       [[name, *(f"α {p[name]['alpha']:g}, β {p[name]['beta']:g} ({100 * p[name]['held']:.1f})"
+                                 for p in results['disjoint_tuned'])] for name in results['disjoint_tuned'][0]])
     return lines
 
 
@@ -257,19 +290,33 @@ def figures(exp, results):
     ax.legend(fontsize=7)
     save(plt, fig, exp.out / 'many_models.png', 'airbench members merged')
     if 'disjoint' in results:
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        rows = results['disjoint']
-        partial = [r for name, r in rows.items() if name.startswith('partial')]
-        ax.errorbar([r['params'][0] for r in partial], [100 * r['joint'][0] for r in partial],
-                    [100 * r['joint'][1] for r in partial], marker='o', capsize=3, color='C0',
-                    label=f'partial zip, K = {len(partial) - 1} … 0 (left to right)')
-        for i, (name, r) in enumerate((n, r) for n, r in rows.items() if not n.startswith('partial')):
-            ax.errorbar(r['params'][0], 100 * r['joint'][0], 100 * r['joint'][1], marker='s', capsize=3,
-                        color=f'C{i + 1}', label=name, linestyle='none')
-        ax.set(xlabel="parameters (× one model's)", ylabel='joint 10-class test accuracy %')
+        disjoint_figure(plt, results['disjoint'], exp.out / 'disjoint.png')
+
+
+def disjoint_figure(plt, rows, path):
+    """Left: the one-model merges side by side (they share one size, so one axis of sizes would stack them);
+    right: accuracy against size, partial zips from one model's size to the ensemble's."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.5, 3.8), gridspec_kw=dict(width_ratios=(1, 1.2)))
+    single = [(name, r) for name, r in rows.items() if not name.startswith('partial') and r['params'][0] < 1.5]
+    for i, (name, r) in enumerate(single):
+        left.errorbar(i, 100 * r['joint'][0], 100 * r['joint'][1], marker='s', capsize=3, color=f'C{i}')
+    left.set_xticks(range(len(single)), [name for name, _ in single], rotation=35, ha='right', fontsize=7)
+    left.set(ylabel='joint 10-class test accuracy %', title='one model (1.0× parameters)')
+    for tag, color, style in (('', 'C0', '-'), (', tuned', 'k', '--')):
+        partial = [r for name, r in rows.items() if name.startswith('partial') and name.endswith('tuned') == bool(tag)]
+        right.errorbar([r['params'][0] for r in partial], [100 * r['joint'][0] for r in partial],
+                       [100 * r['joint'][1] for r in partial], marker='o', capsize=3, color=color, linestyle=style,
+                       label=f'partial zip{tag}, K = {len(partial) - (not tag)} … {int(bool(tag))} (left to right)')
+    for name, marker, color in (('ensemble', 's', 'C1'), ('zip, tuned', 'D', 'C9')):
+        if name in rows:
+            r = rows[name]
+            right.errorbar(r['params'][0], 100 * r['joint'][0], 100 * r['joint'][1], marker=marker, capsize=3,
+                           color=color, label=name, linestyle='none')
+    right.set(xlabel="parameters (× one model's)", title='accuracy against size')
+    right.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
+    for ax in (left, right):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-        save(plt, fig, exp.out / 'disjoint.png', 'disjoint tasks (0-4 / 5-9): accuracy against size')
+    save(plt, fig, path, 'disjoint tasks (0-4 / 5-9)')
 
 
 def save(plt, fig, path, title):
@@ -285,21 +332,23 @@ def main(out: Path = typer.Option(Path('runs/merging'), help='Where the runs and
          seeds: int = typer.Option(None, help='Seeds per setting (default 3; --quick 1).'),
          steps: int = typer.Option(None, help='Learned-matching steps (default 300; --quick 5).'),
          lr: float = typer.Option(rebasin.STE_LR, help="Learned matching's learning rate."),
-         alpha: float = typer.Option(rebasin.ZIP_ALPHA, help="Zipping's weight of a within-model pair."),
+         within: float = typer.Option(rebasin.ZIP_WITHIN, help="Zipping's weight of a within-model pair."),
          parts: str = typer.Option('same,many,disjoint', help='Which parts to run (comma-separated).'),
          device: str = typer.Option('auto', help='auto, cpu or cuda.')):
     """Every merge method on the same task, on many models and on disjoint tasks, with seeds."""
     with te.user_errors(rebasin.RebasinError):
-        exp = Experiment(out, quick, seeds, device, steps, lr, alpha)
+        exp = Experiment(out, quick, seeds, device, steps, lr, within)
         chosen = set(parts.split(','))
-        sections = [('same_task', same_task, 'same'), ('many_models', many_models, 'many')]
+        sections = [('same_task', same_task, 'same', 'same_task'), ('many_models', many_models, 'many', 'many_models')]
         if 'classes' in te.option_defaults():   # train_ensemble.py --classes: models on disjoint label sets
-            sections.append(('disjoint', disjoint, 'disjoint'))
+            sections.append(('disjoint', disjoint, 'disjoint', 'disjoint_held'))   # held: models with held-out images
         results = {}
-        for name, run, part in sections:
+        for name, run, part, cache in sections:
             if part in chosen:
-                results[name] = summarize([exp.cached(f'{name}_s{seed}', lambda: run(exp, seed))
-                                           for seed in range(exp.s['seeds'])])
+                per_seed = [exp.cached(f'{cache}_s{seed}', lambda: run(exp, seed)) for seed in range(exp.s['seeds'])]
+                results[name] = summarize(per_seed)
+                if name == 'disjoint':   # the (α, β) each seed's tuning chose
+                    results['disjoint_tuned'] = [{r: v for r, v in p.items() if 'held' in v} for p in per_seed]
         if not {'same_task', 'many_models'} <= set(results):
             raise rebasin.RebasinError('results.md needs the parts same and many: add them to --parts')
         lines = [f"# Merging on Fashion-MNIST, {exp.s['seeds']} seed(s), {exp.s['date']}"] + report_lines(exp, results)

@@ -98,7 +98,7 @@ def configure(arch, quick, seeds, *, dataset, members, hidden, width, subset, ep
                      dict(hidden=te.parse_ints(hidden), subset=subset or None)))
     lrs = QUICK_LRS if quick else LRS[arch]
     if quick:
-        common.update(members=2, epochs=2, subset=1500, val_size=500,
+        common.update(members=2, epochs=1 if airbench else 2, subset=1000 if airbench else 1500, val_size=500,
                       **(dict(width=1 / 16) if airbench else dict(hidden=[32, 16])))   # mlp: one hidden matrix for muon
         seeds = 1
     return common, lrs, seeds

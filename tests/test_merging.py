@@ -3,6 +3,7 @@ model with a permuted copy of itself returns the same function (through BatchNor
 a partial zip at K = 0 is the two models' ensemble; learned matching never ends with a higher training
 loss of the midpoint than its weight-matching start; `merge --method zip` writes an ordinary run
 directory; experiments/merging.py runs end to end at its smoke size."""
+import itertools
 import json
 import runpy
 import sys
@@ -61,6 +62,48 @@ def test_zipping_a_model_with_itself_or_a_permuted_copy_returns_the_same_functio
         merged, mats, _ = rebasin.zip_models(spec, [state, other], module, batches, device='cpu')
         assert same_function(module, merged, state, x), arch
         assert all(len(m) == spec.perms[p] for p, (m, _) in mats.items())   # n clusters of 2n channels
+
+
+def test_zipping_two_identical_models_returns_that_model_for_every_alpha_beta_and_within():
+    module, spec, state, batches = setup('mlp')
+    x = inputs(model_spec('mlp'), 16, seed=1)
+    corr = rebasin.feature_correlations(spec, [module(state), module(state)], batches, 'cpu')
+    for within, alpha, beta in itertools.product((0.5, 1.0), (0.0, 1e-4, 0.3, 1.0), (0.0, 0.125, 1.0)):
+        merged = rebasin.zip_models(spec, [state, state], module, batches, alpha, 'cpu', beta=beta, within=within,
+                                    corr=corr)[0]
+        assert same_function(module, merged, state, x), (within, alpha, beta)
+
+
+@pytest.mark.parametrize('within', [0.5, 1.0])
+def test_zip_at_alpha_0_and_beta_0_is_the_permutation_average_of_its_greedy_cross_model_pairs(within):
+    """β = 0: no merge within a model; α = 0: a merged pair merges no more. What is left is a permutation of
+    B onto A (ZipIt's greedy pairing across models), averaged: weight averaging after activation-style matching."""
+    module, spec, a, batches = setup('mlp')
+    _, _, b, _ = setup('mlp', seed=1)
+    x = inputs(model_spec('mlp'), 16, seed=1)
+    merged, mats, corr = rebasin.zip_models(spec, [a, b], module, batches, 0.0, 'cpu', bn=False, beta=0.0,
+                                            within=within)
+    n = {p: c.shape[0] // 2 for p, c in corr.items()}
+    assert all(torch.equal((m[:, :n[p]] > 0).sum(1), (m[:, n[p]:] > 0).sum(1)) for p, (m, _) in mats.items())
+    perms = rebasin._zip_permutations(spec, corr, 2)
+    average = rebasin.average([rebasin.apply_permutation(spec, q, p) for q, p in zip(perms, [a, b])])
+    assert same_function(module, merged, average, x)
+    assert not same_function(module, merged, a, x)
+
+
+def test_tune_zip_is_given_only_held_out_training_tensors_and_returns_a_point_of_its_grid():
+    module, spec, a, batches = setup('mlp')
+    _, _, b, _ = setup('mlp', seed=1)
+    x_held = inputs(model_spec('mlp'), 48, seed=2)   # images neither the models nor the correlations saw
+    y_held = torch.randint(10, (48,), generator=torch.Generator().manual_seed(0))
+    grid = dict(within=(1.0,), alpha=(0.1, 1.0), beta=(0.0, 1.0))
+    for k in (None, 1):
+        point, accuracy, scores = rebasin.tune_zip(spec, [a, b], module, batches, x_held, y_held, grid, k, 'cpu')
+        assert [p for p, _ in scores] == [dict(within=1.0, alpha=al, beta=be) for al in (0.1, 1.0) for be in (0.0, 1.0)]
+        assert point in [p for p, _ in scores] and accuracy == max(acc for _, acc in scores)
+        if k is None:   # the score is the zipped model's accuracy on the held-out images
+            merged = rebasin.zip_models(spec, [a, b], module, batches, device='cpu', **point)[0]
+            assert accuracy == rebasin.held_out_accuracy(module, [merged], x_held, y_held)
 
 
 def test_a_partial_zip_at_k_0_is_the_ensemble_and_at_every_k_of_identical_models_is_the_model():
