@@ -856,6 +856,7 @@ ZIP_BETA = None     # ZipIt's β: within-model merges per model, a fraction of m
 # The authors' grid (ZipIt evaluation_scripts/hyperparameter_testing.py); within 1: their zip exactly.
 ZIP_GRID = dict(within=(1.0,), alpha=(1e-4, 0.01, 0.1, 0.3, 0.5, 1.0), beta=(0.0, 0.0375, 0.075, 0.125, 0.25, 1.0))
 ZIP_CHUNK = 100     # images per forward pass while correlating: every model's activations are held at once
+TUNE_EXAMPLES = 2000   # merge --tune: held-out images per grid point (its models' validation splits, interleaved)
 
 
 def _input_axes(model):
@@ -1133,12 +1134,13 @@ def held_out_accuracy(module, states, x, y, chunk=ZIP_CHUNK * 10):
     return right / len(y)
 
 
-def tune_zip(spec, params_list, module, batches, x_held, y_held, grid=ZIP_GRID, k=None, device=None):
+def tune_zip(spec, params_list, module, batches, x_held, y_held, grid=ZIP_GRID, k=None, device=None, progress=None):
     """ZipIt's settings chosen as its authors choose them: every point of grid ({'within', 'alpha', 'beta': values})
     zipped (k: partial_zip's first k groups, None: zip_models) and scored by held-out accuracy on x_held, y_held:
     training images that neither the models' training nor the correlation batches used, never the test set.
     Returns (the best point, its accuracy, [(point, accuracy)] in grid order); a tie goes to the earlier point.
-    The feature correlations are measured once: they do not depend on the settings."""
+    The feature correlations are measured once: they do not depend on the settings. progress: called after
+    each point with {'point': how many are done, 'points': of how many, 'accuracy': its score}."""
     nets = [module(p) for p in params_list]
     _refuse_unzippable(spec, nets[0])
     corr = feature_correlations(spec, nets, batches, device)
@@ -1150,6 +1152,8 @@ def tune_zip(spec, params_list, module, batches, x_held, y_held, grid=ZIP_GRID, 
         else:
             states = partial_zip(spec, params_list, k, module, batches, device=device, corr=corr, **point)[0]
         scores.append((point, held_out_accuracy(module, states, x_held, y_held)))
+        if progress:
+            progress(dict(point=len(scores), points=len(points), accuracy=scores[-1][1]))
     best = max(range(len(scores)), key=lambda i: (scores[i][1], -i))
     return scores[best][0], scores[best][1], scores
 
@@ -1933,6 +1937,7 @@ def _merge(o):
     te, start, console = _te(), time.perf_counter(), _console()
     entry = merge_method(o.method, '--method')
     _check_counts(o)
+    _check_tune(o)
     o.stats = _requested_statistics(o)
     if o.partial is not None and (o.method != 'zip' or o.stats == 'repair'):
         raise RebasinError('--partial K zips the first K permutation groups: it needs --method zip, without --repair')
@@ -1943,6 +1948,7 @@ def _merge(o):
     net, spec = _permutation_spec_of(found[0].model_spec)
     check_compatible(spec, [m.state for m in found], [str(m.path) for m in found])
     dev, data, distance = te.resolve_device(o.device), _data_options(found[0].path, o.dataset, o.data_dir), []
+    held = _held_out(o, found, data, console) if o.tune else None
     stats, batches, why = _statistics_plan(o, net, found[0].model_spec, data, dev, console)   # before the long part
     options = dict(max_iter=o.max_iter, seed=o.seed, device=dev, max_passes=o.max_passes, tol=o.tol)
     options.update(_data_needs(o, entry, data, found[0].model_spec, dev, console))
@@ -1950,6 +1956,7 @@ def _merge(o):
     options['progress'] = lambda record: (_merge_progress(console, record, distance), bar(record))
     runs = len({m.path.parent for m in found})
     console.print(f'merging {len(found)} models from {runs} run{"s" * (runs != 1)}', markup=False)
+    o.tuned = _tune(o, console, found, spec, options, held) if o.tune else None
     if o.partial is not None:
         return _partial_merge(o, console, found, spec, options, data, dev, out, start)
     merged, perms = merge_models(o.method, spec, [m.state for m in found], **options)
@@ -2029,6 +2036,8 @@ def _statistics_plan(o, net, model_spec, data, device, console):
 
 def _method_settings(o):
     """What config.json records of ste's and zip's own options (nothing for the other methods)."""
+    if o.method == 'zip' and getattr(o, 'tuned', None):
+        return {**_zip_options(o), 'tuned': o.tuned}
     return dict(steps=o.steps, lr=o.lr) if o.method == 'ste' else _zip_options(o) if o.method == 'zip' else {}
 
 
@@ -2048,9 +2057,10 @@ def _partial_merge(o, console, found, spec, options, data, dev, out, start):
     model = te.branches_spec(found[0].model_spec, len(branches))
     state = {f'branches.{i}.{k}': v for i, branch in enumerate(branches) for k, v in branch.items()}
     config = dict(command='merge', method='zip', partial=o.partial, sources=[str(m.path) for m in found],
-                  model=model, seed=o.seed, **_zip_options(o), examples=o.examples, members=1, branches=len(branches),
-                  shared=shared, parameters=count, parameters_per_model=one, stats=o.stats, reset_bn=True,
-                  **_known(data), evaluation=evaluation, time_s=time.perf_counter() - start, **te.environment(dev))
+                  model=model, seed=o.seed, **_method_settings(o), examples=o.examples, members=1,
+                  branches=len(branches), shared=shared, parameters=count, parameters_per_model=one, stats=o.stats,
+                  reset_bn=True, **_known(data), evaluation=evaluation, time_s=time.perf_counter() - start,
+                  **te.environment(dev))
     _write_run(out, [state], [config['sources']], model, config, o.force)
     if evaluation and 'test_acc' in evaluation:
         console.print(f"  partially zipped model (the branches' ensemble)  {100 * evaluation['test_acc']:.2f}%",
@@ -2058,6 +2068,91 @@ def _partial_merge(o, console, found, spec, options, data, dev, out, start):
     console.print(f'zipped the first {o.partial} of {len(spec.perms)} permutation groups of {len(found)} models: '
                   f'{len(branches)} branches averaged, {count:,} parameters ({count / one:.2f}x one model), '
                   f'{time.perf_counter() - start:.1f} s: wrote {out}', markup=False)
+
+
+def _check_tune(o):
+    """merge --tune's refusals, before any work: zip alone is tuned, and not with the settings it chooses."""
+    if not o.tune:
+        return
+    if o.method != 'zip':
+        raise RebasinError(f"--tune chooses zip's --alpha and --beta: it needs --method zip, not {o.method}")
+    given = [f'--{name}' for name in ('alpha', 'beta') if name in getattr(o, 'explicit', ())]
+    if given:
+        raise RebasinError(f"--tune chooses {' and '.join(given)} on held-out images: give "
+                           f"{'them' if len(given) > 1 else 'it'} by hand or pass --tune, not both")
+
+
+def _example_bytes(x):
+    """Each example's bytes: which images two splits share."""
+    return [bytes(row) for row in x.reshape(len(x), -1).cpu().numpy()]
+
+
+def _held_out(o, found, data, console):
+    """merge --tune's held-out images (floats, as the batches are) and labels: the source runs' validation
+    splits (each with its run's classes), interleaved run by run, less any image that a source run trained on
+    or that the correlations read (--examples), each once, at most TUNE_EXAMPLES. Never the test set."""
+    te, runs = _te(), list(dict.fromkeys(m.path.parent for m in found))
+    configs = [_raw_config(run) for run in runs]
+    if not configs[0].get('val_size'):
+        raise RebasinError(f'--tune scores zip settings on held-out images, but {runs[0]} has no validation '
+                           'split: train with --val-size N, or pass --alpha and --beta by hand')
+    if data.get('task') == 'regression':
+        raise RebasinError('--tune scores accuracy: it needs a classification task; pass --alpha and --beta by hand')
+    seen, splits = set(_example_bytes(te.load_run_data(data, download=False).x_train[:o.examples])), []
+    for run, config in zip(runs, configs):
+        loaded = te.load_run_data({**config, 'dataset': data['dataset'], 'data_dir': data['data_dir']},
+                                  download=False)
+        seen.update(_example_bytes(loaded.x_train))
+        if loaded.x_val is None:
+            console.print(f"note: {run} has no validation split; --tune scores on the other runs'", markup=False)
+        else:
+            splits.append((loaded.x_val, loaded.y_val))
+    parts = []
+    for x, y in splits:   # after every run's training images are known; an image in two splits counts once
+        keep = [i for i, row in enumerate(_example_bytes(x)) if row not in seen and not seen.add(row)]
+        parts.append((x[keep], y[keep]))
+    rank = torch.cat([torch.arange(len(y)) for _, y in parts])
+    if not len(rank):
+        raise RebasinError('--tune: every validation image of the source runs is one that another run trained on '
+                           'or that the correlations read; train them with one --val-size, or pass --alpha and --beta')
+    order = torch.argsort(rank, stable=True)[:TUNE_EXAMPLES]   # the first of each run's split, then the next...
+    return te.to_float_images(torch.cat([x for x, _ in parts])[order]), torch.cat([y for _, y in parts])[order]
+
+
+def _tune(o, console, found, spec, options, held):
+    """merge --tune: ZipIt's α and β from ZIP_GRID (--within fixed where given), scored on the held-out images
+    (tune_zip); set as o's and the merge options' alpha, beta and within; returns what config.json records as
+    'tuned'."""
+    grid = {**ZIP_GRID, 'within': (o.within,)} if 'within' in getattr(o, 'explicit', ()) else ZIP_GRID
+    x, y = held
+    point, accuracy, scores = tune_zip(spec, [m.state for m in found], options['module'], options['batches'], x, y,
+                                       grid=grid, k=o.partial, device=options['device'], progress=_grid_bar(console))
+    o.alpha, o.beta, o.within = point['alpha'], point['beta'], point['within']
+    options.update(_zip_options(o))   # the merge's own settings, taken from o before the tuning
+    console.print(f"tuned: α {o.alpha:g}, β {o.beta:g}, within {o.within:g} (best of {len(scores)} grid points): "
+                  f'{100 * accuracy:.2f}% on {len(y):,} held-out validation images', markup=False)
+    return dict(alpha=o.alpha, beta=o.beta, within=o.within, held_out_accuracy=accuracy, held_out_examples=len(y))
+
+
+def _grid_bar(console):
+    """progress(record) for merge --tune on a terminal: a rich progress bar over the grid points (None elsewhere)."""
+    if not console.is_terminal:
+        return None
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    state = {'best': 0.0}
+
+    def progress(record):
+        if 'bar' not in state:
+            state['bar'] = Progress(TextColumn('tuning zip'), BarColumn(), TextColumn(
+                '{task.completed}/{task.total} grid points, best {task.fields[best]:.2%}'), TimeRemainingColumn(),
+                console=console, transient=True)
+            state['bar'].start()
+            state['task'] = state['bar'].add_task('tune', total=record['points'], best=0.0)
+        state['best'] = max(state['best'], record['accuracy'])
+        state['bar'].update(state['task'], completed=record['point'], best=state['best'])
+        if record['point'] == record['points']:
+            state.pop('bar').stop()
+    return progress
 
 
 def _merge_progress(console, record, distance):
@@ -2109,6 +2204,10 @@ ALPHA_HELP = ("--method zip: ZipIt's α, a cluster's correlations multiplied by 
               "merged feature merges no more with its models'; the authors' default 0.3).")
 BETA_HELP = ("merge --method zip: ZipIt's β, each model's budget of merges within itself as a fraction of merges / N "
              "(0 to 1; 0: across models only; the authors' default 0.125; unset: no budget).")
+TUNE_HELP = (f"merge --method zip: choose --alpha and --beta from rebasin.ZIP_GRID (the authors' grid; within 1 "
+             'unless --within is given) by accuracy on held-out images: the source runs\' validation splits '
+             f'(train with --val-size N), at most {TUNE_EXAMPLES:,}, none that a source run trained on; never the '
+             'test set. With --partial K, of the partially zipped model.')
 WITHIN_HELP = ("merge --method zip: weight of a pair of features within one model against a pair across models "
                "(0 to 1; this toolkit's own, 1 in the authors' ZipIt).")
 STATS_HELP = ("How the merged model's channel statistics are restored after averaging. "
@@ -2196,6 +2295,7 @@ def _add_merge(app, typer):
 
     @app.command(short_help='Merge models (MergeMany) into one, printing its accuracy.')
     def merge(
+        ctx: typer.Context,
         models: List[Path] = typer.Argument(..., help='Run directories or member files (every member is merged); '
                                                       'paths that are not finished runs are skipped and named.'),
         out: Optional[Path] = typer.Option(None, help="Output run directory (default: merges/<the runs' shared "
@@ -2222,6 +2322,7 @@ def _add_merge(app, typer):
                                                          'keep the rest of each model as a branch (their '
                                                          'probabilities averaged, in one member); 0 is the ensemble.',
                                               rich_help_panel=MATCH),
+        tune: bool = typer.Option(False, '--tune', help=TUNE_HELP, rich_help_panel=MATCH),
         stats: str = typer.Option('auto', help=STATS_HELP, rich_help_panel=BN),
         reset_bn: bool = typer.Option(False, '--reset-bn', help='Same as --stats reset-bn.', rich_help_panel=BN),
         repair: bool = typer.Option(False, '--repair', help='Same as --stats repair.', rich_help_panel=BN),
@@ -2239,6 +2340,8 @@ def _add_merge(app, typer):
         average them (BatchNorm statistics too) into one model in the first model's basin, and restore its
         channel statistics on training images (--stats). Prints the merged model's test accuracy beside its
         sources'."""
+        explicit = {name for name in ('alpha', 'beta', 'within')   # --tune chooses these where not given
+                    if ctx.get_parameter_source(name).name in ('COMMANDLINE', 'ENVIRONMENT')}
         o = SimpleNamespace(**locals())
         with _user_errors():
             _merge(o)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from rich.console import Console
@@ -18,6 +19,7 @@ from torch import nn
 
 import rebasin
 import train_ensemble as te
+from rebasin import tune_zip
 from conftest import ROOT
 from test_copy_alone import BLOCK
 
@@ -209,6 +211,69 @@ def test_without_a_known_dataset_auto_skips_in_one_line_and_an_explicit_choice_f
 def test_a_statistics_choice_that_cannot_be_met_is_refused_in_one_line(runs, args, says):
     result = cli('merge', 'runs/mlp_s0', 'runs/mlp_s1', '--out', 'merged', *args)
     assert result.exit_code == 2 and result.output.splitlines()[-1].startswith(f'error: {says}'), result.output
+    assert not (runs.parent / 'merged').exists()
+
+
+#############################################
+#     merge --tune: held-out images only    #
+#############################################
+
+@pytest.fixture(scope='module')
+def validated(tmp_path_factory):
+    """Two one-member MLP runs on a tiny 8x8 dataset, each holding 40 training images out (--val-size 40)."""
+    root = tmp_path_factory.mktemp('validated')
+    g = torch.Generator().manual_seed(0)
+    patterns = torch.randint(0, 160, (10, 8, 8), generator=g)
+
+    def images(n):   # a class pattern plus noise: learnable in two epochs
+        y = torch.arange(n) % 10
+        return (patterns[y] + torch.randint(0, 96, (n, 8, 8), generator=g)).to(torch.uint8).numpy(), y.numpy()
+    (x_train, y_train), (x_test, y_test) = images(400), images(100)
+    np.savez(root / 'tiny.npz', x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    for seed in range(2):
+        cfg = te.Config(dataset=str(root / 'tiny.npz'), arch='mlp', hidden=[16], val_size=40, batch_size=32,
+                        epochs=2, device='cpu', seed=seed, out=str(root / f'val_s{seed}'))
+        te.train(cfg, console=Console(quiet=True))
+    return root
+
+
+def test_tune_chooses_zip_settings_on_the_validation_split_alone_and_records_them(validated, tmp_path, monkeypatch):
+    given = []
+    monkeypatch.setattr(rebasin, 'tune_zip', lambda *args, **kw: given.append(args[4:6]) or tune_zip(*args, **kw))
+    monkeypatch.setattr(rebasin, 'ZIP_GRID', dict(within=(1.0,), alpha=(0.1, 1.0), beta=(0.0, 1.0)))   # quick
+    val = te.load_run_data(te.read_config(validated / 'val_s0'))
+    for partial in ([], ['--partial', '1']):
+        out = tmp_path / f'zip{len(partial)}'
+        result = cli('merge', validated / 'val_s0', validated / 'val_s1', '--method', 'zip', '--tune', *partial,
+                     '--out', out, '--examples', 200)
+        assert result.exit_code == 0, result.output
+        config = json.loads((out / 'config.json').read_text())
+        tuned = config['tuned']
+        assert {k: tuned[k] for k in ('alpha', 'beta')} in [dict(alpha=a, beta=b) for a in (0.1, 1.0) for b in (0, 1)]
+        assert (config['alpha'], config['beta'], config['within']) == (tuned['alpha'], tuned['beta'], 1.0)
+        assert tuned['held_out_examples'] == 40   # one split: both runs hold out the same 40 images
+        assert (f"tuned: α {tuned['alpha']:g}, β {tuned['beta']:g}, within 1 (best of 4 grid points): "
+                f"{100 * tuned['held_out_accuracy']:.2f}% on 40 held-out validation images") in result.output
+        x, y = given.pop()
+        assert torch.equal(x, te.to_float_images(val.split('val')[0])) and torch.equal(y, val.split('val')[1])
+    tuned = json.loads((tmp_path / 'zip0' / 'config.json').read_text())['tuned']   # the merge used its choice
+    by_hand = cli('merge', validated / 'val_s0', validated / 'val_s1', '--method', 'zip', '--alpha', tuned['alpha'],
+                  '--beta', tuned['beta'], '--within', 1, '--out', tmp_path / 'by_hand', '--examples', 200, '--no-eval')
+    assert by_hand.exit_code == 0, by_hand.output
+    chosen, given = (te.load_member_state(tmp_path / d / 'member_0.safetensors')[1] for d in ('zip0', 'by_hand'))
+    assert all(torch.equal(chosen[k], given[k]) for k in chosen)
+
+
+@pytest.mark.parametrize('args, says', [
+    (['--method', 'zip'], 'error: --tune scores zip settings on held-out images, but runs/mlp_s0 has no validation '
+                          'split: train with --val-size N, or pass --alpha and --beta by hand'),
+    (['--method', 'weight'], "error: --tune chooses zip's --alpha and --beta: it needs --method zip, not weight"),
+    (['--method', 'zip', '--alpha', '1'], 'error: --tune chooses --alpha on held-out images: give it by hand or '
+                                          'pass --tune, not both'),
+])
+def test_tune_without_a_validation_split_or_beside_what_it_chooses_is_refused_in_one_line(runs, args, says):
+    result = cli('merge', 'runs/mlp_s0', 'runs/mlp_s1', '--tune', *args, '--out', 'merged')
+    assert result.exit_code == 2 and result.output.splitlines() == [says], result.output
     assert not (runs.parent / 'merged').exists()
 
 
