@@ -139,9 +139,7 @@ def evaluated_classes(text, configs, spec):
 
 def class_text(classes):
     """A sorted list of classes as --classes writes it: '0-4', '0,2,5-7'."""
-    runs = itertools.groupby(enumerate(classes), lambda pair: pair[1] - pair[0])   # consecutive classes share a key
-    parts = [[c for _, c in run] for _, run in runs]
-    return ','.join(str(p[0]) if len(p) == 1 else f'{p[0]}-{p[-1]}' for p in parts)
+    return te.ints_text(classes)
 
 
 def _of_classes(classes, k):

@@ -1590,18 +1590,21 @@ def _module(model_spec, state, device):
     return net.to(device).eval()
 
 
-def _data_options(source, dataset, data_dir):
-    """The data options of the run a model came from (its config.json), with the command line's overrides."""
-    config_path = (source if source.is_dir() else source.parent) / 'config.json'
+def _data_options(sources, dataset, data_dir):
+    """The data options of the run the first model came from (its config.json), with the command line's
+    overrides; the classes are all the sources' runs': the union of their --classes (None: every class)."""
+    runs = list(dict.fromkeys(source if source.is_dir() else source.parent for source in sources))
+    config_path = runs[0] / 'config.json'
     try:
         config = json.loads(config_path.read_text()) if config_path.exists() else {}
     except json.JSONDecodeError as e:
         raise RebasinError(f'{config_path} is not valid JSON ({e})') from None
+    own = [_raw_config(run).get('classes') for run in runs]
     return dict(dataset=dataset or config.get('dataset'), data_dir=str(data_dir or config.get('data_dir', 'data')),
                 data_seed=config.get('seed', 0) if config.get('data_seed') is None else config['data_seed'],
                 val_size=config.get('val_size') or 0,
                 shard=config.get('shard'), subset=config.get('subset'), task=config.get('task'),
-                target=config.get('target'))
+                target=config.get('target'), classes=None if None in own else sorted(set().union(*own)))
 
 
 def _known(options):
@@ -1846,7 +1849,8 @@ def _print_scores(console, r, source_labels, output_labels):
              r[f'source_ensemble_test_{key}']),
             *zip(output_labels, r[f'member_test_{key}'])]
     width = max(len(label) for label, _ in rows)
-    console.print(f"test {'RMSE' if regression else 'accuracy'} on {r['dataset']} ({r['examples']:,} test examples"
+    of = f" of classes {_te().ints_text(r['classes'])}" if r.get('classes') else ''
+    console.print(f"test {'RMSE' if regression else 'accuracy'} on {r['dataset']} ({r['examples']:,} test examples{of}"
                   f"{', test-time augmentation' if r['tta'] else ''}):", markup=False)
     for label, value in rows:
         shown = f'{value:.4g}' if regression else f'{100 * value:.2f}%'
@@ -1879,6 +1883,7 @@ def _evaluation(console, o, data, sources, outputs, device):
         return {'skipped': test}
     tta = bool(_raw_config(sources[0].path.parent).get('tta'))   # as the source run measured its own
     scores = _test_scores(test, sources, [s for _, s in outputs], o.test_examples, device, tta)
+    scores['classes'] = data.get('classes')
     _print_scores(console, scores, [m.path for m in sources], [label for label, _ in outputs])
     return scores
 
@@ -1907,7 +1912,7 @@ def _align(o):
     ref, models, dev = _load_models([o.a])[0], _load_models([o.b]), te.resolve_device(o.device)
     _, spec = _permutation_spec_of(ref.model_spec)
     check_compatible(spec, [ref.state] + [m.state for m in models], [str(m.path) for m in [ref] + models])
-    data, options = _data_options(o.b, o.dataset, o.data_dir), dict(max_iter=o.max_iter, seed=o.seed, device=dev)
+    data, options = _data_options([o.b, o.a], o.dataset, o.data_dir), dict(max_iter=o.max_iter, seed=o.seed, device=dev)
     options.update(_data_needs(o, entry, data, ref.model_spec, dev, console))
     keys, states, records = _matched_keys(spec, ref.state), [], []
     for m in models:
@@ -1947,7 +1952,7 @@ def _merge(o):
     out = _check_out(o.out or _free_out('merges', _merge_name(found, o), o.force), o.force)
     net, spec = _permutation_spec_of(found[0].model_spec)
     check_compatible(spec, [m.state for m in found], [str(m.path) for m in found])
-    dev, data, distance = te.resolve_device(o.device), _data_options(found[0].path, o.dataset, o.data_dir), []
+    dev, data, distance = te.resolve_device(o.device), _data_options([m.path for m in found], o.dataset, o.data_dir), []
     held = _held_out(o, found, data, console) if o.tune else None
     stats, batches, why = _statistics_plan(o, net, found[0].model_spec, data, dev, console)   # before the long part
     options = dict(max_iter=o.max_iter, seed=o.seed, device=dev, max_passes=o.max_passes, tol=o.tol)

@@ -29,6 +29,7 @@ CIFAR-10 and GPU timings are not measured yet. All figures and their commands: R
 import copy
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -2036,6 +2037,13 @@ def parse_ints(text):
     except ValueError:
         raise EnsembleError(f"expected comma-separated integers or ranges a-b, got '{text}'") from None
     return values
+
+
+def ints_text(values):
+    """A sorted list of integers as parse_ints reads it back: [0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."""
+    runs = itertools.groupby(enumerate(values), lambda pair: pair[1] - pair[0])   # consecutive values share a key
+    parts = [[v for _, v in run] for _, run in runs]
+    return ','.join(str(p[0]) if len(p) == 1 else f'{p[0]}-{p[-1]}' for p in parts)
 
 
 @dataclass
