@@ -922,13 +922,15 @@ def zip_clusters(corr, models, alpha=ZIP_ALPHA, beta=ZIP_BETA, within=ZIP_WITHIN
     a merged cluster's correlations are multiplied by alpha (ZipIt's α; at 0 it is barred from its models'
     features); each model may merge within itself floor(beta · merges / N) times (ZipIt's β; None: no
     budget; β = 1 still caps a model at merges / N), a cluster belonging to the model of its first
-    channel. The clusters (lists of channel indices) come ordered by their
-    first channel: model 0's order where it can."""
+    channel. Where the budgets and α's bars leave no pair (three models or more), the remaining clusters
+    join by complete linkage alone. The clusters (lists of channel indices) come ordered by their first
+    channel: model 0's order where it can."""
     total = corr.shape[0]
     n = total // models
     c, owner = corr.double().clone(), torch.arange(total) // n
     c[owner[:, None] == owner[None, :]] *= within
     c.fill_diagonal_(-math.inf)
+    plain = c.clone()   # complete linkage without decay or bars
     budget = [math.inf if beta is None else int((total - n) // models * beta + 1e-4)] * models   # the authors' rounding
     live = torch.ones(total, dtype=torch.bool)
 
@@ -941,8 +943,10 @@ def zip_clusters(corr, models, alpha=ZIP_ALPHA, beta=ZIP_BETA, within=ZIP_WITHIN
             bar(owner == m, owner == m)
     members = {i: [i] for i in range(total)}
     for _ in range(total - n):
-        i, j = sorted(divmod(int(torch.argmax(c)), total))
+        i, j = sorted(divmod(int(torch.argmax(c if c.max() > -math.inf else plain)), total))
         members[i] += members.pop(j)
+        plain[i] = plain[:, i] = torch.minimum(plain[i], plain[j])
+        plain[j], plain[:, j], plain[i, i] = -math.inf, -math.inf, -math.inf
         joined = torch.minimum(c[i], c[j])
         c[i] = c[:, i] = joined * alpha if alpha > 0 else joined
         live[j], c[j], c[:, j] = False, -math.inf, -math.inf

@@ -74,6 +74,20 @@ def test_zipping_two_identical_models_returns_that_model_for_every_alpha_beta_an
         assert same_function(module, merged, state, x), (within, alpha, beta)
 
 
+@pytest.mark.parametrize('models', [3, 4])
+def test_zipping_three_or_more_models_makes_n_clusters_of_every_channel_when_budgets_and_bars_run_out(models):
+    # With β = 0 or α = 0 the greedy matching can leave no allowed pair before n clusters remain: the rest
+    # join by complete linkage, each channel in exactly one cluster (a self-merge once crashed the zip).
+    n = 12
+    corr = torch.corrcoef(torch.randn(200, models * n, generator=torch.Generator().manual_seed(models)).T)
+    for alpha, beta in itertools.product((0.0, 1e-4, 0.3, 1.0), (None, 0.0, 0.125, 1.0)):
+        clusters = rebasin.zip_clusters(corr, models, alpha, beta, within=1.0)
+        assert len(clusters) == n and sorted(sum(clusters, [])) == list(range(models * n)), (alpha, beta)
+    module, spec, state, batches = setup('mlp')
+    merged = rebasin.zip_models(spec, [state] * models, module, batches, 0.0, 'cpu', beta=0.0)[0]
+    assert same_function(module, merged, state, inputs(model_spec('mlp'), 16, seed=1))
+
+
 @pytest.mark.parametrize('within', [0.5, 1.0])
 def test_zip_at_alpha_0_and_beta_0_is_the_permutation_average_of_its_greedy_cross_model_pairs(within):
     """β = 0: no merge within a model; α = 0: a merged pair merges no more. What is left is a permutation of
