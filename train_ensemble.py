@@ -2628,6 +2628,14 @@ class Training:
         return net
 
     def check_directory(self, resume):
+        init = Path(self.cfg.init).resolve() if self.cfg.init else None
+        if self.force and init and (init == self.out.resolve() or self.out.resolve() in init.parents):
+            raise EnsembleError(f'--init {self.cfg.init} is in the run --force would replace: copy it elsewhere first')
+        strays = [] if (self.out / 'config.json').exists() or not self.out.is_dir() else sorted(
+            p.name for p in self.out.iterdir() if RUN_FILE.fullmatch(p.name))
+        if strays:   # an unknown run's files: training beside them would leave a run its config.json contradicts
+            raise EnsembleError(f'{self.out} holds {strays[0]} but no config.json, so it is no run this toolkit can '
+                                'replace or resume: move or delete those files, or pass another --out')
         if (self.out / 'config.json').exists() and self.force:
             check_replaceable(self.out)
         elif (self.out / 'config.json').exists() and not resume:
@@ -2929,7 +2937,7 @@ def differing_options(cfg, saved):
     'auto' were resolved when it ran; an option its config.json lacks is newer than the run, which therefore
     ran as that option's default does."""
     defaults = option_defaults()
-    return [f'{f.name}: {saved.get(f.name, defaults[f.name])} there, {getattr(cfg, f.name)} here'
+    return [f'{cli_name(f.name)}: {saved.get(f.name, defaults[f.name])} there, {getattr(cfg, f.name)} here'
             for f in fields(Config) if getattr(cfg, f.name) not in (None, 'auto') and f.name != 'out'
             and saved.get(f.name, defaults[f.name]) != getattr(cfg, f.name)]
 

@@ -143,3 +143,17 @@ def test_resume_refuses_options_of_the_wrong_type(tmp_path):
     (tmp_path / 'r' / 'config.json').write_text(json.dumps({**config, 'members': '3'}))
     with pytest.raises(te.EnsembleError, match="'members' is \"3\", not int"):
         te.config_to_resume(tmp_path / 'r')
+
+
+def test_training_refuses_a_folder_of_member_files_without_config_json_and_force_cannot_eat_its_init(tmp_path):
+    run(tmp_path, 'old', **{**TINY_MLP, 'epochs': 1, 'members': 2})
+    (tmp_path / 'old' / 'config.json').unlink()   # an unknown run: training beside it would contradict it
+    before = snapshot(tmp_path / 'old')
+    args = ['--dataset', 'synthetic', '--arch', 'mlp', '--hidden', '32', '--examples', '256', '--epochs', '1']
+    without_force = CliRunner().invoke(train_cli(), args + ['--out', str(tmp_path / 'old')])
+    for result in without_force, train_again(tmp_path / 'old'):
+        assert result.exit_code == 2 and 'no config.json' in result.output, result.output
+        assert snapshot(tmp_path / 'old') == before
+    run(tmp_path, 'base', **{**TINY_MLP, 'epochs': 1})
+    result = train_again(tmp_path / 'base', '--init', tmp_path / 'base' / 'member_0.safetensors')
+    assert result.exit_code == 2 and '--init' in result.output and (tmp_path / 'base' / 'member_0.safetensors').exists()

@@ -453,7 +453,7 @@ def test_complete_run_trains_reads_back_resumes_and_never_mixes_options(tmp_path
     stamp = (tmp_path / 'r' / 'summary.json').stat().st_mtime
     assert te.complete_run(cfg, quiet_console()) == json.loads((tmp_path / 'r' / 'summary.json').read_text())
     assert (tmp_path / 'r' / 'summary.json').stat().st_mtime == stamp and first['test_acc'] > 0
-    with pytest.raises(te.EnsembleError, match='other options \\(beta: 0.0 there, 1.0 here\\)'):
+    with pytest.raises(te.EnsembleError, match='other options \\(--beta: 0.0 there, 1.0 here\\)'):
         te.complete_run(te.Config(out=str(tmp_path / 'r'), device='cpu', beta=1.0, **TINY_MLP), quiet_console())
     (tmp_path / 'r' / 'summary.json').unlink()   # as if stopped while writing its members
     assert te.complete_run(cfg, quiet_console())['test_acc'] == first['test_acc']
@@ -504,7 +504,7 @@ def test_the_command_line_helps_first_and_runs_that_differ_get_different_names(t
     run(tmp_path, 'r', **TINY_MLP)
     result = CliRunner().invoke(cli(), ['--dataset', 'synthetic', '--arch', 'mlp', '--hidden', '64', '--subset', '256',
                                         '--batch-size', '64', '--epochs', '3', '--out', str(tmp_path / 'r')])
-    assert result.exit_code == 2 and 'hidden: [32] there, [64] here' in result.output
+    assert result.exit_code == 2 and '--hidden: [32] there, [64] here' in result.output
 
 
 def test_branches_average_their_networks_probabilities_and_reload_from_one_file(tmp_path):
