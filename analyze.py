@@ -1516,8 +1516,11 @@ def compare(
         running = ' (running averages: --recompute for a clean pass)' if 'summary.json' in sources else ''
         tables = _compare_table(rows, tasks == ['regression'], shifted)
         same = len({json.dumps(r['classes']) for r in rows}) == 1 and rows[0]['classes']   # else a column
-        on = f", classes {class_text(rows[0]['classes'])}" if same else ''
-        console.print(_table(f'{len(rows)} runs{on}; train numbers from {" and ".join(sources)}{running}', *tables[0]))
+        k = (rows[0]['config'].get('model') or {}).get('num_classes')
+        on = ('' if not same else f', all {k} classes' if len(rows[0]['classes']) == k
+              else f", classes {class_text(rows[0]['classes'])}")
+        runs = f'{len(rows)} run' + 's' * (len(rows) != 1)
+        console.print(_table(f'{runs}{on}; train numbers from {" and ".join(sources)}{running}', *tables[0]))
         for columns, table in tables[1:]:
             console.print(_table('diversity on the test split', columns, table))
         groups = sweep_groups(rows)
