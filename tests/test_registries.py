@@ -1,12 +1,15 @@
 """Every entry of every registry keeps the claims its kind makes, so a new entry is checked with no new
 test: each architecture (train_ensemble.ARCHS) trains its members at β = 0 exactly as alone, and a planted
-permutation of it computes the same function and is undone by weight matching. The combiners
-(tests/test_train_ensemble.py), metrics (tests/test_analyze_ensembles.py) and merge methods
-(tests/test_rebasin_cli.py) are parametrized over their registries the same way."""
+permutation of it computes the same function and is undone by weight matching; each metric
+(analyze.PREDICTOR_METRICS, ENSEMBLE_METRICS) is a finite number that depends on the examples and
+members as a set, and is in the report evaluate and the JSON show. The combiners
+(tests/test_train_ensemble.py) and merge methods (tests/test_rebasin_cli.py) are parametrized over their
+registries the same way."""
 
 import pytest
 import torch
 
+import analyze
 import rebasin
 import train_ensemble as te
 from test_train_ensemble import member_states, run
@@ -47,3 +50,30 @@ def test_every_architecture_is_the_same_function_permuted_and_weight_matching_un
     perm = rebasin.weight_matching(pspec, params, planted)
     restored = rebasin.apply_permutation(pspec, perm, planted)
     assert all(torch.equal(restored[k], v) for k, v in params.items()), name
+
+
+def random_logits(members=3, n=64, classes=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return 3 * torch.randn(members, n, classes, generator=g, dtype=torch.float64), torch.randint(classes, (n,),
+                                                                                                  generator=g)
+
+
+@pytest.mark.parametrize('metric', analyze.ENSEMBLE_METRICS, ids=lambda m: m.key)
+def test_every_ensemble_metric_is_finite_depends_on_members_and_examples_as_sets_and_is_reported(metric):
+    z, y = random_logits()
+    value = metric.function(z, y, 'prob')
+    assert isinstance(value, float) and torch.isfinite(torch.tensor(value))
+    members, examples = torch.tensor([2, 0, 1]), torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
+    assert metric.function(z[members][:, examples], y[examples], 'prob') == pytest.approx(value, rel=1e-9, abs=1e-12)
+    assert analyze.ensemble_report(z, y, 'prob')[metric.key] == pytest.approx(value, rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize('metric', analyze.PREDICTOR_METRICS, ids=lambda m: m.key)
+def test_every_predictor_metric_is_finite_depends_on_the_examples_as_a_set_and_is_reported(metric):
+    z, y = random_logits(members=1)
+    log_p = torch.log_softmax(z[0], -1)
+    value = metric.function(log_p, y, analyze.ECE_BINS)
+    assert torch.isfinite(torch.tensor(float(value)))
+    examples = torch.randperm(len(y), generator=torch.Generator().manual_seed(1))
+    assert metric.function(log_p[examples], y[examples], analyze.ECE_BINS) == pytest.approx(value, rel=1e-9, abs=1e-12)
+    assert analyze.ensemble_report(z, y, 'prob')['members'][0][metric.key] == pytest.approx(value, rel=1e-12, abs=1e-15)
