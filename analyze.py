@@ -1043,10 +1043,9 @@ def _typer_command(function, typer):
 def version():
     """analyze.py's version line: the checkpoint format it reads (train_ensemble.py's, when beside it) and torch's."""
     try:
-        checkpoints = f"checkpoints {importlib.import_module('train_ensemble').FORMAT}"
+        return importlib.import_module('train_ensemble').version_line('analyze.py')
     except ImportError:   # copied alone: it reads no checkpoints without train_ensemble.py
-        checkpoints = 'no train_ensemble.py beside it to read checkpoints'
-    return f'analyze.py: {checkpoints}; torch {torch.__version__}'
+        return f'analyze.py: no train_ensemble.py beside it to read checkpoints; torch {torch.__version__}'
 
 
 def _print_version(asked):

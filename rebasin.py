@@ -2194,10 +2194,9 @@ def print_version(asked):
     which a copied rebasin.py may lack) and torch's version."""
     if asked:
         try:
-            checkpoints = importlib.import_module('train_ensemble').FORMAT
+            print(importlib.import_module('train_ensemble').version_line('rebasin.py'))
         except ImportError:
-            checkpoints = 'none (needs train_ensemble.py)'
-        print(f'rebasin.py: checkpoints {checkpoints}; torch {torch.__version__}')
+            print(f'rebasin.py: checkpoints none (needs train_ensemble.py); torch {torch.__version__}')
         raise SystemExit(0)
 
 

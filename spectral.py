@@ -495,7 +495,7 @@ def make_app():
     def print_version(asked):
         if asked:
             import train_ensemble as te
-            print(f'spectral.py: checkpoints {te.FORMAT}; torch {torch.__version__}')
+            print(te.version_line('spectral.py'))
             raise typer.Exit()
 
     @app.callback()

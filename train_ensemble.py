@@ -3079,9 +3079,14 @@ PANELS = {'task': 'The ensemble and its objective', 'dataset': 'Data', 'arch': '
           'epochs': "The recipe (default: the architecture's)", 'seed': 'Seeds, device and output'}
 
 
+def version_line(script='train_ensemble.py'):
+    """What a script's --version prints: the checkpoint format and torch's version."""
+    return f'{script}: checkpoints {FORMAT}; torch {torch.__version__}'
+
+
 def print_version(asked):
     if asked:
-        print(f'train_ensemble.py: checkpoints {FORMAT}; torch {torch.__version__}')
+        print(version_line())
         raise SystemExit(0)
 
 
